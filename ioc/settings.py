@@ -1,0 +1,99 @@
+"""The one settings class: every knob is an ``IOC_*`` environment variable (or a line in ``.env``)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from ioc.errors import ConfigurationError
+
+TIMEZONE = "Asia/Ho_Chi_Minh"
+
+#: The input and output topics of CONTRACT §1–2, before ``topic_prefix`` is applied.
+TOPIC_DOSSIER = "ioc.dossier.events"
+TOPIC_CYBER = "ioc.cyber.incidents"
+TOPIC_SENSOR = "ioc.sensor.readings"
+TOPIC_DEADLETTER = "ioc.deadletter"
+TOPIC_KPI = "ioc.kpi.updates"
+TOPIC_ALERTS = "ioc.alerts"
+INPUT_TOPICS = (TOPIC_DOSSIER, TOPIC_CYBER, TOPIC_SENSOR)
+ALL_TOPICS = (*INPUT_TOPICS, TOPIC_DEADLETTER, TOPIC_KPI, TOPIC_ALERTS)
+
+
+class Mode(StrEnum):
+    DEVELOPMENT = "development"
+    PRODUCTION = "production"
+
+
+def state_dir() -> Path:
+    """This machine's per-user state folder for ``ioc`` (the development signing key lives here)."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "ioc"
+
+
+def development_signing_key() -> str:
+    """The development key of this machine, made on first use and shared by ``ioc dev`` and ``ioc token``."""
+    path = state_dir() / "dev-signing-key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secrets.token_urlsafe(48))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return path.read_text().strip()
+
+
+DEV_KEY_MARKER = "dev:"
+
+
+class Settings(BaseSettings):
+    """Configuration of every ``ioc`` component. Field docs feed the configuration reference."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="IOC_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    mode: Mode = Field(Mode.DEVELOPMENT, description="`development` or `production`; production refuses development secrets.")
+    kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated HOST:PORT.")
+    database_url: str = Field("postgresql://ioc@127.0.0.1:5432/ioc", description="PostgreSQL/TimescaleDB URL (psycopg conninfo).")
+    topic_prefix: str = Field("", description="Prefix added to every topic name (isolates tests and tenants on one cluster).")
+    topic_partitions: int = Field(6, ge=1, description="Partitions for topics the system creates.")
+    topic_replication: int = Field(1, ge=1, description="Replication factor for topics the system creates (3 on a real cluster).")
+    consumer_group: str = Field("ioc-worker", description="Consumer group of the stream workers.")
+    worker_batch_max: int = Field(20000, ge=1, description="Most records the worker takes from the broker in one batch.")
+    worker_flush_interval_s: float = Field(0.25, gt=0, description="Longest time a batch is held before its effects are written and committed.")
+    emit_interval_s: float = Field(1.0, gt=0, description="How often changed KPIs (and clock-driven windows) are published.")
+    api_host: str = Field("127.0.0.1", description="Address the API listens on.")
+    api_port: int = Field(8000, ge=0, le=65535, description="Port the API listens on.")
+    allowed_origins: list[str] = Field(default_factory=list, description="Browser Origins allowed on the WebSocket (JSON list); the API's own origin is always allowed.")
+    signing_key: SecretStr = Field(SecretStr(""), description="HMAC key that signs access tokens; empty = this machine's development key (refused in production).")
+    signing_key_id: str = Field("k1", description="Key id (`kid`) put into new tokens.")
+    stations_file: Path | None = Field(None, description="Station registry CSV; default: the one shipped with the package.")
+    units_file: Path | None = Field(None, description="Administrative units CSV; default: Nghệ An's 130 communes.")
+    targets_file: Path | None = Field(None, description="KPI targets YAML; default: Plan 348/KH-UBND.")
+    log_level: str = Field("INFO", description="Logging level.")
+    log_json: bool = Field(False, description="Structured JSON logs (one object a line).")
+    kpi_history_days: int = Field(30, ge=1, description="Days of raw KPI history kept.")
+
+    @model_validator(mode="after")
+    def _refuse_development_secrets_in_production(self) -> Settings:
+        key = self.signing_key.get_secret_value()
+        if self.mode is Mode.PRODUCTION and (not key or key.startswith(DEV_KEY_MARKER) or len(key) < 32):
+            raise ConfigurationError(
+                "IOC_SIGNING_KEY must be set to a secret of at least 32 characters in production"
+            )
+        return self
+
+    def topic(self, name: str) -> str:
+        """The topic name as it exists on the cluster."""
+        return f"{self.topic_prefix}{name}"
+
+    def effective_signing_key(self) -> str:
+        """The key that signs and verifies tokens (the machine's development key when none is set)."""
+        key = self.signing_key.get_secret_value()
+        return key if key else DEV_KEY_MARKER + development_signing_key()

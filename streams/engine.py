@@ -1,0 +1,276 @@
+"""The KPI engine: parses records, folds them into entity states and counters, and produces snapshots.
+
+Pure: no broker, database or event loop. The stream worker and `ioc replay` both drive this
+class, which is what makes their results identical. Time only moves through `advance()`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from ioc.registry import Registry
+from streams import cyber, dossier, sensor
+from streams.kpi import Contribution, Counters, KpiSpec, Value, published, status_of
+from streams.snapshot import Snapshot
+from streams.windows import TZ
+
+log = logging.getLogger(__name__)
+
+US = 1_000_000
+#: Terminal dossiers and incidents whose last event is older than this are dropped from memory:
+#: every window they could count in has closed (month-to-date is the longest).
+ENTITY_HORIZON_US = 40 * 86400 * US
+
+
+class EntityState(Protocol):
+    last_event: int
+
+    @property
+    def terminal(self) -> bool: ...
+    def merge(self, p: Any) -> bool: ...
+    def scopes(self) -> tuple[str, ...]: ...
+    def contributions(self) -> dict[Contribution, int]: ...
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One event kind: its topic, parser, state type and KPIs."""
+
+    name: str
+    topic: str
+    parse: Callable[..., tuple[str, Any]]
+    state: Callable[[str], EntityState] | None
+    kpis: tuple[KpiSpec, ...]
+
+
+DOSSIER = Kind("dossier", dossier.TOPIC, dossier.parse, dossier.DossierState, dossier.KPIS)
+CYBER = Kind("cyber", cyber.TOPIC, cyber.parse, cyber.IncidentState, cyber.KPIS)
+SENSOR = Kind("sensor", sensor.TOPIC, sensor.parse, None, ())
+KINDS = {k.topic: k for k in (DOSSIER, CYBER, SENSOR)}
+
+
+class EntityAggregator:
+    """Entity states of one kind and the counters they contribute to, updated by difference."""
+
+    def __init__(self, kind: Kind, now_us: int) -> None:
+        assert kind.state is not None
+        self.kind = kind
+        self.new_state = kind.state
+        self.states: dict[str, EntityState] = {}
+        self.counters = Counters(now_us)
+        self.scopes: set[str] = set()
+        self.dirty: set[str] = set()
+        #: Entities changed since the sink last took them.
+        self.changed: dict[str, EntityState] = {}
+
+    def apply(self, key: str, parsed: Any, *, record: bool = True) -> bool:
+        state = self.states.get(key)
+        if state is None:
+            state = self.new_state(key)
+            old: dict[Contribution, int] = {}
+            old_scopes: tuple[str, ...] = ()
+            self.states[key] = state
+        else:
+            old, old_scopes = state.contributions(), state.scopes()
+        if not state.merge(parsed):
+            return False
+        if record:
+            self.changed[key] = state
+        new, new_scopes = state.contributions(), state.scopes()
+        add = self.counters.add
+        if old_scopes == new_scopes:
+            for c in old.keys() | new.keys():
+                delta = new.get(c, 0) - old.get(c, 0)
+                if delta:
+                    for scope in new_scopes:
+                        add(c[0], scope, c[1], delta)
+        else:
+            for (name, ts), amount in old.items():
+                for scope in old_scopes:
+                    add(name, scope, ts, -amount)
+            for (name, ts), amount in new.items():
+                for scope in new_scopes:
+                    add(name, scope, ts, amount)
+            self.scopes.update(new_scopes)
+        self.dirty.update(old_scopes)
+        self.dirty.update(new_scopes)
+        return True
+
+    def load(self, key: str, state: EntityState) -> None:
+        """Adopt a state rebuilt from the database (not recorded as changed)."""
+        self.states[key] = state
+        for (name, ts), amount in state.contributions().items():
+            for scope in state.scopes():
+                self.counters.add(name, scope, ts, amount)
+        self.scopes.update(state.scopes())
+        self.dirty.update(state.scopes())
+
+    def prune(self, now_us: int) -> int:
+        horizon = now_us - ENTITY_HORIZON_US
+        gone = [k for k, s in self.states.items() if s.terminal and s.last_event < horizon]
+        for k in gone:
+            del self.states[k]
+        self.counters.prune()
+        return len(gone)
+
+    def values(self, as_of_us: int, scopes: Iterable[str]) -> Iterable[tuple[str, str, str, str, Value]]:
+        r = self.counters.reader(as_of_us)
+        for scope in scopes:
+            for spec, window in published(self.kind.kpis, scope):
+                yield spec.name, spec.unit, scope, window, spec.compute(r, scope, window)
+
+
+class Engine:
+    """Every KPI of the catalogue, fed one validated event at a time."""
+
+    def __init__(self, registry: Registry, now_us: int) -> None:
+        self.registry = registry
+        self.now_us = now_us
+        self.dossiers = EntityAggregator(DOSSIER, now_us)
+        self.incidents = EntityAggregator(CYBER, now_us)
+        self.sensor_counters = Counters(now_us)
+        self.sensors = sensor.SensorAggregator(registry, self.sensor_counters)
+        self.entities = {DOSSIER.topic: self.dossiers, CYBER.topic: self.incidents}
+        #: Last published (value, numerator, denominator, status, extra) and seq per series key.
+        self.last: dict[str, tuple[Any, ...]] = {}
+        self.seq: dict[str, int] = {}
+        self._all_dirty = True
+        self.late_events = 0
+
+    # --- input ------------------------------------------------------------------------------
+
+    def parse(self, topic: str, raw: bytes, produced_at: dt.datetime | None = None) -> tuple[str, Any]:
+        """Validate one record of a (logical) input topic; raises `InvalidEvent`."""
+        return KINDS[topic].parse(raw, self.registry, produced_at)
+
+    def apply(self, topic: str, key: str, parsed: Any, *, record: bool = True) -> bool:
+        """Fold one validated event in; False when it changed nothing (a duplicate)."""
+        if parsed.t < self.now_us - 86400 * US:
+            self.late_events += 1
+        if topic == SENSOR.topic:
+            return self.sensors.apply(key, parsed, record=record)
+        return self.entities[topic].apply(key, parsed, record=record)
+
+    def advance(self, now_us: int) -> None:
+        """Move the clock forward (sliding windows slide, overdue counts grow, stations go offline)."""
+        if now_us <= self.now_us:
+            return
+        moved = False
+        for counters in (self.dossiers.counters, self.incidents.counters, self.sensor_counters):
+            moved = counters.advance(now_us) or moved
+        self.now_us = now_us
+        if moved:
+            self._all_dirty = True
+
+    def prune(self) -> None:
+        for agg in (self.dossiers, self.incidents):
+            agg.prune(self.now_us)
+        self.sensor_counters.prune()
+        self.sensors.prune(self.now_us)
+
+    # --- output -----------------------------------------------------------------------------
+
+    def restore_published(self, key: str, seq: int, last: tuple[Any, ...]) -> None:
+        self.seq[key] = seq
+        self.last[key] = last
+
+    def snapshots(self, *, changed_only: bool = True) -> list[Snapshot]:
+        """Snapshots as of the clock: only the changed ones (the worker), or all (replay)."""
+        as_of_us = self.now_us
+        all_dirty = self._all_dirty or not changed_only
+        out: list[Snapshot] = []
+        for agg in (self.dossiers, self.incidents):
+            scopes = agg.scopes if all_dirty else agg.dirty
+            for kpi, unit, scope, window, value in agg.values(as_of_us, sorted(scopes)):
+                self._emit(out, kpi, unit, scope, window, value, as_of_us, changed_only)
+            agg.dirty.clear()
+        for kpi, unit, scope, window, value in self._sensor_values(as_of_us, all_dirty):
+            self._emit(out, kpi, unit, scope, window, value, as_of_us, changed_only)
+        self.sensors.dirty.clear()
+        self._all_dirty = False
+        return out
+
+    def _emit(
+        self, out: list[Snapshot], kpi: str, unit: str, scope: str, window: str, value: Value, as_of_us: int, changed_only: bool
+    ) -> None:
+        v, num, den, extra = value
+        target = self.registry.targets.get(kpi)
+        status = status_of(v, target, self.registry.warn_band)
+        key = f"{kpi}|{scope}|{window}"
+        fingerprint = (v, num, den, status, extra)
+        if changed_only and self.last.get(key) == fingerprint:
+            return
+        if changed_only or key not in self.seq:
+            self.seq[key] = self.seq.get(key, 0) + 1
+            self.last[key] = fingerprint
+        out.append(
+            Snapshot(
+                kpi=kpi, scope=scope, window=window, value=v, unit=unit, numerator=num, denominator=den,
+                target=target.value if target else None, status=status,
+                as_of=dt.datetime.fromtimestamp(as_of_us / US, TZ), seq=self.seq[key], extra=extra,
+            )
+        )
+
+    def _sensor_values(self, as_of: int, all_dirty: bool) -> Iterable[tuple[str, str, str, str, Value]]:
+        """Station KPIs for dirty stations, then commune and province aggregates over all stations."""
+        reg = self.registry
+        r = self.sensor_counters.reader(as_of)
+        per_station: dict[str, dict[tuple[str, str], tuple[str, Value]]] = {}
+        dirty = set(self.sensors.stations) if all_dirty else set(self.sensors.dirty)
+        communes = {reg.stations[s].commune_code for s in dirty}
+        needed = {s for s in self.sensors.stations if reg.stations[s].commune_code in communes}
+        for sid in sorted(needed):
+            per_station[sid] = {
+                (kpi, window): (unit, value) for kpi, unit, window, value in self.sensors.station_values(sid, as_of, r)
+            }
+            if sid in dirty:
+                for (kpi, window), (unit, value) in per_station[sid].items():
+                    yield kpi, unit, f"station:{sid}", window, value
+        # Commune = the worst station; the province = the worst commune.
+        aggregates = (("env.aqi", "now", "VN_AQI"), ("env.aqi", "today", "VN_AQI"), ("water.alarm_level", "now", "level"),
+                      ("rain.mm", "1h", "mm"), ("rain.mm", "24h", "mm"))
+        for code in sorted(communes):
+            stations = [s.station_id for s in reg.stations_in(code)]
+            for kpi, window, unit in aggregates:
+                worst = _worst(per_station, stations, kpi, window)
+                if worst is not None:
+                    yield kpi, unit, f"commune:{code}", window, worst
+            offline = self.sensors.offline(as_of, (self.sensors.stations[s] for s in stations))
+            yield "sensor.offline", "stations", f"commune:{code}", "now", (
+                float(len(offline)), None, float(len(stations)), {"stations": offline})
+        if communes:
+            # The province needs every station's values; recompute those not already at hand.
+            for sid in sorted(set(self.sensors.stations) - set(per_station)):
+                per_station[sid] = {
+                    (kpi, window): (unit, value) for kpi, unit, window, value in self.sensors.station_values(sid, as_of, r)
+                }
+            everyone = sorted(self.sensors.stations)
+            for kpi, window, unit in aggregates:
+                worst = _worst(per_station, everyone, kpi, window)
+                if worst is not None:
+                    yield kpi, unit, "province", window, worst
+            offline = self.sensors.offline(as_of, self.sensors.stations.values())
+            yield "sensor.offline", "stations", "province", "now", (
+                float(len(offline)), None, float(len(everyone)), {"stations": offline})
+
+
+def _worst(per_station: dict[str, dict[tuple[str, str], tuple[str, Value]]], stations: Iterable[str], kpi: str, window: str) -> Value | None:
+    best: tuple[float, str] | None = None
+    chosen: Value | None = None
+    for sid in stations:
+        entry = per_station.get(sid, {}).get((kpi, window))
+        if entry is None or entry[1][0] is None:
+            continue
+        v = entry[1][0]
+        assert v is not None
+        if best is None or (v, sid) > best:
+            best, chosen = (v, sid), entry[1]
+    if chosen is None:
+        return None
+    extra = dict(chosen[3] or {})
+    extra["station"] = best[1] if best else None
+    return chosen[0], None, None, extra

@@ -1,0 +1,64 @@
+"""What every input event shares: decoding with msgspec, time checks, and the mapping to dead-letter reasons."""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from typing import TypeVar
+
+import msgspec
+
+from ioc.errors import InvalidEvent
+
+T = TypeVar("T")
+
+#: Oldest and newest event times accepted at all (a sanity bound independent of any clock).
+EARLIEST = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+LATEST = dt.datetime(2100, 1, 1, tzinfo=dt.UTC)
+#: An event may claim a time at most this far after the moment it was produced (clock skew).
+MAX_FUTURE_SKEW = dt.timedelta(days=1)
+#: Largest record the worker decodes; anything bigger is dead-lettered unread.
+MAX_RECORD_BYTES = 64 * 1024
+
+COMMUNE_CODE = re.compile(r"^[0-9]{5}$")
+US = 1_000_000
+
+
+def decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
+    return msgspec.json.Decoder(kind)
+
+
+def decode(dec: msgspec.json.Decoder[T], raw: bytes) -> T:
+    """Decode and type-check one record, turning every failure into an `InvalidEvent` with a reason."""
+    if len(raw) > MAX_RECORD_BYTES:
+        raise InvalidEvent(f"record of {len(raw)} bytes exceeds {MAX_RECORD_BYTES}", stage="decode")
+    try:
+        return dec.decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(str(exc), stage="schema") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"not valid UTF-8 JSON: {exc}", stage="decode") from None
+
+
+def to_us(t: dt.datetime, field: str, produced_at: dt.datetime | None = None) -> int:
+    """Microseconds since the epoch of an event time, after checking it has an offset and is plausible."""
+    if t.tzinfo is None or t.utcoffset() is None:
+        raise InvalidEvent("time has no UTC offset", field=field)
+    if not EARLIEST <= t < LATEST:
+        raise InvalidEvent(f"time {t.isoformat()} outside {EARLIEST.year}–{LATEST.year}", field=field)
+    if produced_at is not None and t - produced_at > MAX_FUTURE_SKEW:
+        raise InvalidEvent(f"time {t.isoformat()} is more than a day after the record was produced", field=field)
+    delta = t - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+    return (delta.days * 86400 + delta.seconds) * US + delta.microseconds
+
+
+def check_commune(code: str | None, known: object, field: str = "commune_code") -> None:
+    if code is None:
+        return
+    if not COMMUNE_CODE.match(code) or code not in known:  # type: ignore[operator]
+        raise InvalidEvent(f"unknown commune {code!r}", field=field)
+
+
+def earlier(a: tuple[int, str] | None, b: tuple[int, str]) -> bool:
+    """Whether (time, event_id) ``b`` comes before ``a`` (None = nothing yet): the deterministic tie-break."""
+    return a is None or b < a

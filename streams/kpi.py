@@ -1,0 +1,165 @@
+"""The KPI catalogue's machinery: counters per (series, scope), KPI specs, and how a value becomes a snapshot.
+
+A KPI is computed from integer counters (see `streams.windows`), never from floating sums, so the
+same events give the same value whatever their order. Each event kind's module declares its
+counters' contributions and its `KpiSpec`s; `streams.engine` wires them together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ioc.registry import Registry, Target
+from streams.windows import Series, local_day_of, local_month_of
+
+#: A contribution of an entity to a counter: (series name, event time in µs or None for a state count).
+Contribution = tuple[str, int | None]
+
+US_PER_MIN = 60_000_000
+
+
+class Counters:
+    """All counters of one event kind: windowed `Series` and plain state counts, per scope."""
+
+    def __init__(self, now_us: int) -> None:
+        self.series: dict[tuple[str, str], Series] = {}
+        self.states: dict[tuple[str, str], int] = {}
+        self.now_m = now_us // US_PER_MIN
+
+    def add(self, name: str, scope: str, ts_us: int | None, amount: int) -> None:
+        if ts_us is None:
+            key = (name, scope)
+            self.states[key] = self.states.get(key, 0) + amount
+            return
+        series = self.series.get((name, scope))
+        if series is None:
+            series = self.series[(name, scope)] = Series()
+        ts = ts_us // 1_000_000
+        series.add(ts // 60, local_day_of(ts), local_month_of(ts), amount, self.now_m)
+
+    def advance(self, now_us: int) -> bool:
+        """Move the clock; True when the minute changed (sliding windows may have moved)."""
+        new_m = now_us // US_PER_MIN
+        if new_m <= self.now_m:
+            return False
+        for series in self.series.values():
+            series.advance(self.now_m, new_m)
+        self.now_m = new_m
+        return True
+
+    def prune(self) -> None:
+        for key, series in list(self.series.items()):
+            series.prune(self.now_m)
+            if series.is_empty():
+                del self.series[key]
+        for key in [k for k, v in self.states.items() if v == 0]:
+            del self.states[key]
+
+    def reader(self, as_of_us: int) -> Reader:
+        return Reader(self, as_of_us)
+
+
+class Reader:
+    """Read counters as of one moment: ``r(series, scope, window)``."""
+
+    __slots__ = ("counters", "day", "month", "now_m")
+
+    def __init__(self, counters: Counters, as_of_us: int) -> None:
+        self.counters = counters
+        ts = as_of_us // 1_000_000
+        self.day = local_day_of(ts)
+        self.month = local_month_of(ts)
+        self.now_m = counters.now_m
+
+    def __call__(self, name: str, scope: str, window: str) -> int:
+        if window == "now":
+            return self.counters.states.get((name, scope), 0)
+        series = self.counters.series.get((name, scope))
+        if series is None:
+            return 0
+        return series.window(window, self.now_m, self.day, self.month)
+
+
+#: What a KPI computes: (value, numerator, denominator, extra).
+Value = tuple[float | None, float | None, float | None, dict[str, Any] | None]
+
+
+@dataclass(frozen=True)
+class KpiSpec:
+    name: str
+    unit: str
+    windows: tuple[str, ...]
+    #: Scope kinds this KPI is published for: "province", "commune", "agency", "station".
+    scopes: tuple[str, ...]
+    compute: Callable[[Reader, str, str], Value]
+    definition: str = ""
+
+
+def count(series: str) -> Callable[[Reader, str, str], Value]:
+    def compute(r: Reader, scope: str, window: str) -> Value:
+        n = r(series, scope, window)
+        return float(n), None, None, None
+
+    return compute
+
+
+def percent(numerator: str, denominator: str) -> Callable[[Reader, str, str], Value]:
+    def compute(r: Reader, scope: str, window: str) -> Value:
+        return ratio(r(numerator, scope, window), r(denominator, scope, window), 100)
+
+    return compute
+
+
+def mean(total: str, n: str, divisor: float) -> Callable[[Reader, str, str], Value]:
+    """Mean of ``total / divisor`` over ``n`` items (e.g. µs to hours)."""
+
+    def compute(r: Reader, scope: str, window: str) -> Value:
+        t, k = r(total, scope, window), r(n, scope, window)
+        if k == 0:
+            return None, float(t), 0.0, None
+        return round(t / k / divisor, 2), float(t) / divisor, float(k), None
+
+    return compute
+
+
+def ratio(num: int, den: int, scale: float) -> Value:
+    if den == 0:
+        return None, float(num), 0.0, None
+    return round(num * scale / den, 2), float(num), float(den), None
+
+
+def status_of(value: float | None, target: Target | None, warn_band: float) -> str | None:
+    """`ok`, `warn` (within ``warn_band`` points on the wrong side) or `breach`; None without a target or value."""
+    if target is None or value is None:
+        return None
+    gap = value - target.value if target.direction == "at_least" else target.value - value
+    if gap >= 0:
+        return "ok"
+    return "warn" if gap >= -warn_band else "breach"
+
+
+def scope_kind(scope: str) -> str:
+    return scope.split(":", 1)[0]
+
+
+def entity_scopes(commune_code: str | None, agency_code: str | None) -> tuple[str, ...]:
+    scopes = ["province"]
+    if commune_code:
+        scopes.append(f"commune:{commune_code}")
+    if agency_code:
+        scopes.append(f"agency:{agency_code}")
+    return tuple(scopes)
+
+
+def target_for(registry: Registry, kpi: str) -> Target | None:
+    return registry.targets.get(kpi)
+
+
+def published(specs: Iterable[KpiSpec], scope: str) -> Iterable[tuple[KpiSpec, str]]:
+    kind = scope_kind(scope)
+    for spec in specs:
+        if kind in spec.scopes:
+            for window in spec.windows:
+                yield spec, window
