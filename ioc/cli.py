@@ -1,0 +1,153 @@
+"""The `ioc` command: dev, worker, api, simulate, replay, db migrate, topics create, token create."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import re
+import sys
+from pathlib import Path
+
+from ioc.errors import IocError
+from ioc.logs import configure_logging
+from ioc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _duration(text: str) -> dt.timedelta:
+    m = re.fullmatch(r"(\d+)([smhd])", text.strip())
+    if not m:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 8h or 7d")
+    n, unit = int(m.group(1)), m.group(2)
+    return dt.timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[unit]: n})
+
+
+def _timestamp(text: str) -> dt.datetime:
+    try:
+        t = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 time") from None
+    if t.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"{text!r} has no UTC offset (e.g. 2026-11-22T08:00:00+07:00)")
+    return t
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ioc", description="Nghệ An provincial operations centre backend")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    dev = sub.add_parser("dev", help="the whole system on this machine (broker, PostgreSQL, worker, API, simulators)")
+    dev.add_argument("--no-simulators", action="store_true", help="start without the simulators")
+    dev.add_argument("--rate", type=float, default=50.0, help="simulated events per second (default 50)")
+    dev.add_argument("--scenario", default=None, help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage)")
+    dev.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
+
+    sub.add_parser("worker", help="the stream worker (IOC_KAFKA_BOOTSTRAP, IOC_DATABASE_URL)")
+    sub.add_parser("api", help="the HTTP/WebSocket API")
+
+    sim = sub.add_parser("simulate", help="produce realistic events to the input topics")
+    sim.add_argument("--rate", type=float, default=50.0, help="events per second across all topics")
+    sim.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    sim.add_argument("--scenario", default=None, help="flood, ddos, dossier-surge or sensor-outage")
+    sim.add_argument("--seed", type=int, default=348)
+    sim.add_argument("--dup-rate", type=float, default=0.01, help="share of events sent twice")
+    sim.add_argument("--ooo-rate", type=float, default=0.02, help="share of events delayed (out of order)")
+    sim.add_argument("--bad-rate", type=float, default=0.0, help="share of malformed records")
+    sim.add_argument("--no-progress", action="store_true")
+
+    rep = sub.add_parser("replay", help="offline: events from a JSON-lines file → KPI snapshots as JSON lines")
+    rep.add_argument("file", type=Path, help="JSON lines {\"topic\": ..., \"value\": {...}}; - for stdin")
+    rep.add_argument("--until", type=_timestamp, default=None, help="as-of time (default: the latest event time)")
+    rep.add_argument("--stations", type=Path, default=None, help="station registry CSV")
+    rep.add_argument("--units", type=Path, default=None, help="administrative units CSV")
+    rep.add_argument("--no-progress", action="store_true")
+
+    db = sub.add_parser("db", help="database commands")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("migrate", help="create or upgrade the schema")
+
+    topics = sub.add_parser("topics", help="Kafka topics")
+    topics_sub = topics.add_subparsers(dest="topics_command", required=True)
+    topics_sub.add_parser("create", help="create every topic (IOC_TOPIC_PARTITIONS, IOC_TOPIC_REPLICATION)")
+
+    tok = sub.add_parser("token", help="access tokens")
+    tok_sub = tok.add_subparsers(dest="token_command", required=True)
+    create = tok_sub.add_parser("create", help="issue a signed access token, printed alone on stdout")
+    create.add_argument("--role", required=True, choices=["operator", "security", "commune", "admin"])
+    create.add_argument("--commune", default=None, help="commune code (required for --role commune)")
+    create.add_argument("--ttl", type=_duration, default=dt.timedelta(hours=8), help="lifetime, e.g. 8h, 30d")
+    create.add_argument("--subject", default=None, help="who the token is for (default: the role)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings()
+        configure_logging(settings)
+        return _dispatch(args, settings)
+    except IocError as exc:
+        print(f"ioc: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "dev":
+        from ioc.dev import run_dev
+
+        return run_dev(settings, simulators=not args.no_simulators, rate=args.rate, scenario=args.scenario, api_port=args.api_port)
+    if args.command == "worker":
+        from streams.worker import run
+
+        run(settings)
+        return 0
+    if args.command == "api":
+        from api.app import serve
+
+        serve(settings)
+        return 0
+    if args.command == "simulate":
+        from simulators.producer import run as simulate
+
+        stats = asyncio.run(simulate(
+            settings, rate=args.rate, duration=args.duration, scenario=args.scenario, seed=args.seed,
+            dup_rate=args.dup_rate, ooo_rate=args.ooo_rate, bad_rate=args.bad_rate, progress=not args.no_progress,
+        ))
+        log.info("simulation finished: %s", stats)
+        return 0
+    if args.command == "replay":
+        from ioc.registry import load_registry
+        from streams.replay import replay, write
+
+        registry = load_registry(args.units or settings.units_file, args.stations or settings.stations_file, settings.targets_file)
+        snapshots, stats = replay(args.file, registry, args.until, progress=None if args.no_progress else sys.stderr)
+        write(snapshots, sys.stdout.buffer)
+        sys.stdout.flush()
+        log.info("replay: %s", stats)
+        return 0
+    if args.command == "db":
+        from ioc.db.migrate import migrate
+
+        storage = migrate(settings.database_url, retention_days=settings.kpi_history_days)
+        print(f"migrated ({storage.value})")
+        return 0
+    if args.command == "topics":
+        from ioc.embedded.broker import ensure_topics
+
+        ensure_topics(settings)
+        return 0
+    if args.command == "token":
+        from api.auth import create_token
+
+        print(create_token(settings, args.role, commune=args.commune, ttl=args.ttl, subject=args.subject or args.role))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""The worker's database side: writing entity states, readings and KPI snapshots, and rebuilding state on start.
+
+Every write is an idempotent upsert keyed by the natural identity of what it stores (dossier_id,
+incident_id, (station_id, observed_at), (kpi, scope, window[, as_of])), so replaying any part of
+the input writes the same rows again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import psycopg
+from psycopg.types.json import Jsonb
+
+from streams import cyber, dossier
+from streams.engine import ENTITY_HORIZON_US, Engine
+from streams.sensor import KEEP_US, Parsed, Reading, SensorEvent
+from streams.snapshot import Snapshot
+from streams.windows import TZ
+
+log = logging.getLogger(__name__)
+US = 1_000_000
+
+_encode = msgspec.json.Encoder().encode
+_dossier_decoder = msgspec.json.Decoder(dossier.DossierState)
+_incident_decoder = msgspec.json.Decoder(cyber.IncidentState)
+
+UPSERT_DOSSIER = """
+INSERT INTO dossier_state (dossier_id, state, terminal, last_event_at, updated_at)
+VALUES (%s, %s, %s, %s, now())
+ON CONFLICT (dossier_id) DO UPDATE
+SET state = EXCLUDED.state, terminal = EXCLUDED.terminal, last_event_at = EXCLUDED.last_event_at, updated_at = now()
+"""
+UPSERT_INCIDENT = UPSERT_DOSSIER.replace("dossier", "incident")
+UPSERT_READING = """
+INSERT INTO sensor_reading (observed_at, station_id, kind, event_id, "values")
+VALUES (%s, %s, %s, %s, %s)
+ON CONFLICT (station_id, observed_at) DO UPDATE
+SET event_id = EXCLUDED.event_id, "values" = EXCLUDED."values", kind = EXCLUDED.kind
+WHERE EXCLUDED.event_id < sensor_reading.event_id
+"""
+UPSERT_LATEST = """
+INSERT INTO kpi_latest (kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra, updated_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
+ON CONFLICT (kpi, scope, win) DO UPDATE
+SET value = EXCLUDED.value, unit = EXCLUDED.unit, numerator = EXCLUDED.numerator, denominator = EXCLUDED.denominator,
+    target = EXCLUDED.target, status = EXCLUDED.status, as_of = EXCLUDED.as_of, seq = EXCLUDED.seq,
+    extra = EXCLUDED.extra, updated_at = now()
+WHERE kpi_latest.seq <= EXCLUDED.seq
+"""
+UPSERT_HISTORY = """
+INSERT INTO kpi_history (as_of, kpi, scope, win, value, numerator, denominator, status, seq)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
+ON CONFLICT (kpi, scope, win, as_of) DO UPDATE
+SET value = EXCLUDED.value, numerator = EXCLUDED.numerator, denominator = EXCLUDED.denominator,
+    status = EXCLUDED.status, seq = EXCLUDED.seq
+"""
+
+
+def _ts(us: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(us / US, TZ)
+
+
+async def write_changes(conn: psycopg.AsyncConnection[Any], engine: Engine) -> int:
+    """Write every entity and reading the engine changed since the last call, in one transaction."""
+    dossiers = engine.dossiers.changed
+    incidents = engine.incidents.changed
+    readings = engine.sensors.changed
+    if not (dossiers or incidents or readings):
+        return 0
+    engine.dossiers.changed, engine.incidents.changed, engine.sensors.changed = {}, {}, {}
+    try:
+        async with conn.transaction(), conn.cursor() as cur:
+            if dossiers:
+                await cur.executemany(UPSERT_DOSSIER, [
+                    (k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in dossiers.items()
+                ])
+            if incidents:
+                await cur.executemany(UPSERT_INCIDENT, [
+                    (k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in incidents.items()
+                ])
+            if readings:
+                await cur.executemany(UPSERT_READING, [
+                    (_ts(t), sid, kind, r.event_id, Jsonb(r.values)) for (sid, t), (kind, r) in readings.items()
+                ])
+    except BaseException:
+        # Not durable: put the changes back so the next attempt writes them (newer changes win).
+        engine.dossiers.changed = {**dossiers, **engine.dossiers.changed}
+        engine.incidents.changed = {**incidents, **engine.incidents.changed}
+        engine.sensors.changed = {**readings, **engine.sensors.changed}
+        raise
+    return len(dossiers) + len(incidents) + len(readings)
+
+
+async def write_snapshots(conn: psycopg.AsyncConnection[Any], snapshots: Sequence[Snapshot]) -> None:
+    if not snapshots:
+        return
+    async with conn.transaction(), conn.cursor() as cur:
+        await cur.executemany(UPSERT_LATEST, [
+            (s.kpi, s.scope, s.window, s.value, s.unit, s.numerator, s.denominator, s.target, s.status, s.as_of,
+             s.seq, Jsonb(s.extra) if s.extra is not None else None)
+            for s in snapshots
+        ])
+        await cur.executemany(UPSERT_HISTORY, [
+            (s.as_of, s.kpi, s.scope, s.window, s.value, s.numerator, s.denominator, s.status, s.seq)
+            for s in snapshots
+        ])
+
+
+async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine) -> dict[str, int]:
+    """Rebuild the engine from the database: open and recent entities, recent readings, published seqs."""
+    horizon = _ts(engine.now_us - ENTITY_HORIZON_US)
+    counts = {"dossiers": 0, "incidents": 0, "readings": 0, "series": 0}
+    async with conn.cursor(binary=False) as cur:
+        await cur.execute(
+            "SELECT dossier_id, state::text FROM dossier_state WHERE NOT terminal OR last_event_at >= %s", (horizon,)
+        )
+        async for key, state in cur:
+            engine.dossiers.load(key, _dossier_decoder.decode(state))
+            counts["dossiers"] += 1
+        await cur.execute(
+            "SELECT incident_id, state::text FROM incident_state WHERE NOT terminal OR last_event_at >= %s", (horizon,)
+        )
+        async for key, state in cur:
+            engine.incidents.load(key, _incident_decoder.decode(state))
+            counts["incidents"] += 1
+        await cur.execute(
+            'SELECT station_id, kind, observed_at, event_id, "values" FROM sensor_reading WHERE observed_at >= %s',
+            (_ts(engine.now_us - KEEP_US),),
+        )
+        async for sid, kind, observed_at, event_id, values in cur:
+            if sid not in engine.sensors.stations:
+                continue
+            event = SensorEvent("ioc.sensor.v1", event_id, sid, kind, observed_at, values)
+            delta = observed_at - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+            t = (delta.days * 86400 + delta.seconds) * US + delta.microseconds
+            engine.sensors.apply(sid, Parsed(event, t), record=False)
+            counts["readings"] += 1
+        await cur.execute("SELECT kpi, scope, win, seq, value, numerator, denominator, status, extra FROM kpi_latest")
+        async for kpi, scope, win, seq, value, num, den, status, extra in cur:
+            engine.restore_published(f"{kpi}|{scope}|{win}", seq, (value, num, den, status, extra))
+            counts["series"] += 1
+    return counts
+
+
+__all__ = ["Reading", "load_state", "write_changes", "write_snapshots"]
