@@ -38,6 +38,8 @@ def decode(dec: msgspec.json.Decoder[T], raw: bytes) -> T:
         raise InvalidEvent(str(exc), stage="schema") from None
     except msgspec.DecodeError as exc:
         raise InvalidEvent(f"not valid UTF-8 JSON: {exc}", stage="decode") from None
+    except RecursionError:
+        raise InvalidEvent("nested too deeply", stage="decode") from None
 
 
 def to_us(t: dt.datetime, field: str, produced_at: dt.datetime | None = None) -> int:

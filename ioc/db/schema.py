@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Final
 
-#: Time-series tables and their time column: hypertables on TimescaleDB, daily range partitions otherwise.
+#: Time-series tables and their time column (hypertables, or else daily range partitions).
 TIME_SERIES: Final = {"kpi_history": "as_of", "sensor_reading": "observed_at"}
 
 CORE: Final = """
@@ -108,7 +108,8 @@ ALTER TABLE {table} SET (
 """
 
 TIMESCALE_POLICIES: Final = """
-SELECT add_compression_policy('{table}', INTERVAL '{compress_after_days} days', if_not_exists => TRUE);
+SELECT add_compression_policy('{table}', INTERVAL '{compress_after_days} days',
+                              if_not_exists => TRUE);
 SELECT remove_retention_policy('{table}', if_exists => TRUE);
 SELECT add_retention_policy('{table}', INTERVAL '{retention_days} days', if_not_exists => TRUE);
 """
@@ -131,7 +132,8 @@ BEGIN
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = parent;
     -- A default partition catches rows outside the daily ones, so an insert never fails.
     IF to_regclass(format('%I.%I', nsp, base || '_default')) IS NULL THEN
-        EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s DEFAULT', nsp, base || '_default', parent);
+        EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s DEFAULT',
+                       nsp, base || '_default', parent);
     END IF;
     WHILE d <= last_day LOOP
         part := base || '_' || to_char(d, 'YYYYMMDD');
@@ -141,7 +143,8 @@ BEGIN
                 -- would overlap), as TimescaleDB aligns its daily chunks.
                 EXECUTE format('CREATE TABLE %I.%I PARTITION OF %s FOR VALUES FROM (%L) TO (%L)',
                                nsp, part, parent,
-                               d::timestamp AT TIME ZONE 'UTC', (d + 1)::timestamp AT TIME ZONE 'UTC');
+                               d::timestamp AT TIME ZONE 'UTC',
+                               (d + 1)::timestamp AT TIME ZONE 'UTC');
                 made := made + 1;
             EXCEPTION WHEN check_violation OR invalid_object_definition THEN
                 -- rows for that day already sit in the default partition (or a foreign partition
@@ -177,7 +180,8 @@ BEGIN
       JOIN pg_attribute a ON a.attrelid = p.partrelid AND a.attnum = p.partattrs[0]
      WHERE p.partrelid = parent;
     IF deflt IS NOT NULL AND time_column IS NOT NULL THEN
-        EXECUTE format('DELETE FROM %s WHERE %I < %L', deflt, time_column, cutoff::timestamp AT TIME ZONE 'UTC');
+        EXECUTE format('DELETE FROM %s WHERE %I < %L',
+                       deflt, time_column, cutoff::timestamp AT TIME ZONE 'UTC');
     END IF;
     RETURN dropped;
 END $$;

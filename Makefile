@@ -1,0 +1,26 @@
+# The two commands of the README: `make dev` runs the whole system, `make test` runs the tests.
+# Both set up a fresh machine first (scripts/setup: system packages, .venv, the project).
+VENV  ?= .venv
+BIN   := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+
+.PHONY: setup dev test lint bench clean
+
+$(STAMP): pyproject.toml scripts/setup
+	./scripts/setup
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+dev: $(STAMP)
+	$(BIN)/ioc dev
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy ioc streams api alerts simulators
+
+clean:
+	rm -rf $(VENV) .pytest_cache artifacts

@@ -1,0 +1,202 @@
+"""`ioc dev`: the whole system on one machine, supervised: broker, PostgreSQL, worker, API, simulators.
+
+Embedded services are used unless ``IOC_KAFKA_BOOTSTRAP`` / ``IOC_DATABASE_URL`` are set. Each
+component runs as a child process (`ioc worker`, `ioc api`, `ioc simulate`); one that exits is
+restarted with backoff and the restart logged. Ctrl-C (or SIGTERM) stops every child, then the
+embedded database (its directory removed) and broker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import logging
+
+from ioc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+RESTART_BACKOFF_MAX_S = 30.0
+READY_TIMEOUT_S = 120.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Child:
+    """One supervised component."""
+
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    backoff: float = 1.0
+    next_start: float = 0.0
+    log_lines: list[str] = field(default_factory=list)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL, start_new_session=True)
+        self.started_at = time.monotonic()
+        log.info("%s started (pid %d)", self.name, self.process.pid)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        p = self.process
+        if p is None or p.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+class Supervisor:
+    """Keeps children running: a child that exits is restarted after a growing delay."""
+
+    def __init__(self, children: list[Child]) -> None:
+        self.children = children
+        self.stopping = threading.Event()
+
+    def start(self) -> None:
+        for child in self.children:
+            child.start()
+
+    def watch_once(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            p = child.process
+            if p is None:
+                if now >= child.next_start:
+                    child.restarts += 1
+                    log.warning("restarting %s (restart #%d)", child.name, child.restarts)
+                    child.start()
+                continue
+            code = p.poll()
+            if code is None:
+                if now - child.started_at > 60:
+                    child.backoff = 1.0  # it has been healthy for a while
+                continue
+            log.error("%s exited with code %s; restarting in %.0f s", child.name, code, child.backoff)
+            child.process = None
+            child.next_start = now + child.backoff
+            child.backoff = min(child.backoff * 2, RESTART_BACKOFF_MAX_S)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for child in reversed(self.children):
+            child.stop()
+
+
+def _wait_ready(url: str, supervisor: Supervisor, timeout: float = READY_TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        supervisor.watch_once()
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"the API did not become ready at {url} within {timeout:.0f} s")
+
+
+@contextlib.contextmanager
+def _embedded(settings: Settings) -> Iterator[tuple[str, str, list[str]]]:
+    """The broker and database to use: external when configured, else embedded ones for this run."""
+    env_kafka = os.environ.get("IOC_KAFKA_BOOTSTRAP")
+    env_db = os.environ.get("IOC_DATABASE_URL")
+    notes: list[str] = []
+    with contextlib.ExitStack() as stack:
+        if env_kafka:
+            bootstrap = env_kafka
+            notes.append("external Kafka")
+        else:
+            from ioc.embedded.broker import EmbeddedBroker
+
+            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
+        if env_db:
+            database_url = env_db
+        else:
+            from ioc.embedded.postgres import EmbeddedPostgres
+
+            database_url = stack.enter_context(EmbeddedPostgres()).url
+        yield bootstrap, database_url, notes
+
+
+def run_dev(settings: Settings, *, simulators: bool = True, rate: float = 50.0, scenario: str | None = None,
+            api_port: int = 0) -> int:
+    from ioc.db.migrate import migrate
+    from ioc.embedded.broker import ensure_topics
+
+    stop_requested = threading.Event()
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    started = time.monotonic()
+    with _embedded(settings) as (bootstrap, database_url, _notes):
+        port = api_port or free_port()
+        settings = settings.model_copy(update={"kafka_bootstrap": bootstrap, "database_url": database_url, "api_port": port})
+        storage = migrate(database_url, retention_days=settings.kpi_history_days)
+        log.info("database storage: %s", storage.value)
+        ensure_topics(settings)
+        env = {
+            **os.environ,
+            "IOC_KAFKA_BOOTSTRAP": bootstrap,
+            "IOC_DATABASE_URL": database_url,
+            "IOC_API_HOST": settings.api_host,
+            "IOC_API_PORT": str(port),
+            "IOC_TOPIC_PREFIX": settings.topic_prefix,
+            "IOC_MODE": settings.mode.value,
+        }
+        exe = [sys.executable, "-m", "ioc.cli"]
+        children = [Child("worker", [*exe, "worker"], env), Child("api", [*exe, "api"], env)]
+        if simulators:
+            sim = [*exe, "simulate", "--rate", str(rate), "--no-progress"]
+            if scenario:
+                sim += ["--scenario", scenario]
+            children.append(Child("simulators", sim, env))
+        supervisor = Supervisor(children)
+        supervisor.start()
+        try:
+            base = f"http://{settings.api_host}:{port}"
+            _wait_ready(f"{base}/readyz", supervisor)
+            from api.auth import create_token
+
+            token = create_token(settings, "operator", subject="ioc-dev")
+            print(f"kafka: {bootstrap}", flush=True)
+            print(f"database: {database_url}", flush=True)
+            print(f"api: {base}", flush=True)
+            print(f"wall: {base}/wall", flush=True)
+            print(f"token: {token}", flush=True)
+            log.info("ready in %.1f s (storage: %s); Ctrl-C stops everything", time.monotonic() - started, storage.value)
+            while not stop_requested.wait(0.5):
+                supervisor.watch_once()
+        finally:
+            log.info("stopping")
+            supervisor.stop()
+    return 0

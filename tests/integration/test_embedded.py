@@ -1,0 +1,246 @@
+"""The embedded broker and PostgreSQL, topic creation, and the migration on plain PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+
+import psycopg
+import pytest
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient
+
+from ioc.db.migrate import Storage, drop_expired, ensure_partitions, migrate, storage_of
+from ioc.embedded.broker import EmbeddedBroker, create_topics, ensure_topics
+from ioc.embedded.postgres import EmbeddedPostgres, create_database, drop_database
+from ioc.errors import EmbeddedServiceError
+from ioc.settings import ALL_TOPICS, Settings
+
+pytestmark = pytest.mark.integration
+
+UTC = dt.UTC
+TABLES = {"kpi_latest", "kpi_history", "dossier_state", "incident_state", "sensor_reading"}
+
+
+async def _partitions(bootstrap: str, names: list[str]) -> dict[str, int]:
+    """Partition counts of the topics that exist (ask for all: tansu auto-creates named ones)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        listed = set(await admin.list_topics())
+        present = [n for n in names if n in listed]
+        described = await admin.describe_topics(present) if present else []
+        return {t["topic"]: len(t["partitions"]) for t in described}
+    finally:
+        await admin.close()
+
+
+# --- broker --------------------------------------------------------------------------------
+
+
+def test_broker_bootstrap_is_a_loopback_address(kafka_bootstrap: str) -> None:
+    host, _, port = kafka_bootstrap.rpartition(":")
+    assert host and int(port) > 0
+
+
+def test_broker_stops_and_releases_its_temp_dir() -> None:
+    broker = EmbeddedBroker().start()
+    log_dir = broker.log_path.parent
+    assert broker.running and log_dir.exists()
+    broker.stop()
+    assert not broker.running and not log_dir.exists()
+    with pytest.raises(EmbeddedServiceError):
+        _ = broker.bootstrap
+
+
+async def test_created_topics_have_the_requested_partitions(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    names = [f"{topic_prefix}a", f"{topic_prefix}b"]
+    await create_topics(kafka_bootstrap, names, partitions=5)
+    assert await _partitions(kafka_bootstrap, names) == {names[0]: 5, names[1]: 5}
+
+
+async def test_creating_existing_topics_is_harmless(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    name = f"{topic_prefix}again"
+    await create_topics(kafka_bootstrap, [name], partitions=2)
+    await create_topics(kafka_bootstrap, [name, name], partitions=2)
+    assert await _partitions(kafka_bootstrap, [name]) == {name: 2}
+
+
+async def test_ensure_topics_creates_every_contract_topic(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(database_url="unused", topic_partitions=4)
+    ensure_topics(settings)
+    ensure_topics(settings)
+    names = [settings.topic(t) for t in ALL_TOPICS]
+    assert await _partitions(settings.kafka_bootstrap, names) == dict.fromkeys(names, 4)
+
+
+async def test_a_message_round_trips_through_a_created_topic(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    topic = f"{topic_prefix}roundtrip"
+    await create_topics(kafka_bootstrap, [topic], partitions=3)
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        sent = await producer.send_and_wait(
+            topic, b'{"hello": "Ngh\xe1\xbb\x87 An"}', key=b"station-1"
+        )
+    finally:
+        await producer.stop()
+    # tansu holds a group join for half the session timeout; 6 s is real Kafka's minimum.
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=kafka_bootstrap,
+        group_id=f"{topic_prefix}g",
+        auto_offset_reset="earliest",
+        session_timeout_ms=6000,
+        heartbeat_interval_ms=1000,
+    )
+    await consumer.start()
+    try:
+        record = await consumer.getone()
+    finally:
+        await consumer.stop()
+    assert (record.key, record.value) == (b"station-1", '{"hello": "Nghệ An"}'.encode())
+    assert (record.partition, record.offset) == (sent.partition, sent.offset)
+
+
+# --- PostgreSQL ----------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only meaningful when the tests run as root")
+def test_postgres_runs_as_the_postgres_user_when_we_are_root(postgres_admin_url: str) -> None:
+    if os.environ.get("IOC_DATABASE_URL"):
+        pytest.skip("an external database is in use")
+    with psycopg.connect(postgres_admin_url) as conn:
+        data_dir = conn.execute("SHOW data_directory").fetchone()
+    assert data_dir is not None
+    import pwd
+
+    assert pwd.getpwuid(os.stat(data_dir[0]).st_uid).pw_name == "postgres"
+
+
+def test_postgres_stop_removes_its_temp_dir() -> None:
+    pg = EmbeddedPostgres().start()
+    data_dir = pg.log_path.parent
+    with psycopg.connect(pg.url) as conn:
+        assert conn.execute("SELECT current_user, current_database()").fetchone() == ("ioc", "ioc")
+    pg.stop()
+    assert not data_dir.exists()
+    with pytest.raises(EmbeddedServiceError):
+        _ = pg.url
+
+
+def test_created_database_can_be_dropped_while_in_use(postgres_admin_url: str) -> None:
+    url = create_database(postgres_admin_url, "ioc_test_dropme")
+    conn = psycopg.connect(url)
+    try:
+        drop_database(postgres_admin_url, "ioc_test_dropme")
+    finally:
+        conn.close()
+    with psycopg.connect(postgres_admin_url) as admin:
+        assert (
+            admin.execute("SELECT 1 FROM pg_database WHERE datname = 'ioc_test_dropme'").fetchone()
+            is None
+        )
+
+
+def test_migrate_creates_the_tables_on_plain_postgresql(database_url: str) -> None:
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+            " UNION SELECT relname FROM pg_class WHERE relkind = 'p'"
+        ).fetchall()
+        assert {r[0] for r in rows} >= TABLES
+        assert storage_of(conn) is Storage.POSTGRESQL
+
+
+def test_migrate_creates_daily_utc_partitions_around_today(database_url: str) -> None:
+    today = dt.datetime.now(UTC).date()
+    with psycopg.connect(database_url) as conn:
+        conn.execute("SET TimeZone = 'Asia/Ho_Chi_Minh'")  # bounds must not follow the session
+        rows = conn.execute(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+            " JOIN pg_class c ON c.oid = i.inhrelid WHERE i.inhparent = 'sensor_reading'::regclass"
+        ).fetchall()
+        bounds: dict[str, str] = dict(rows)
+        assert bounds["sensor_reading_default"] == "DEFAULT"
+        assert f"sensor_reading_{today:%Y%m%d}" in bounds
+        assert f"kpi_history_{today:%Y%m%d}" in {
+            r[0]
+            for r in conn.execute("SELECT inhrelid::regclass::text FROM pg_inherits").fetchall()
+        }
+        row = conn.execute(
+            "INSERT INTO sensor_reading VALUES (%s, 's1', 'water_level', 'e1', '{}')"
+            " RETURNING tableoid::regclass::text",
+            (dt.datetime.combine(today, dt.time(0, 0), tzinfo=UTC),),
+        ).fetchone()
+        assert row == (f"sensor_reading_{today:%Y%m%d}",)
+
+
+def test_migrating_twice_is_harmless(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO kpi_latest (kpi, scope, win, value, unit, as_of, seq)"
+            " VALUES ('on_time_rate', 'province', '1d', 0.9, 'ratio', now(), 1)"
+        )
+        before = conn.execute("SELECT count(*) FROM pg_class").fetchone()
+        assert migrate(database_url) is Storage.POSTGRESQL
+        assert migrate(database_url) is Storage.POSTGRESQL
+        assert conn.execute("SELECT count(*) FROM pg_class").fetchone() == before
+        assert conn.execute("SELECT value FROM kpi_latest").fetchall() == [(0.9,)]
+
+
+def test_drop_expired_drops_old_partitions_and_their_rows(database_url: str) -> None:
+    today = dt.datetime.now(UTC).date()
+    old = today - dt.timedelta(days=40)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert ensure_partitions(conn, old, old) == 2
+        row = conn.execute(
+            "INSERT INTO sensor_reading VALUES (%s, 's1', 'aqi', 'e-old', '{}')"
+            " RETURNING tableoid::regclass::text",
+            (dt.datetime.combine(old, dt.time(12), tzinfo=UTC),),
+        ).fetchone()
+        assert row == (f"sensor_reading_{old:%Y%m%d}",)
+        conn.execute(
+            "INSERT INTO sensor_reading VALUES (%s, 's1', 'aqi', 'e-now', '{}')",
+            (dt.datetime.combine(today, dt.time(12), tzinfo=UTC),),
+        )
+
+        assert drop_expired(conn, retention_days=30, today=today) == 2
+
+        assert conn.execute(
+            "SELECT to_regclass(%s)", (f"sensor_reading_{old:%Y%m%d}",)
+        ).fetchone() == (None,)
+        assert conn.execute("SELECT event_id FROM sensor_reading").fetchall() == [("e-now",)]
+
+
+def test_drop_expired_also_clears_old_rows_of_the_default_partition(database_url: str) -> None:
+    today = dt.datetime.now(UTC).date()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO sensor_reading VALUES (%s, 's1', 'aqi', 'e-old', '{}')",
+            (dt.datetime.combine(today - dt.timedelta(days=90), dt.time(12), tzinfo=UTC),),
+        )
+        drop_expired(conn, retention_days=30, today=today)
+        assert conn.execute("SELECT count(*) FROM sensor_reading_default").fetchone() == (0,)
+
+
+def test_a_day_whose_rows_sit_in_the_default_partition_is_left_there(database_url: str) -> None:
+    day = dt.datetime.now(UTC).date() - dt.timedelta(days=20)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO sensor_reading VALUES (%s, 's1', 'aqi', 'e1', '{}')",
+            (dt.datetime.combine(day, dt.time(12), tzinfo=UTC),),
+        )
+        assert ensure_partitions(conn, day, day) == 1  # kpi_history's only
+        assert conn.execute("SELECT tableoid::regclass::text FROM sensor_reading").fetchall() == [
+            ("sensor_reading_default",)
+        ]
