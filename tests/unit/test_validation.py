@@ -63,7 +63,7 @@ def test_valid_events_pass() -> None:
     ("ioc.sensor.readings", with_(READING, station_id="NOPE"), "unknown station"),
     ("ioc.sensor.readings", with_(READING, kind="water"), "air station"),
     ("ioc.sensor.readings", with_(READING, values={"pm25": -1}), "outside"),
-    ("ioc.sensor.readings", json.dumps(READING).replace("35.2", "1e999").encode(), "outside"),
+    ("ioc.sensor.readings", json.dumps(READING).replace("35.2", "1e999").encode(), "out of range"),
     ("ioc.sensor.readings", json.dumps(READING).replace("35.2", "NaN").encode(), "JSON"),
     ("ioc.sensor.readings", with_(READING, values={"pm25": "high"}), "float"),
     ("ioc.sensor.readings", with_(READING, values={"rain_mm": 3}), "not a air value"),
