@@ -24,7 +24,7 @@ import faust
 import mode
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import KafkaError
+from aiokafka.errors import ConsumerStoppedError, KafkaError
 
 from ioc import settings as cfg
 from ioc.db.migrate import Storage, drop_expired, ensure_partitions, storage_of
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 US = 1_000_000
 DEADLETTER_HEADERS = ("ioc.error.stage", "ioc.error.reason", "ioc.source.topic", "ioc.source.partition", "ioc.source.offset")
 MAINTENANCE_INTERVAL_S = 600.0
+CONSUMER_SESSION_TIMEOUT_MS = 6000
 
 
 def now_us() -> int:
@@ -81,6 +82,9 @@ class Ingest:
             max_poll_records=self.settings.worker_batch_max,
             fetch_max_bytes=64 << 20,
             max_partition_fetch_bytes=8 << 20,
+            # Kafka's minimum session timeout: a restarted worker rejoins (and its partitions move) quickly.
+            session_timeout_ms=CONSUMER_SESSION_TIMEOUT_MS,
+            heartbeat_interval_ms=CONSUMER_SESSION_TIMEOUT_MS // 3,
         )
         await self.consumer.start()
         self.ready.set()
@@ -127,7 +131,10 @@ class Ingest:
         assert self.consumer is not None
         timeout_ms = int(self.settings.worker_flush_interval_s * 1000)
         while True:
-            batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=self.settings.worker_batch_max)
+            try:
+                batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=self.settings.worker_batch_max)
+            except ConsumerStoppedError:
+                return  # stopping
             if batch:
                 await self.process(batch)
             if time.monotonic() - self._last_maintenance > MAINTENANCE_INTERVAL_S:
@@ -227,6 +234,9 @@ def create_app(settings: Settings, registry: Registry | None = None) -> tuple[fa
         topic_allow_declare=True,
         consumer_auto_offset_reset="latest",
         producer_acks=-1,
+        # Faust's default 60 s session makes a group join take ~30 s on the embedded broker.
+        broker_session_timeout=CONSUMER_SESSION_TIMEOUT_MS / 1000,
+        broker_heartbeat_interval=CONSUMER_SESSION_TIMEOUT_MS / 3000,
     )
     ingest = Ingest(settings, registry)
     dead_reasons: Counter[str] = Counter()
