@@ -56,7 +56,8 @@ class Ingest:
         self.logical = {settings.topic(t): t for t in cfg.INPUT_TOPICS}
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
-        self.conn: psycopg.AsyncConnection[Any] | None = None
+        #: One connection per writer: batches (state) and the emit timer (snapshots) run concurrently.
+        self.conns: dict[str, psycopg.AsyncConnection[Any]] = {}
         self.emit_lock = asyncio.Lock()
         self.stats: Counter[str] = Counter()
         self.ready = asyncio.Event()
@@ -65,8 +66,9 @@ class Ingest:
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        self.conn = await self._connect()
-        counts = await sink.load_state(self.conn, self.engine)
+        for role in ("state", "snapshots"):
+            self.conns[role] = await self._connect()
+        counts = await sink.load_state(self.conns["state"], self.engine)
         log.info("state rebuilt from the database: %s", counts)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap, acks="all", linger_ms=5, max_batch_size=1 << 20,
@@ -96,8 +98,8 @@ class Ingest:
                     await closer.stop()
                 except Exception:  # shutting down anyway
                     log.exception("error while stopping %r", closer)
-        if self.conn is not None:
-            await self.conn.close()
+        for conn in self.conns.values():
+            await conn.close()
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
         delay = 0.5
@@ -109,20 +111,20 @@ class Ingest:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _durably(self, what: str, action: Any) -> Any:
+    async def _durably(self, role: str, what: str, action: Any) -> Any:
         """Run a database action until it succeeds: a transient error delays, never skips or dead-letters."""
         delay = 0.5
         while True:
+            conn = self.conns[role]
             try:
-                assert self.conn is not None
-                return await action(self.conn)
+                return await action(conn)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self.stats["db_retries"] += 1
                 log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
-                if self.conn is None or self.conn.closed or self.conn.broken:
-                    self.conn = await self._connect()
+                if conn.closed or conn.broken:
+                    self.conns[role] = await self._connect()
 
     # --- the hot path -----------------------------------------------------------------------
 
@@ -165,7 +167,7 @@ class Ingest:
         self.stats["records"] += n
         self.stats["deadlettered"] += len(dead)
         futures = [await self._dead_letter(rec, exc) for rec, exc in dead]
-        await self._durably("writing state", lambda conn: sink.write_changes(conn, engine))
+        await self._durably("state", "writing state", lambda conn: sink.write_changes(conn, engine))
         if futures:
             await asyncio.gather(*futures)
         assert self.consumer is not None
@@ -196,7 +198,7 @@ class Ingest:
             if not snapshots:
                 return 0
             # The database first: its seq is then never behind what subscribers have seen.
-            await self._durably("writing snapshots", lambda conn: sink.write_snapshots(conn, snapshots))
+            await self._durably("snapshots", "writing snapshots", lambda conn: sink.write_snapshots(conn, snapshots))
             assert self.producer is not None
             topic = self.settings.topic(cfg.TOPIC_KPI)
             futures = [await self.producer.send(topic, value=encode(s), key=s.key.encode()) for s in snapshots]
@@ -218,7 +220,7 @@ class Ingest:
 
             await asyncio.to_thread(sync, self.settings.database_url)
 
-        await self._durably("partition maintenance", partitions)
+        await self._durably("state", "partition maintenance", partitions)
 
 
 def create_app(settings: Settings, registry: Registry | None = None) -> tuple[faust.App, Ingest]:

@@ -1,0 +1,186 @@
+"""Access tokens (HS256 JWT) and the deny-by-default rights of each role (CONTRACT §7)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+
+from ioc.errors import AuthError, ConfigurationError
+from ioc.registry import load_units
+from ioc.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ALGORITHM: Final = "HS256"
+ROLES: Final = frozenset({"operator", "security", "commune", "admin"})
+#: Clock skew tolerated between the machine that issued a token and this one.
+LEEWAY: Final = dt.timedelta(seconds=30)
+ALERTS_CHANNEL: Final = "alerts"
+KPI_CHANNEL_PREFIX: Final = "kpi:"
+
+
+@functools.lru_cache(maxsize=8)
+def _registry_communes(units_file: Path | None) -> frozenset[str]:
+    return frozenset(load_units(units_file))
+
+
+def known_communes(settings: Settings) -> frozenset[str]:
+    """The commune codes of the configured unit registry (cached per file)."""
+    return _registry_communes(settings.units_file)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling, and what they may see. Every check denies unless a rule allows."""
+
+    subject: str
+    role: str
+    commune: str | None = None
+    expires_at: dt.datetime | None = None
+
+    @property
+    def sees_everything(self) -> bool:
+        return self.role in ("operator", "admin")
+
+    def can_see_scope(self, scope: str) -> bool:
+        """Whether any KPI of ``scope`` is visible (security: province only, cyber KPIs only)."""
+        if self.sees_everything:
+            return True
+        if self.role == "security":
+            return scope == "province"
+        if self.role == "commune":
+            return self.commune is not None and scope == f"commune:{self.commune}"
+        return False
+
+    def can_see_kpi(self, kpi: str, scope: str) -> bool:
+        """Whether the snapshot of ``kpi`` at ``scope`` is visible."""
+        if not self.can_see_scope(scope):
+            return False
+        if self.role == "security":
+            return kpi.startswith("cyber.")
+        return True
+
+    def can_subscribe(self, channel: str) -> bool:
+        """Whether ``channel`` may be subscribed (its items are then still filtered per item)."""
+        if channel == ALERTS_CHANNEL:
+            return (
+                self.sees_everything
+                or self.role == "security"
+                or (self.role == "commune" and self.commune is not None)
+            )
+        if channel.startswith(KPI_CHANNEL_PREFIX):
+            return self.can_see_scope(channel[len(KPI_CHANNEL_PREFIX) :])
+        return False
+
+    def can_see_alert(self, alert: Mapping[str, Any]) -> bool:
+        """Whether an alert event is visible: security sees cyber alerts, a commune its own."""
+        if self.sees_everything:
+            return True
+        if self.role == "security":
+            kpi = str(alert.get("kpi") or alert.get("rule") or "")
+            return kpi.startswith("cyber.") or alert.get("domain") == "cyber"
+        if self.role == "commune" and self.commune is not None:
+            return (
+                alert.get("scope") == f"commune:{self.commune}"
+                or alert.get("commune_code") == self.commune
+            )
+        return False
+
+
+def _check_claims(role: str, commune: str | None, communes: Collection[str]) -> None:
+    if role not in ROLES:
+        raise AuthError(f"unknown role {role!r}")
+    if role == "commune":
+        if not commune:
+            raise AuthError("role commune needs a commune code")
+        if commune not in communes:
+            raise AuthError(f"unknown commune {commune!r}")
+
+
+def create_token(
+    settings: Settings,
+    role: str,
+    commune: str | None = None,
+    ttl: dt.timedelta = dt.timedelta(hours=8),
+    subject: str | None = None,
+    *,
+    now: dt.datetime | None = None,
+    communes: Collection[str] | None = None,
+) -> str:
+    """Issue a signed access token; raises ConfigurationError for a bad role or commune."""
+    try:
+        _check_claims(role, commune, known_communes(settings) if communes is None else communes)
+    except AuthError as exc:
+        raise ConfigurationError(str(exc)) from exc
+    issued = now or dt.datetime.now(dt.UTC)
+    claims: dict[str, Any] = {
+        "sub": subject or (f"{role}:{commune}" if commune else role),
+        "role": role,
+        "iat": int(issued.timestamp()),
+        "exp": int((issued + ttl).timestamp()),
+    }
+    if role == "commune":
+        claims["commune"] = commune
+    return jwt.encode(
+        claims,
+        settings.effective_signing_key(),
+        algorithm=ALGORITHM,
+        headers={"kid": settings.signing_key_id},
+    )
+
+
+def verify_token(
+    settings: Settings, token: str | None, *, communes: Collection[str] | None = None
+) -> Principal:
+    """The caller a token names; AuthError if it is missing, malformed, expired or not ours."""
+    if not token:
+        raise AuthError("missing token")
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.PyJWTError as exc:
+        raise AuthError("malformed token") from exc
+    if header.get("kid") != settings.signing_key_id:
+        raise AuthError("token signed with an unknown key id")
+    try:
+        claims = jwt.decode(
+            token,
+            settings.effective_signing_key(),
+            algorithms=[ALGORITHM],
+            options={"require": ["sub", "role", "exp", "iat"]},
+            leeway=LEEWAY,
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise AuthError("token expired") from exc
+    except jwt.InvalidSignatureError as exc:
+        raise AuthError("bad token signature") from exc
+    except jwt.PyJWTError as exc:
+        raise AuthError(f"invalid token: {exc}") from exc
+    role, commune, subject = claims.get("role"), claims.get("commune"), claims.get("sub")
+    if not isinstance(role, str) or not isinstance(subject, str):
+        raise AuthError("invalid token: role and sub must be strings")
+    if commune is not None and not isinstance(commune, str):
+        raise AuthError("invalid token: commune must be a string")
+    _check_claims(role, commune, known_communes(settings) if communes is None else communes)
+    return Principal(
+        subject=subject,
+        role=role,
+        commune=commune if role == "commune" else None,
+        expires_at=dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC),
+    )
+
+
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer <token>`` header, or None."""
+    if not authorization:
+        return None
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    return token.strip()

@@ -1,0 +1,287 @@
+"""The one WebSocket fan-out: serialise once, bounded coalescing queues, history for resume.
+
+Publishing never awaits a client. Each connection has a :class:`Subscriber` whose pending
+messages sit in an ordered map: a KPI update whose key is still pending replaces the older one
+and moves to the back (newest value per KPI wins, and a client still receives a channel's
+``seq`` in increasing order). A client that has more than ``max_queue`` messages pending, or
+has not taken anything for ``max_lag_s`` while messages wait, is closed with
+:data:`CLOSE_TOO_SLOW`; the others never notice.
+
+Channel ``seq`` values start at the process's start time in microseconds, not at 1, so that a
+``resume`` position issued by another API replica or an earlier process almost never falls
+inside this process's history: it is then answered with a fresh snapshot (``recovered: false``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import orjson
+
+log = logging.getLogger(__name__)
+
+#: WebSocket close code for a client that fell too far behind (4000–4999 are application codes).
+CLOSE_TOO_SLOW: Final = 4008
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    """One message of a channel, serialised once for every subscriber."""
+
+    seq: int
+    #: Coalescing key (``kpi|scope|window``), or None for messages that must all be delivered.
+    key: str | None
+    #: What per-client filters look at (for example ``kpi`` and ``scope``, or an alert's fields).
+    attrs: Mapping[str, Any]
+    text: str
+
+
+#: A per-subscription predicate: which of a channel's messages this client may receive.
+ItemFilter = Callable[[Published], bool]
+
+
+def dumps(message: Mapping[str, Any]) -> str:
+    """A JSON text frame (orjson: datetimes as ISO 8601 with their offset)."""
+    return orjson.dumps(message).decode()
+
+
+class Subscriber:
+    """The send queue of one connection: bounded, coalescing, never awaited by the publisher."""
+
+    def __init__(
+        self,
+        *,
+        max_queue: int = 2000,
+        max_lag_s: float = 30.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.max_queue = max_queue
+        self.max_lag_s = max_lag_s
+        self._clock = clock
+        self._pending: OrderedDict[Hashable, str] = OrderedDict()
+        self._unique = itertools.count()
+        self._behind_since: float | None = None
+        self._wakeup = asyncio.Event()
+        self.filters: dict[str, ItemFilter | None] = {}
+        #: Why the broadcaster closed this subscriber (None while open).
+        self.closed: str | None = None
+        self.coalesced = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def channels(self) -> frozenset[str]:
+        return frozenset(self.filters)
+
+    def offer(self, text: str, *, channel: str | None = None, key: str | None = None) -> bool:
+        """Queue a frame, replacing a pending one of the same channel and key; False once closed."""
+        if self.closed is not None:
+            return False
+        now = self._clock()
+        if not self._pending:
+            self._behind_since = now
+        elif self._behind_since is not None and now - self._behind_since > self.max_lag_s:
+            self.close(f"no progress for {self.max_lag_s:g} s")
+            return False
+        slot: Hashable
+        if key is not None:
+            slot = (channel, key)
+            if self._pending.pop(slot, None) is not None:
+                self.coalesced += 1
+        else:
+            slot = next(self._unique)
+        self._pending[slot] = text
+        if len(self._pending) > self.max_queue:
+            self.close(f"more than {self.max_queue} messages behind")
+            return False
+        self._wakeup.set()
+        return True
+
+    def drain(self) -> list[str]:
+        """Take every pending frame, oldest first."""
+        frames = list(self._pending.values())
+        self._pending.clear()
+        self._behind_since = None
+        self._wakeup.clear()
+        return frames
+
+    async def next_frames(self) -> list[str]:
+        """Wait for pending frames; an empty list means the subscriber was closed."""
+        while not self._pending and self.closed is None:
+            await self._wakeup.wait()
+            self._wakeup.clear()
+        return [] if self.closed is not None else self.drain()
+
+    def close(self, reason: str) -> None:
+        if self.closed is None:
+            self.closed = reason
+            self._pending.clear()
+            self._wakeup.set()
+
+
+@dataclass(slots=True)
+class Channel:
+    name: str
+    seq: int
+    history: deque[Published]
+    subscribers: set[Subscriber] = field(default_factory=set)
+
+
+class Broadcaster:
+    """Channels with a ``seq``, a bounded history, and subscribers; one instance per API process."""
+
+    def __init__(
+        self,
+        *,
+        history_size: int = 1000,
+        max_queue: int = 2000,
+        max_lag_s: float = 30.0,
+        seq_origin: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.history_size = history_size
+        self.max_queue = max_queue
+        self.max_lag_s = max_lag_s
+        self.seq_origin = int(time.time() * 1_000_000) if seq_origin is None else seq_origin
+        self._clock = clock
+        self._channels: dict[str, Channel] = {}
+        self._subscribers: set[Subscriber] = set()
+        self.disconnected_slow = 0
+
+    # -- channels -----------------------------------------------------------------------------
+
+    def channel(self, name: str) -> Channel:
+        ch = self._channels.get(name)
+        if ch is None:
+            ch = self._channels[name] = Channel(
+                name, self.seq_origin, deque(maxlen=self.history_size)
+            )
+        return ch
+
+    def seq(self, name: str) -> int:
+        return self.channel(name).seq
+
+    @property
+    def subscriber_count(self) -> int:
+        return len(self._subscribers)
+
+    def publish(
+        self,
+        channel: str,
+        item: Any,
+        *,
+        kind: str = "update",
+        key: str | None = None,
+        attrs: Mapping[str, Any] | None = None,
+    ) -> int:
+        """Serialise ``{"type": kind, "channel", "item", "seq"}`` once; queue it for each client."""
+        ch = self.channel(channel)
+        ch.seq += 1
+        text = dumps({"type": kind, "channel": channel, "item": item, "seq": ch.seq})
+        message = Published(ch.seq, key, attrs or {}, text)
+        ch.history.append(message)
+        for sub in tuple(ch.subscribers):
+            accept = sub.filters.get(channel)
+            if accept is not None and not accept(message):
+                continue
+            if not sub.offer(text, channel=channel, key=key):
+                self._drop_closed(sub)
+        return ch.seq
+
+    # -- subscribers --------------------------------------------------------------------------
+
+    def connect(self) -> Subscriber:
+        sub = Subscriber(max_queue=self.max_queue, max_lag_s=self.max_lag_s, clock=self._clock)
+        self._subscribers.add(sub)
+        return sub
+
+    def disconnect(self, sub: Subscriber) -> None:
+        for name in sub.filters:
+            ch = self._channels.get(name)
+            if ch is not None:
+                ch.subscribers.discard(sub)
+        sub.filters.clear()
+        self._subscribers.discard(sub)
+
+    def _drop_closed(self, sub: Subscriber) -> None:
+        if sub in self._subscribers:
+            self.disconnected_slow += 1
+            log.warning("websocket client disconnected: %s", sub.closed)
+            self.disconnect(sub)
+
+    def subscribe(
+        self,
+        sub: Subscriber,
+        channel: str,
+        snapshot: Callable[[], list[Any]],
+        *,
+        accept: ItemFilter | None = None,
+        resume_from: int | None = None,
+    ) -> str:
+        """Join ``channel``: replay from ``resume_from`` when history allows, else a snapshot.
+
+        Returns ``"replayed"``, ``"snapshot"`` or ``"not_recovered"``. Runs without awaiting, so
+        no update can slip between the snapshot (or replay) and the live stream.
+        """
+        ch = self.channel(channel)
+        sub.filters[channel] = accept
+        ch.subscribers.add(sub)
+        if resume_from is not None and self._can_replay(ch, resume_from):
+            missed = [
+                m for m in ch.history if m.seq > resume_from and (accept is None or accept(m))
+            ]
+            sub.offer(
+                dumps(
+                    {
+                        "type": "resumed",
+                        "channel": channel,
+                        "seq": ch.seq,
+                        "from": resume_from,
+                        "recovered": True,
+                        "replayed": len(missed),
+                    }
+                )
+            )
+            for m in missed:
+                sub.offer(m.text, channel=channel, key=m.key)
+            outcome = "replayed"
+        else:
+            message: dict[str, Any] = {
+                "type": "snapshot",
+                "channel": channel,
+                "items": snapshot(),
+                "seq": ch.seq,
+            }
+            if resume_from is not None:
+                message["recovered"] = False
+            sub.offer(dumps(message))
+            outcome = "snapshot" if resume_from is None else "not_recovered"
+        if sub.closed is not None:
+            self._drop_closed(sub)
+        return outcome
+
+    @staticmethod
+    def _can_replay(ch: Channel, resume_from: int) -> bool:
+        if resume_from == ch.seq:
+            return True
+        if resume_from > ch.seq or not ch.history:
+            return False
+        return ch.history[0].seq <= resume_from + 1
+
+    def unsubscribe(self, sub: Subscriber, channel: str) -> None:
+        sub.filters.pop(channel, None)
+        ch = self._channels.get(channel)
+        if ch is not None:
+            ch.subscribers.discard(sub)
+
+    def history(self, channel: str) -> list[Published]:
+        ch = self._channels.get(channel)
+        return list(ch.history) if ch else []
