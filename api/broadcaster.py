@@ -52,13 +52,19 @@ def dumps(message: Mapping[str, Any]) -> str:
     return orjson.dumps(message).decode()
 
 
+#: Pending frames a client may have before it is cut off. Keyed KPI frames coalesce, so this is
+#: about the number of distinct series a client follows: an operator wall on every commune
+#: channel follows ~8,000, and the first publication after a worker (re)start touches them all.
+DEFAULT_MAX_QUEUE = 20_000
+
+
 class Subscriber:
     """The send queue of one connection: bounded, coalescing, never awaited by the publisher."""
 
     def __init__(
         self,
         *,
-        max_queue: int = 2000,
+        max_queue: int = DEFAULT_MAX_QUEUE,
         max_lag_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -142,7 +148,7 @@ class Broadcaster:
         self,
         *,
         history_size: int = 1000,
-        max_queue: int = 2000,
+        max_queue: int = DEFAULT_MAX_QUEUE,
         max_lag_s: float = 30.0,
         seq_origin: int | None = None,
         clock: Callable[[], float] = time.monotonic,

@@ -1,0 +1,79 @@
+"""The wall page in a real headless Chromium, against the live worker and API."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from api.auth import create_token
+from ioc.settings import Settings
+from simulators.producer import run as simulate
+
+pytestmark = [pytest.mark.integration, pytest.mark.browser]
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+async def _tile(page: object, name: str) -> str:
+    return await page.inner_text(f'[data-tile="{name}"] .value')  # type: ignore[attr-defined, no-any-return]
+
+
+async def test_wall_shows_live_province_kpis_that_change(system: Settings) -> None:
+    from playwright.async_api import async_playwright
+
+    settings = system
+    token = create_token(settings, "operator", subject="wall-test")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1920, "height": 1080})
+            await page.goto(f"http://127.0.0.1:{settings.api_port}/wall#token={token}")
+            await page.wait_for_selector("#conn.conn-on", timeout=20_000)
+            assert "token" not in page.url  # the fragment is cleared once read
+            assert not await page.is_visible("#login")  # the paste box goes away once connected
+            sim = asyncio.create_task(simulate(settings, rate=150, duration=12, seed=11, progress=False))
+            await page.wait_for_function(
+                """() => { const v = document.querySelector('[data-tile="received"] .value').textContent;
+                           return v !== '—' && v !== '0'; }""",
+                timeout=45_000,
+            )
+            first = await _tile(page, "received")
+            await page.wait_for_function(
+                f"""() => document.querySelector('[data-tile="received"] .value').textContent !== {first!r}""",
+                timeout=30_000,
+            )
+            second = await _tile(page, "received")
+            await sim
+            assert first != second
+            assert await page.inner_text("#last-update") != "—"
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "wall.png"), full_page=False)
+        finally:
+            await browser.close()
+
+
+async def test_wall_for_a_commune_token_shows_only_that_commune(system: Settings) -> None:
+    from playwright.async_api import async_playwright
+
+    settings = system
+    token = create_token(settings, "commune", commune="17935", subject="nam-dan")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page()
+            await page.goto(f"http://127.0.0.1:{settings.api_port}/wall#token={token}")
+            await page.wait_for_selector("#conn.conn-on", timeout=20_000)
+            await page.wait_for_function("() => document.querySelectorAll('#commune-rows tr').length > 0", timeout=20_000)
+            rows = await page.locator("#commune-rows tr td:first-child").all_inner_texts()
+            assert rows == ["Xã Nam Đàn"]
+            assert "Nam Đàn" in await page.inner_text("#scope-label")
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "wall-commune.png"))
+        finally:
+            await browser.close()
