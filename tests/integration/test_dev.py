@@ -1,0 +1,114 @@
+"""`ioc dev` as a user runs it: ready lines, a crashed component restarted, two side by side, clean Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.integration
+
+READY_LINES = ("kafka", "database", "api", "wall", "token")
+
+
+class Dev:
+    """One `ioc dev` process with its stdout lines and stderr log collected as they come."""
+
+    def __init__(self, *args: str) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("IOC_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "ioc.cli", "dev", *args], env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )
+        self.lines: dict[str, str] = {}
+        self.log: list[str] = []
+        threading.Thread(target=self._read_stdout, daemon=True).start()
+        threading.Thread(target=self._read_stderr, daemon=True).start()
+
+    def _read_stdout(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            name, _, value = line.strip().partition(": ")
+            if name in READY_LINES:
+                self.lines[name] = value
+
+    def _read_stderr(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.log.append(line)
+
+    def wait_ready(self, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.lines) < len(READY_LINES):
+            assert self.proc.poll() is None, "ioc dev exited:\n" + "".join(self.log[-30:])
+            assert time.monotonic() < deadline, "ioc dev not ready:\n" + "".join(self.log[-30:])
+            time.sleep(0.2)
+
+    def wait_log(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            for line in list(self.log):
+                m = re.search(pattern, line)
+                if m:
+                    return m
+            assert time.monotonic() < deadline, f"no log line matching {pattern!r}:\n" + "".join(self.log[-30:])
+            time.sleep(0.2)
+
+    def interrupt(self, timeout: float = 60) -> int:
+        self.proc.send_signal(signal.SIGINT)
+        return self.proc.wait(timeout)
+
+
+def _pids_alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        if Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+            alive.append(pid)
+    return alive
+
+
+def test_two_dev_instances_side_by_side_restart_a_crashed_worker_and_stop_cleanly() -> None:
+    a, b = Dev("--rate", "40"), Dev("--no-simulators")
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        assert a.lines["api"] != b.lines["api"] and a.lines["kafka"] != b.lines["kafka"]
+        assert a.lines["database"] != b.lines["database"]
+        assert a.lines["wall"] == a.lines["api"] + "/wall"
+        for dev in (a, b):
+            r = httpx.get(dev.lines["api"] + "/api/units", headers={"Authorization": f"Bearer {dev.lines['token']}"})
+            assert r.status_code == 200 and r.json()["count"] == 130
+        # KPIs flow in the instance with simulators.
+        deadline = time.monotonic() + 60
+        while True:
+            r = httpx.get(a.lines["api"] + "/api/kpis", params={"kpi": "dossier.received", "scope": "province"},
+                          headers={"Authorization": f"Bearer {a.lines['token']}"})
+            if any(i["value"] for i in r.json()["items"]):
+                break
+            assert time.monotonic() < deadline, "no KPI within 60 s of ready"
+            time.sleep(0.5)
+        # A crashed worker is restarted, and the restart is logged.
+        worker_pid = int(a.wait_log(r"worker started \(pid (\d+)\)").group(1))
+        os.kill(worker_pid, signal.SIGKILL)
+        a.wait_log(r"worker exited with code -9")
+        a.wait_log(r"restarting worker \(restart #1\)")
+        children = [int(m) for m in re.findall(r"started \(pid (\d+)\)", "".join(a.log + b.log))]
+    finally:
+        codes = [dev.interrupt() for dev in (a, b)]
+    assert codes == [0, 0]
+    assert _pids_alive(children) == []
+    for dev in (a, b):
+        assert any("embedded PostgreSQL stopped" in line for line in dev.log)
+        assert any("embedded broker stopped" in line for line in dev.log)
