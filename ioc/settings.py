@@ -97,3 +97,18 @@ class Settings(BaseSettings):
         """The key that signs and verifies tokens (the machine's development key when none is set)."""
         key = self.signing_key.get_secret_value()
         return key if key else DEV_KEY_MARKER + development_signing_key()
+
+
+def settings_reference() -> str:
+    """The configuration table of the README, generated from `Settings` (a test keeps them equal)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, info in Settings.model_fields.items():
+        if info.default_factory is not None:
+            default: object = info.default_factory()  # type: ignore[call-arg]
+        else:
+            default = info.default
+        if isinstance(default, SecretStr):
+            default = default.get_secret_value()
+        shown = "" if default in (None, "") else f"`{default.value if isinstance(default, StrEnum) else default}`"
+        rows.append(f"| `IOC_{name.upper()}` | {shown} | {info.description or ''} |")
+    return "\n".join(rows)
