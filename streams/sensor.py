@@ -195,6 +195,9 @@ class SensorAggregator:
         return float(result.aqi), None, None, {**result.describe(), "station": state.station.station_id}
 
     def offline(self, as_of: int, stations: Iterable[StationState]) -> list[str]:
+        """Stations silent for more than 3 × their interval, judged at the minute of ``as_of``
+        (like every clock-driven KPI, so the value only moves when the engine's minute does)."""
+        as_of -= as_of % (60 * US)
         out = []
         for s in stations:
             if s.last_seen is None or as_of - s.last_seen > 3 * s.station.interval_s * US:
