@@ -56,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--dup-rate", type=float, default=0.01, help="share of events sent twice")
     sim.add_argument("--ooo-rate", type=float, default=0.02, help="share of events delayed (out of order)")
     sim.add_argument("--bad-rate", type=float, default=0.0, help="share of malformed records")
+    sim.add_argument("--history", type=float, default=0.0, metavar="HOURS",
+                     help="first send this many past hours of sensor readings (warm start)")
     sim.add_argument("--no-progress", action="store_true")
 
     rep = sub.add_parser("replay", help="offline: events from a JSON-lines file → KPI snapshots as JSON lines")
@@ -117,6 +119,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         stats = asyncio.run(simulate(
             settings, rate=args.rate, duration=args.duration, scenario=args.scenario, seed=args.seed,
             dup_rate=args.dup_rate, ooo_rate=args.ooo_rate, bad_rate=args.bad_rate, progress=not args.no_progress,
+            history_s=args.history * 3600,
         ))
         log.info("simulation finished: %s", stats)
         return 0

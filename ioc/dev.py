@@ -176,7 +176,8 @@ def run_dev(settings: Settings, *, simulators: bool = True, rate: float = 50.0, 
         exe = [sys.executable, "-m", "ioc.cli"]
         children = [Child("worker", [*exe, "worker"], env), Child("api", [*exe, "api"], env)]
         if simulators:
-            sim = [*exe, "simulate", "--rate", str(rate), "--no-progress"]
+            # A warm start (3 h of past sensor readings) so AQI, rain and river levels show at once.
+            sim = [*exe, "simulate", "--rate", str(rate), "--history", "3", "--no-progress"]
             if scenario:
                 sim += ["--scenario", scenario]
             children.append(Child("simulators", sim, env))

@@ -37,7 +37,9 @@ async def test_wall_shows_live_province_kpis_that_change(system: Settings) -> No
             await page.wait_for_selector("#conn.conn-on", timeout=20_000)
             assert "token" not in page.url  # the fragment is cleared once read
             assert not await page.is_visible("#login")  # the paste box goes away once connected
-            sim = asyncio.create_task(simulate(settings, rate=150, duration=12, seed=11, progress=False))
+            sim = asyncio.create_task(
+                simulate(settings, rate=150, duration=12, seed=11, progress=False, history_s=3 * 3600)
+            )
             await page.wait_for_function(
                 """() => { const v = document.querySelector('[data-tile="received"] .value').textContent;
                            return v !== '—' && v !== '0'; }""",
@@ -52,6 +54,11 @@ async def test_wall_shows_live_province_kpis_that_change(system: Settings) -> No
             await sim
             assert first != second
             assert await page.inner_text("#last-update") != "—"
+            # Three hours of sensor history make the hourly VN_AQI valid at once (NowCast rule).
+            await page.wait_for_function(
+                """() => /^[0-9]+$/.test(document.querySelector('[data-tile="aqi"] .value').textContent)""",
+                timeout=20_000,
+            )
             ARTIFACTS.mkdir(exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "wall.png"), full_page=False)
         finally:
