@@ -37,7 +37,9 @@ class AlertState(StrEnum):
 #: The lifecycle: which state may follow which. A resolved alert is final; the same condition
 #: coming back later opens a new alert with the same fingerprint and a new id.
 TRANSITIONS: dict[AlertState, frozenset[AlertState]] = {
-    AlertState.FIRING: frozenset({AlertState.ACKNOWLEDGED, AlertState.ESCALATED, AlertState.SILENCED, AlertState.RESOLVED}),
+    AlertState.FIRING: frozenset(
+        {AlertState.ACKNOWLEDGED, AlertState.ESCALATED, AlertState.SILENCED, AlertState.RESOLVED}
+    ),
     AlertState.ESCALATED: frozenset({AlertState.ACKNOWLEDGED, AlertState.SILENCED, AlertState.RESOLVED}),
     AlertState.ACKNOWLEDGED: frozenset({AlertState.RESOLVED, AlertState.SILENCED}),
     AlertState.SILENCED: frozenset({AlertState.FIRING, AlertState.RESOLVED}),
@@ -111,10 +113,20 @@ class Alert(msgspec.Struct, kw_only=True):
         if event.state is not AlertState.FIRING:
             raise TransitionError(f"an alert opens firing, not {event.state}")
         return cls(
-            alert_id=event.alert_id, fingerprint=event.fingerprint, rule=event.rule, scope=event.scope,
-            severity=event.severity, state=event.state, domain=event.domain, audience=event.audience,
-            commune_code=event.commune_code, message_vi=event.message_vi, message_en=event.message_en,
-            started_at=event.at, updated_at=event.at, triggered_by=event.triggered_by,
+            alert_id=event.alert_id,
+            fingerprint=event.fingerprint,
+            rule=event.rule,
+            scope=event.scope,
+            severity=event.severity,
+            state=event.state,
+            domain=event.domain,
+            audience=event.audience,
+            commune_code=event.commune_code,
+            message_vi=event.message_vi,
+            message_en=event.message_en,
+            started_at=event.at,
+            updated_at=event.at,
+            triggered_by=event.triggered_by,
         )
 
     def apply(self, event: AlertEvent) -> None:

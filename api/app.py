@@ -110,9 +110,7 @@ async def _broker_ok(bootstrap: str) -> str:
     for server in _split(bootstrap):
         host, _, port = server.rpartition(":")
         try:
-            _, writer = await asyncio.wait_for(
-                asyncio.open_connection(host.strip("[]"), int(port)), READY_TIMEOUT_S
-            )
+            _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), READY_TIMEOUT_S)
         except (OSError, ValueError, TimeoutError):
             continue
         writer.close()
@@ -131,9 +129,7 @@ def create_app(
     ws_limits: WsLimits | None = None,
 ) -> FastAPI:
     """A fresh API app; ``connect=False`` opens neither database nor broker (tests)."""
-    registry = registry or load_registry(
-        settings.units_file, settings.stations_file, settings.targets_file
-    )
+    registry = registry or load_registry(settings.units_file, settings.stations_file, settings.targets_file)
     broadcaster = broadcaster or Broadcaster()
     live = LiveState(broadcaster)
     ctx = ApiContext(
@@ -143,9 +139,7 @@ def create_app(
         live=live,
         feed=Feed(settings, live),
         ws_limits=ws_limits or WsLimits(),
-        units_json=[
-            {"code": u.code, "name": u.name, "kind": u.kind} for u in registry.units.values()
-        ],
+        units_json=[{"code": u.code, "name": u.name, "kind": u.kind} for u in registry.units.values()],
         stations_json=[
             {
                 "station_id": s.station_id,
@@ -201,9 +195,7 @@ def create_app(
     @app.get("/readyz", tags=["operations"])
     async def readyz() -> JSONResponse:
         """Readiness: 200 when the database and the broker are reachable, else 503."""
-        database, broker = await asyncio.gather(
-            _database_ok(ctx), _broker_ok(settings.kafka_bootstrap)
-        )
+        database, broker = await asyncio.gather(_database_ok(ctx), _broker_ok(settings.kafka_bootstrap))
         ready = database == "ok" and broker == "ok"
         body = {
             "status": "ready" if ready else "not ready",
@@ -218,9 +210,7 @@ def create_app(
     async def kpis(
         caller: Caller,
         kpi: Annotated[str | None, Query(description="KPI name(s), comma-separated")] = None,
-        scope: Annotated[
-            str | None, Query(description="scope(s), comma-separated, e.g. province")
-        ] = None,
+        scope: Annotated[str | None, Query(description="scope(s), comma-separated, e.g. province")] = None,
         window: Annotated[str | None, Query(description="window(s), comma-separated")] = None,
     ) -> dict[str, Any]:
         """Current KPI snapshots (CONTRACT §4) that the caller may see."""
@@ -238,13 +228,9 @@ def create_app(
         kpi: str | None = None,
         scope: str | None = None,
         window: str | None = None,
-        start: Annotated[
-            str | None, Query(alias="from", description="ISO 8601; default: 24 h before `to`")
-        ] = None,
+        start: Annotated[str | None, Query(alias="from", description="ISO 8601; default: 24 h before `to`")] = None,
         end: Annotated[str | None, Query(alias="to", description="ISO 8601; default: now")] = None,
-        bucket: Annotated[
-            str | None, Query(description="1m, 5m, 1h, 1d ...; default: fits the range")
-        ] = None,
+        bucket: Annotated[str | None, Query(description="1m, 5m, 1h, 1d ...; default: fits the range")] = None,
     ) -> dict[str, Any]:
         """A KPI's time series, one point per bucket (its last value, with min, max and mean)."""
         try:

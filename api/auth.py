@@ -71,9 +71,7 @@ class Principal:
         """Whether ``channel`` may be subscribed (its items are then still filtered per item)."""
         if channel == ALERTS_CHANNEL:
             return (
-                self.sees_everything
-                or self.role == "security"
-                or (self.role == "commune" and self.commune is not None)
+                self.sees_everything or self.role == "security" or (self.role == "commune" and self.commune is not None)
             )
         if channel.startswith(KPI_CHANNEL_PREFIX):
             return self.can_see_scope(channel[len(KPI_CHANNEL_PREFIX) :])
@@ -87,10 +85,7 @@ class Principal:
             kpi = str(alert.get("kpi") or alert.get("rule") or "")
             return kpi.startswith("cyber.") or alert.get("domain") == "cyber"
         if self.role == "commune" and self.commune is not None:
-            return (
-                alert.get("scope") == f"commune:{self.commune}"
-                or alert.get("commune_code") == self.commune
-            )
+            return alert.get("scope") == f"commune:{self.commune}" or alert.get("commune_code") == self.commune
         return False
 
 
@@ -136,9 +131,7 @@ def create_token(
     )
 
 
-def verify_token(
-    settings: Settings, token: str | None, *, communes: Collection[str] | None = None
-) -> Principal:
+def verify_token(settings: Settings, token: str | None, *, communes: Collection[str] | None = None) -> Principal:
     """The caller a token names; AuthError if it is missing, malformed, expired or not ours."""
     if not token:
         raise AuthError("missing token")

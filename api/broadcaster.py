@@ -167,9 +167,7 @@ class Broadcaster:
     def channel(self, name: str) -> Channel:
         ch = self._channels.get(name)
         if ch is None:
-            ch = self._channels[name] = Channel(
-                name, self.seq_origin, deque(maxlen=self.history_size)
-            )
+            ch = self._channels[name] = Channel(name, self.seq_origin, deque(maxlen=self.history_size))
         return ch
 
     def seq(self, name: str) -> int:
@@ -241,9 +239,7 @@ class Broadcaster:
         sub.filters[channel] = accept
         ch.subscribers.add(sub)
         if resume_from is not None and self._can_replay(ch, resume_from):
-            missed = [
-                m for m in ch.history if m.seq > resume_from and (accept is None or accept(m))
-            ]
+            missed = [m for m in ch.history if m.seq > resume_from and (accept is None or accept(m))]
             sub.offer(
                 dumps(
                     {

@@ -45,9 +45,7 @@ def parse_bucket(text: str) -> dt.timedelta:
     """``1m``, ``5m``, ``1h``, ``1d`` ... as a timedelta."""
     m = _BUCKET.match(text.strip())
     if not m:
-        raise HistoryQueryError(
-            f"bucket {text!r} is not understood: use whole minutes, hours or days, e.g. 5m, 1h, 1d"
-        )
+        raise HistoryQueryError(f"bucket {text!r} is not understood: use whole minutes, hours or days, e.g. 5m, 1h, 1d")
     return dt.timedelta(seconds=int(m.group(1)) * _UNIT_SECONDS[m.group(2)])
 
 
@@ -55,13 +53,9 @@ def parse_time(text: str, name: str) -> dt.datetime:
     """An ISO 8601 time; without an offset it is read in Asia/Ho_Chi_Minh."""
     try:
         # a "+" left unencoded in a query string arrives as a space
-        value = dt.datetime.fromisoformat(
-            _SPACE_OFFSET.sub(r"\1+\2", text.strip()).replace("Z", "+00:00")
-        )
+        value = dt.datetime.fromisoformat(_SPACE_OFFSET.sub(r"\1+\2", text.strip()).replace("Z", "+00:00"))
     except ValueError as exc:
-        raise HistoryQueryError(
-            f"{name} {text!r} is not an ISO 8601 time, e.g. 2026-11-22T08:00:00+07:00"
-        ) from exc
+        raise HistoryQueryError(f"{name} {text!r} is not an ISO 8601 time, e.g. 2026-11-22T08:00:00+07:00") from exc
     return value if value.tzinfo else value.replace(tzinfo=LOCAL)
 
 

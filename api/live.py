@@ -100,11 +100,7 @@ class LiveState:
         if channel == ALERTS_CHANNEL:
             return lambda: [a for a in self.recent_alerts if principal.can_see_alert(a)]
         scope = channel[len(KPI_CHANNEL_PREFIX) :]
-        return lambda: [
-            snapshot_item(s)
-            for s in self.table.in_scope(scope)
-            if principal.can_see_kpi(s.kpi, s.scope)
-        ]
+        return lambda: [snapshot_item(s) for s in self.table.in_scope(scope) if principal.can_see_kpi(s.kpi, s.scope)]
 
 
 def item_filter(channel: str, principal: Principal) -> ItemFilter | None:

@@ -54,9 +54,7 @@ class WsLimits:
 class RateLimit:
     """A token bucket: ``burst`` messages at once, refilled at ``rate_per_s``."""
 
-    def __init__(
-        self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate_per_s
         self.burst = float(burst)
         self.tokens = float(burst)
@@ -141,10 +139,7 @@ class Connection:
         self.close_code, self.close_reason = code, reason
 
     async def _close(self, code: int, reason: str) -> None:
-        if (
-            self.ws.application_state is WebSocketState.CONNECTED
-            and self.ws.client_state is WebSocketState.CONNECTED
-        ):
+        if self.ws.application_state is WebSocketState.CONNECTED and self.ws.client_state is WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await self.ws.close(code, reason)
 
@@ -179,16 +174,12 @@ class Connection:
             if raw is None:
                 raw = (message.get("bytes") or b"").decode("utf-8", "replace")
             if len(raw.encode()) > self.limits.max_frame_bytes:
-                self.sub.offer(
-                    error("too_large", f"frames are limited to {self.limits.max_frame_bytes} bytes")
-                )
+                self.sub.offer(error("too_large", f"frames are limited to {self.limits.max_frame_bytes} bytes"))
                 await asyncio.sleep(0.1)
                 self._end(CLOSE_TOO_BIG, "frame too large")
                 return
             if not self.rate.allow():
-                self.sub.offer(
-                    error("rate_limited", f"at most {self.limits.rate_per_s:g} messages per second")
-                )
+                self.sub.offer(error("rate_limited", f"at most {self.limits.rate_per_s:g} messages per second"))
                 await asyncio.sleep(0.1)
                 self._end(CLOSE_POLICY, "message rate exceeded")
                 return
@@ -239,9 +230,7 @@ class Connection:
                 )
             )
             return
-        new = [
-            c for c in dict.fromkeys(channels) if isinstance(c, str) and c not in self.sub.filters
-        ]
+        new = [c for c in dict.fromkeys(channels) if isinstance(c, str) and c not in self.sub.filters]
         if len(self.sub.filters) + len(new) > self.limits.max_channels:
             self.sub.offer(
                 error(
@@ -267,18 +256,14 @@ class Connection:
                 channel,
                 live.snapshot_items(channel, self.principal),
                 accept=item_filter(channel, self.principal),
-                resume_from=position
-                if isinstance(position, int) and not isinstance(position, bool)
-                else None,
+                resume_from=position if isinstance(position, int) and not isinstance(position, bool) else None,
             )
 
 
 async def websocket_endpoint(ws: WebSocket) -> None:
     """``WS /ws``: check the Origin, authenticate, then serve subscriptions until the end."""
     ctx: ApiContext = ws.app.state.ioc
-    if not origin_allowed(
-        ws.headers.get("origin"), ws.headers.get("host"), ctx.settings.allowed_origins
-    ):
+    if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), ctx.settings.allowed_origins):
         log.info("websocket refused: origin not allowed")
         await ws.close(CLOSE_ORIGIN)
         return

@@ -42,7 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     dev = sub.add_parser("dev", help="the whole system on this machine (broker, PostgreSQL, worker, API, simulators)")
     dev.add_argument("--no-simulators", action="store_true", help="start without the simulators")
     dev.add_argument("--rate", type=float, default=50.0, help="simulated events per second (default 50)")
-    dev.add_argument("--scenario", default=None, help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage)")
+    dev.add_argument(
+        "--scenario", default=None, help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage)"
+    )
     dev.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
 
     sub.add_parser("worker", help="the stream worker (IOC_KAFKA_BOOTSTRAP, IOC_DATABASE_URL)")
@@ -56,12 +58,17 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--dup-rate", type=float, default=0.01, help="share of events sent twice")
     sim.add_argument("--ooo-rate", type=float, default=0.02, help="share of events delayed (out of order)")
     sim.add_argument("--bad-rate", type=float, default=0.0, help="share of malformed records")
-    sim.add_argument("--history", type=float, default=0.0, metavar="HOURS",
-                     help="first send this many past hours of sensor readings (warm start)")
+    sim.add_argument(
+        "--history",
+        type=float,
+        default=0.0,
+        metavar="HOURS",
+        help="first send this many past hours of sensor readings (warm start)",
+    )
     sim.add_argument("--no-progress", action="store_true")
 
     rep = sub.add_parser("replay", help="offline: events from a JSON-lines file → KPI snapshots as JSON lines")
-    rep.add_argument("file", type=Path, help="JSON lines {\"topic\": ..., \"value\": {...}}; - for stdin")
+    rep.add_argument("file", type=Path, help='JSON lines {"topic": ..., "value": {...}}; - for stdin')
     rep.add_argument("--until", type=_timestamp, default=None, help="as-of time (default: the latest event time)")
     rep.add_argument("--stations", type=Path, default=None, help="station registry CSV")
     rep.add_argument("--units", type=Path, default=None, help="administrative units CSV")
@@ -102,7 +109,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dev":
         from ioc.dev import run_dev
 
-        return run_dev(settings, simulators=not args.no_simulators, rate=args.rate, scenario=args.scenario, api_port=args.api_port)
+        return run_dev(
+            settings, simulators=not args.no_simulators, rate=args.rate, scenario=args.scenario, api_port=args.api_port
+        )
     if args.command == "worker":
         from streams.worker import run
 
@@ -116,22 +125,33 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "simulate":
         from simulators.producer import run as simulate
 
-        stats = asyncio.run(simulate(
-            settings, rate=args.rate, duration=args.duration, scenario=args.scenario, seed=args.seed,
-            dup_rate=args.dup_rate, ooo_rate=args.ooo_rate, bad_rate=args.bad_rate, progress=not args.no_progress,
-            history_s=args.history * 3600,
-        ))
+        stats = asyncio.run(
+            simulate(
+                settings,
+                rate=args.rate,
+                duration=args.duration,
+                scenario=args.scenario,
+                seed=args.seed,
+                dup_rate=args.dup_rate,
+                ooo_rate=args.ooo_rate,
+                bad_rate=args.bad_rate,
+                progress=not args.no_progress,
+                history_s=args.history * 3600,
+            )
+        )
         log.info("simulation finished: %s", stats)
         return 0
     if args.command == "replay":
         from ioc.registry import load_registry
         from streams.replay import replay, write
 
-        registry = load_registry(args.units or settings.units_file, args.stations or settings.stations_file, settings.targets_file)
-        snapshots, stats = replay(args.file, registry, args.until, progress=None if args.no_progress else sys.stderr)
+        registry = load_registry(
+            args.units or settings.units_file, args.stations or settings.stations_file, settings.targets_file
+        )
+        snapshots, counts = replay(args.file, registry, args.until, progress=None if args.no_progress else sys.stderr)
         write(snapshots, sys.stdout.buffer)
         sys.stdout.flush()
-        log.info("replay: %s", stats)
+        log.info("replay: %s", counts)
         return 0
     if args.command == "db":
         from ioc.db.migrate import migrate

@@ -9,6 +9,7 @@ embedded database (its directory removed) and broker.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -20,8 +21,6 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-
-import logging
 
 from ioc.settings import Settings
 
@@ -145,8 +144,9 @@ def _embedded(settings: Settings) -> Iterator[tuple[str, str, list[str]]]:
         yield bootstrap, database_url, notes
 
 
-def run_dev(settings: Settings, *, simulators: bool = True, rate: float = 50.0, scenario: str | None = None,
-            api_port: int = 0) -> int:
+def run_dev(
+    settings: Settings, *, simulators: bool = True, rate: float = 50.0, scenario: str | None = None, api_port: int = 0
+) -> int:
     from ioc.db.migrate import migrate
     from ioc.embedded.broker import ensure_topics
 
@@ -160,7 +160,9 @@ def run_dev(settings: Settings, *, simulators: bool = True, rate: float = 50.0, 
     started = time.monotonic()
     with _embedded(settings) as (bootstrap, database_url, _notes):
         port = api_port or free_port()
-        settings = settings.model_copy(update={"kafka_bootstrap": bootstrap, "database_url": database_url, "api_port": port})
+        settings = settings.model_copy(
+            update={"kafka_bootstrap": bootstrap, "database_url": database_url, "api_port": port}
+        )
         storage = migrate(database_url, retention_days=settings.kpi_history_days)
         log.info("database storage: %s", storage.value)
         ensure_topics(settings)
@@ -194,7 +196,9 @@ def run_dev(settings: Settings, *, simulators: bool = True, rate: float = 50.0, 
             print(f"api: {base}", flush=True)
             print(f"wall: {base}/wall", flush=True)
             print(f"token: {token}", flush=True)
-            log.info("ready in %.1f s (storage: %s); Ctrl-C stops everything", time.monotonic() - started, storage.value)
+            log.info(
+                "ready in %.1f s (storage: %s); Ctrl-C stops everything", time.monotonic() - started, storage.value
+            )
             while not stop_requested.wait(0.5):
                 supervisor.watch_once()
         finally:

@@ -89,7 +89,9 @@ def _rows(text: str, source: str, required: Iterable[str]) -> list[dict[str, str
 
 def load_units(path: Path | None = None) -> dict[str, Unit]:
     units: dict[str, Unit] = {}
-    for n, row in enumerate(_rows(_read_text(path, "units.csv"), str(path or "units.csv"), ("code", "name", "kind")), 2):
+    for n, row in enumerate(
+        _rows(_read_text(path, "units.csv"), str(path or "units.csv"), ("code", "name", "kind")), 2
+    ):
         code = row["code"].strip()
         if not (code.isdigit() and len(code) == 5) or row["kind"] not in UNIT_KINDS:
             raise ConfigurationError(f"units line {n}: bad code or kind {row!r}")

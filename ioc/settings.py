@@ -54,26 +54,46 @@ DEV_KEY_MARKER = "dev:"
 class Settings(BaseSettings):
     """Configuration of every ``ioc`` component. Field docs feed the configuration reference."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="IOC_", env_file=".env", extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="IOC_", env_file=".env", extra="ignore", frozen=True)
 
-    mode: Mode = Field(Mode.DEVELOPMENT, description="`development` or `production`; production refuses development secrets.")
+    mode: Mode = Field(
+        Mode.DEVELOPMENT, description="`development` or `production`; production refuses development secrets."
+    )
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated HOST:PORT.")
-    database_url: str = Field("postgresql://ioc@127.0.0.1:5432/ioc", description="PostgreSQL/TimescaleDB URL (psycopg conninfo).")
-    topic_prefix: str = Field("", description="Prefix added to every topic name (isolates tests and tenants on one cluster).")
+    database_url: str = Field(
+        "postgresql://ioc@127.0.0.1:5432/ioc", description="PostgreSQL/TimescaleDB URL (psycopg conninfo)."
+    )
+    topic_prefix: str = Field(
+        "", description="Prefix added to every topic name (isolates tests and tenants on one cluster)."
+    )
     topic_partitions: int = Field(6, ge=1, description="Partitions for topics the system creates.")
-    topic_replication: int = Field(1, ge=1, description="Replication factor for topics the system creates (3 on a real cluster).")
+    topic_replication: int = Field(
+        1, ge=1, description="Replication factor for topics the system creates (3 on a real cluster)."
+    )
     consumer_group: str = Field("ioc-worker", description="Consumer group of the stream workers.")
-    worker_batch_max: int = Field(20000, ge=1, description="Most records the worker takes from the broker in one batch.")
-    worker_flush_interval_s: float = Field(0.25, gt=0, description="Longest time a batch is held before its effects are written and committed.")
-    emit_interval_s: float = Field(1.0, gt=0, description="How often changed KPIs (and clock-driven windows) are published.")
+    worker_batch_max: int = Field(
+        20000, ge=1, description="Most records the worker takes from the broker in one batch."
+    )
+    worker_flush_interval_s: float = Field(
+        0.25, gt=0, description="Longest time a batch is held before its effects are written and committed."
+    )
+    emit_interval_s: float = Field(
+        1.0, gt=0, description="How often changed KPIs (and clock-driven windows) are published."
+    )
     api_host: str = Field("127.0.0.1", description="Address the API listens on.")
     api_port: int = Field(8000, ge=0, le=65535, description="Port the API listens on.")
-    allowed_origins: list[str] = Field(default_factory=list, description="Browser Origins allowed on the WebSocket (JSON list); the API's own origin is always allowed.")
-    signing_key: SecretStr = Field(SecretStr(""), description="HMAC key that signs access tokens; empty = this machine's development key (refused in production).")
+    allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Browser Origins allowed on the WebSocket (JSON list); the API's own origin is always allowed.",
+    )
+    signing_key: SecretStr = Field(
+        SecretStr(""),
+        description="HMAC key that signs access tokens; empty = this machine's development key (refused in production).",
+    )
     signing_key_id: str = Field("k1", description="Key id (`kid`) put into new tokens.")
-    stations_file: Path | None = Field(None, description="Station registry CSV; default: the one shipped with the package.")
+    stations_file: Path | None = Field(
+        None, description="Station registry CSV; default: the one shipped with the package."
+    )
     units_file: Path | None = Field(None, description="Administrative units CSV; default: Nghệ An's 130 communes.")
     targets_file: Path | None = Field(None, description="KPI targets YAML; default: Plan 348/KH-UBND.")
     log_level: str = Field("INFO", description="Logging level.")
@@ -84,9 +104,7 @@ class Settings(BaseSettings):
     def _refuse_development_secrets_in_production(self) -> Settings:
         key = self.signing_key.get_secret_value()
         if self.mode is Mode.PRODUCTION and (not key or key.startswith(DEV_KEY_MARKER) or len(key) < 32):
-            raise ConfigurationError(
-                "IOC_SIGNING_KEY must be set to a secret of at least 32 characters in production"
-            )
+            raise ConfigurationError("IOC_SIGNING_KEY must be set to a secret of at least 32 characters in production")
         return self
 
     def topic(self, name: str) -> str:

@@ -85,9 +85,7 @@ def commune_agency_code(index: int) -> str:
 def load_catalogue(units: Mapping[str, Unit]) -> Catalogue:
     """Agencies and procedures shipped in ``ioc/data``; every unit gets a UBND agency."""
     agencies = {
-        row["agency_code"]: Agency(
-            row["agency_code"], row["name"], row["level"], row["commune_code"] or None
-        )
+        row["agency_code"]: Agency(row["agency_code"], row["name"], row["level"], row["commune_code"] or None)
         for row in _csv("agencies.csv")
     }
     commune_agency = {a.commune_code: a.agency_code for a in agencies.values() if a.commune_code}
@@ -235,8 +233,7 @@ class DossierSimulator:
         self._communes = sorted(units)
         self._commune_weights = list(
             itertools.accumulate(
-                (6.0 if c in VINH_WARDS else 3.0 if units[c].kind == "phuong" else 1.0)
-                * rng.uniform(0.6, 1.4)
+                (6.0 if c in VINH_WARDS else 3.0 if units[c].kind == "phuong" else 1.0) * rng.uniform(0.6, 1.4)
                 for c in self._communes
             )
         )
@@ -245,8 +242,7 @@ class DossierSimulator:
             by_level[p.level].append(p)
         self._procedures = by_level
         self._procedure_weights = {
-            level: list(itertools.accumulate(p.weight for p in ps))
-            for level, ps in by_level.items()
+            level: list(itertools.accumulate(p.weight for p in ps)) for level, ps in by_level.items()
         }
         self._serials: dict[tuple[str, dt.date], int] = {}
 
@@ -327,9 +323,7 @@ class DossierSimulator:
 
     def _pick(self, cumulative: list[float]) -> int:
         """Index drawn in proportion to the weights whose running sums are ``cumulative``."""
-        return min(
-            len(cumulative) - 1, bisect.bisect_right(cumulative, self.rng.random() * cumulative[-1])
-        )
+        return min(len(cumulative) - 1, bisect.bisect_right(cumulative, self.rng.random() * cumulative[-1]))
 
     def _new_dossier(self, received: dt.datetime, until: dt.datetime | None) -> _Lifecycle:
         rng = self.rng
@@ -353,12 +347,8 @@ class DossierSimulator:
             self._serials = {k: v for k, v in self._serials.items() if k[1] >= local_day}
         dossier_id = f"{agency}-{local_day:%y%m%d}-{serial:04d}"
 
-        channel = rng.choices(_CHANNELS, cum_weights=_CHANNEL_CUM, k=1)[
-            0
-        ]  # cum_weights: one rng draw
-        full_online = (
-            channel == "online" and proc.full_online_eligible and rng.random() < FULL_ONLINE_SHARE
-        )
+        channel = rng.choices(_CHANNELS, cum_weights=_CHANNEL_CUM, k=1)[0]  # cum_weights: one rng draw
+        full_online = channel == "online" and proc.full_online_eligible and rng.random() < FULL_ONLINE_SHARE
         due = statutory_deadline(received, proc.working_days)
         steps: list[tuple[dt.datetime, dict[str, object]]] = [
             (
@@ -372,9 +362,7 @@ class DossierSimulator:
             ),
         ]
         # The counter takes in-person dossiers into processing at once; online ones wait in a queue.
-        pickup = (
-            lognormal_minutes(rng, 40.0 if channel != "in_person" else 4.0, 0.9) * cond.slowdown
-        )
+        pickup = lognormal_minutes(rng, 40.0 if channel != "in_person" else 4.0, 0.9) * cond.slowdown
         t = received + max(pickup, dt.timedelta(seconds=5))
         outcome = rng.random()
         if outcome < P_CANCELLED * 0.4:  # withdrawn before anyone opened it

@@ -105,9 +105,7 @@ P_FALSE_POSITIVE = 0.12
 P_ESCALATED = 0.05
 #: Categories whose source is an outside address; others carry no address or an internal one.
 EXTERNAL_SOURCE = frozenset({"ddos", "brute_force", "intrusion", "phishing", "defacement"})
-EVENTS_PER_INCIDENT = (
-    3.5  # detected, acknowledged, contained (about half), resolved or false_positive
-)
+EVENTS_PER_INCIDENT = 3.5  # detected, acknowledged, contained (about half), resolved or false_positive
 
 
 def ascii_slug(name: str) -> str:
@@ -118,9 +116,7 @@ def ascii_slug(name: str) -> str:
     return "".join(c for c in plain if c.isascii() and c.isalnum()).lower()
 
 
-def commune_portals(
-    units: Mapping[str, Unit], agency_of: Mapping[str, str]
-) -> list[InformationSystem]:
+def commune_portals(units: Mapping[str, Unit], agency_of: Mapping[str, str]) -> list[InformationSystem]:
     """Each commune's web portal (level 1), owned by its UBND."""
     return [
         InformationSystem(f"{ascii_slug(u.name)}.nghean.gov.vn", 1, agency_of[code], code)
@@ -145,9 +141,7 @@ NORMAL = IncidentConditions()
 def random_public_ip(rng: random.Random) -> str:
     """A global unicast address (about 1 in 12 IPv6), never private, reserved or documentation."""
     if rng.random() < 0.08:
-        return str(
-            ipaddress.IPv6Address((0x2000 + rng.randrange(0x1000)) << 112 | rng.getrandbits(112))
-        )
+        return str(ipaddress.IPv6Address((0x2000 + rng.randrange(0x1000)) << 112 | rng.getrandbits(112)))
     while True:
         address = ipaddress.IPv4Address(rng.getrandbits(32))
         if address.is_global and not address.is_multicast:
@@ -181,9 +175,7 @@ class IncidentSimulator:
         self.peak_ddos_rate_per_s = peak_ddos_rate_per_s
         self.ddos_ends = ddos_ends
         # Provincial systems are attacked more often than a commune's small portal.
-        self._system_weights = list(
-            itertools.accumulate(6.0 if s.commune_code is None else 0.5 for s in systems)
-        )
+        self._system_weights = list(itertools.accumulate(6.0 if s.commune_code is None else 0.5 for s in systems))
         self._categories = [c for c, _ in CATEGORY_WEIGHTS]
         self._category_cum = list(itertools.accumulate(w for _, w in CATEGORY_WEIGHTS))
         self._serial = 0
@@ -287,9 +279,7 @@ class IncidentSimulator:
             "title": TITLES[category].format(system=system.system)[:500],
         }
 
-        def step(
-            at: dt.datetime, kind: str, **extra: object
-        ) -> tuple[dt.datetime, dict[str, object]]:
+        def step(at: dt.datetime, kind: str, **extra: object) -> tuple[dt.datetime, dict[str, object]]:
             return at, {
                 "incident_id": incident_id,
                 "type": kind,
@@ -306,9 +296,7 @@ class IncidentSimulator:
         else:
             steps.append(step(t, "acknowledged"))
         if not wave and rng.random() < P_FALSE_POSITIVE:
-            steps.append(
-                step(t + lognormal_minutes(rng, 30, 0.8), "false_positive", severity=severity)
-            )
+            steps.append(step(t + lognormal_minutes(rng, 30, 0.8), "false_positive", severity=severity))
         else:
             repair = lognormal_minutes(rng, MTTR_MEDIAN_MIN[severity], 0.6)
             if category in {
@@ -319,9 +307,7 @@ class IncidentSimulator:
                 "data_leak",
                 "brute_force",
             }:
-                steps.append(
-                    step(t + repair * rng.uniform(0.1, 0.4), "contained", severity=severity)
-                )
+                steps.append(step(t + repair * rng.uniform(0.1, 0.4), "contained", severity=severity))
             steps.append(step(t + repair, "resolved", severity=severity))
         if until is not None:
             steps = [s for s in steps if s[0] <= until]

@@ -73,9 +73,7 @@ class ProgressLine:
         if not final and now < self._next:
             return
         window = now - self._last_at
-        recent = (
-            (stats.sent - self._last_sent) / window if window > 0 and self._last_at else stats.rate
-        )
+        recent = (stats.sent - self._last_sent) / window if window > 0 and self._last_at else stats.rate
         self._next, self._last_sent, self._last_at = now + self.every_s, stats.sent, now
         text = (
             f"simulate: {stats.sent:,} sent ({stats.rate:,.1f}/s avg, {recent:,.1f}/s now) "
@@ -198,9 +196,7 @@ async def run(
                 await asyncio.sleep(due - now)
                 now = clock() - began
             stats.lag_s = max(0.0, now - due)
-            topic = topics.get(record.topic) or topics.setdefault(
-                record.topic, settings.topic(record.topic)
-            )
+            topic = topics.get(record.topic) or topics.setdefault(record.topic, settings.topic(record.topic))
             future = await producer.send(topic, value=record.value, key=record.key)
             future.add_done_callback(settled)
             in_flight.append(future)

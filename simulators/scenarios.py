@@ -91,11 +91,7 @@ class Flood(Scenario):
         elif u < 0.7:
             rise = 1.0
         else:
-            rise = (
-                1.0 - 0.6 * _smoothstep((u - 0.7) / 0.3)
-                if u < 1.0
-                else 0.4 * 0.5 ** ((u - 1.0) / 0.5)
-            )
+            rise = 1.0 - 0.6 * _smoothstep((u - 0.7) / 0.3) if u < 1.0 else 0.4 * 0.5 ** ((u - 1.0) / 0.5)
         return SensorConditions(
             rain_mm_per_h=rain,
             river_rise=rise,
@@ -114,9 +110,7 @@ class Ddos(Scenario):
         u = self.phase(t)
         if u is None or u >= 1.0:
             return IncidentConditions()
-        return IncidentConditions(
-            ddos_rate_per_s=self.peak_ddos_rate_per_s, ddos_targets=self.targets
-        )
+        return IncidentConditions(ddos_rate_per_s=self.peak_ddos_rate_per_s, ddos_targets=self.targets)
 
 
 @dataclass(frozen=True)
@@ -157,9 +151,7 @@ def outage_group(stations: Mapping[str, Station]) -> frozenset[str]:
     return west or frozenset(sorted(stations)[:5])
 
 
-def ddos_targets(
-    systems: Sequence[InformationSystem], count: int = DDOS_TARGETS
-) -> tuple[str, ...]:
+def ddos_targets(systems: Sequence[InformationSystem], count: int = DDOS_TARGETS) -> tuple[str, ...]:
     """Provincial systems first (the public-facing portals attract floods), then commune portals."""
     provincial = [s.system for s in systems if s.commune_code is None]
     communal = [s.system for s in systems if s.commune_code is not None]

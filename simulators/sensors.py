@@ -94,12 +94,7 @@ def _bump(hour: float, centre: float, width: float) -> float:
 
 def traffic_shape(hour: float) -> float:
     """Relative traffic emissions: morning and evening rush hours, low at night."""
-    return (
-        0.55
-        + 0.75 * _bump(hour, 7.5, 1.2)
-        + 0.85 * _bump(hour, 18.0, 1.5)
-        + 0.3 * _bump(hour, 12.0, 3.0)
-    )
+    return 0.55 + 0.75 * _bump(hour, 7.5, 1.2) + 0.85 * _bump(hour, 18.0, 1.5) + 0.3 * _bump(hour, 12.0, 3.0)
 
 
 def photochemistry(hour: float) -> float:
@@ -140,13 +135,7 @@ class SensorSimulator:
         self._state: dict[str, _StationState] = {}
         for sid, station in self.stations.items():
             unit = units.get(station.commune_code)
-            urban = (
-                1.3
-                if station.commune_code in VINH_WARDS
-                else 1.0
-                if unit and unit.kind == "phuong"
-                else 0.65
-            )
+            urban = 1.3 if station.commune_code in VINH_WARDS else 1.0 if unit and unit.kind == "phuong" else 0.65
             self._state[sid] = _StationState(urban)
 
     @staticmethod
@@ -156,8 +145,7 @@ class SensorSimulator:
 
     def events(self, start: dt.datetime, until: dt.datetime | None = None) -> Iterator[Event]:
         schedule = [
-            (start + dt.timedelta(seconds=self.rng.uniform(0, s.interval_s)), sid)
-            for sid, s in self.stations.items()
+            (start + dt.timedelta(seconds=self.rng.uniform(0, s.interval_s)), sid) for sid, s in self.stations.items()
         ]
         heapq.heapify(schedule)
         while schedule:
@@ -166,12 +154,8 @@ class SensorSimulator:
                 return
             station = self.stations[sid]
             cond = self.conditions(at)
-            interval = (
-                cond.fast_interval_s if station.kind in cond.fast_kinds else station.interval_s
-            )
-            heapq.heapreplace(
-                schedule, (at + dt.timedelta(seconds=interval * self.rng.uniform(0.98, 1.02)), sid)
-            )
+            interval = cond.fast_interval_s if station.kind in cond.fast_kinds else station.interval_s
+            heapq.heapreplace(schedule, (at + dt.timedelta(seconds=interval * self.rng.uniform(0.98, 1.02)), sid))
             values = self._values(station, at, cond)
             if sid in cond.silent:
                 continue
@@ -190,9 +174,7 @@ class SensorSimulator:
                 },
             )
 
-    def _values(
-        self, station: Station, at: dt.datetime, cond: SensorConditions
-    ) -> dict[str, float]:
+    def _values(self, station: Station, at: dt.datetime, cond: SensorConditions) -> dict[str, float]:
         state = self._state[station.station_id]
         elapsed_s = (at - state.last).total_seconds() if state.last else float(station.interval_s)
         state.last = at
@@ -253,9 +235,7 @@ class SensorSimulator:
         level = ordinary + rise * (peak - ordinary) + self.rng.gauss(0.0, 0.005)
         return {"water_level_m": round(max(0.05, level), 2)}
 
-    def _rain(
-        self, state: _StationState, elapsed_s: float, month: int, cond: SensorConditions
-    ) -> dict[str, float]:
+    def _rain(self, state: _StationState, elapsed_s: float, month: int, cond: SensorConditions) -> dict[str, float]:
         rng = self.rng
         hours = elapsed_s / 3600
         if state.raining:

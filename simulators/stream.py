@@ -176,9 +176,7 @@ def generate(
         sensors.events(start, until),
         key=lambda e: e.at,
     )
-    yield from _perturb(
-        merged, random.Random(f"{seed}/faults"), dup_rate, ooo_rate, bad_rate, until
-    )
+    yield from _perturb(merged, random.Random(f"{seed}/faults"), dup_rate, ooo_rate, bad_rate, until)
 
 
 def _perturb(

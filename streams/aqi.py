@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ def sub_index(pollutant: str, concentration: float, *, eight_hour: bool = False)
     cells = breakpoints()[(POLLUTANTS[pollutant], _averaging(pollutant, eight_hour))]
     if concentration < 0 or math.isnan(concentration):
         return None
-    for (i_lo, bp_lo), (i_hi, bp_hi) in zip(cells, cells[1:], strict=False):
+    for (i_lo, bp_lo), (i_hi, bp_hi) in itertools.pairwise(cells):
         if bp_lo <= concentration <= bp_hi:
             return (i_hi - i_lo) / (bp_hi - bp_lo) * (concentration - bp_lo) + i_lo
     return None if eight_hour else 500.0
@@ -79,7 +80,7 @@ def nowcast(hourly: Sequence[float | None]) -> float | None:
 
 
 def round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
+    return math.floor(x + 0.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,24 +100,60 @@ class Band:
 
 #: Bands and health advice of Decision 1459, Table 4 (advice for the general public, then for sensitive groups).
 BANDS = (
-    Band(0, 50, "Tốt", "Good", (0, 228, 0),
-         "Tự do thực hiện các hoạt động ngoài trời.",
-         "Enjoy outdoor activities freely."),
-    Band(51, 100, "Trung bình", "Moderate", (255, 255, 0),
-         "Người bình thường tự do hoạt động ngoài trời; nhóm nhạy cảm nên theo dõi triệu chứng như ho, khó thở.",
-         "Outdoor activities are fine; sensitive groups should watch for coughing or shortness of breath."),
-    Band(101, 150, "Kém", "Poor", (255, 126, 0),
-         "Người có triệu chứng đau mắt, ho, đau họng nên cân nhắc giảm hoạt động ngoài trời; nhóm nhạy cảm nên giảm hoạt động mạnh ngoài trời.",
-         "People with sore eyes, cough or sore throat should consider less time outdoors; sensitive groups should reduce strenuous outdoor activity."),
-    Band(151, 200, "Xấu", "Bad", (255, 0, 0),
-         "Mọi người nên giảm hoạt động mạnh ngoài trời, tránh tập thể dục kéo dài; nhóm nhạy cảm nên ở trong nhà.",
-         "Everyone should reduce strenuous outdoor activity and avoid long exercise; sensitive groups should stay indoors."),
-    Band(201, 300, "Rất xấu", "Very bad", (143, 63, 151),
-         "Mọi người hạn chế tối đa hoạt động ngoài trời và chuyển hoạt động vào trong nhà; nhóm nhạy cảm nên ở trong nhà.",
-         "Everyone should keep outdoor activity to a minimum and move activities indoors; sensitive groups should stay indoors."),
-    Band(301, 500, "Nguy hại", "Hazardous", (126, 0, 35),
-         "Mọi người nên ở trong nhà, đóng cửa ra vào và cửa sổ; nếu phải ra ngoài cần đeo khẩu trang đạt chuẩn.",
-         "Everyone should stay indoors with doors and windows closed; wear a proper mask if going out is unavoidable."),
+    Band(
+        0,
+        50,
+        "Tốt",
+        "Good",
+        (0, 228, 0),
+        "Tự do thực hiện các hoạt động ngoài trời.",
+        "Enjoy outdoor activities freely.",
+    ),
+    Band(
+        51,
+        100,
+        "Trung bình",
+        "Moderate",
+        (255, 255, 0),
+        "Người bình thường tự do hoạt động ngoài trời; nhóm nhạy cảm nên theo dõi triệu chứng như ho, khó thở.",
+        "Outdoor activities are fine; sensitive groups should watch for coughing or shortness of breath.",
+    ),
+    Band(
+        101,
+        150,
+        "Kém",
+        "Poor",
+        (255, 126, 0),
+        "Người có triệu chứng đau mắt, ho, đau họng nên cân nhắc giảm hoạt động ngoài trời; nhóm nhạy cảm nên giảm hoạt động mạnh ngoài trời.",
+        "People with sore eyes, cough or sore throat should consider less time outdoors; sensitive groups should reduce strenuous outdoor activity.",
+    ),
+    Band(
+        151,
+        200,
+        "Xấu",
+        "Bad",
+        (255, 0, 0),
+        "Mọi người nên giảm hoạt động mạnh ngoài trời, tránh tập thể dục kéo dài; nhóm nhạy cảm nên ở trong nhà.",
+        "Everyone should reduce strenuous outdoor activity and avoid long exercise; sensitive groups should stay indoors.",
+    ),
+    Band(
+        201,
+        300,
+        "Rất xấu",
+        "Very bad",
+        (143, 63, 151),
+        "Mọi người hạn chế tối đa hoạt động ngoài trời và chuyển hoạt động vào trong nhà; nhóm nhạy cảm nên ở trong nhà.",
+        "Everyone should keep outdoor activity to a minimum and move activities indoors; sensitive groups should stay indoors.",
+    ),
+    Band(
+        301,
+        500,
+        "Nguy hại",
+        "Hazardous",
+        (126, 0, 35),
+        "Mọi người nên ở trong nhà, đóng cửa ra vào và cửa sổ; nếu phải ra ngoài cần đeo khẩu trang đạt chuẩn.",
+        "Everyone should stay indoors with doors and windows closed; wear a proper mask if going out is unavoidable.",
+    ),
 )
 
 
@@ -195,11 +232,11 @@ def daily_aqi(hourly_means: Mapping[str, Sequence[float | None]]) -> AqiResult |
         elif pollutant == "o3":
             s = sub_index("o3", max(values))
             means_8h = [
-                sum(window) / 8
-                for window in (series[i : i + 8] for i in range(0, max(len(series) - 7, 0)))
-                if all(c is not None for c in window)
+                sum(hours) / 8
+                for hours in ([c for c in series[i : i + 8] if c is not None] for i in range(max(len(series) - 7, 0)))
+                if len(hours) == 8
             ]
-            eight = [x for x in (sub_index("o3", m, eight_hour=True) for m in means_8h) if x is not None]  # type: ignore[arg-type]
+            eight = [x for x in (sub_index("o3", m, eight_hour=True) for m in means_8h) if x is not None]
             if eight:
                 s = max(s or 0.0, *eight)
         else:

@@ -152,22 +152,46 @@ US_PER_MINUTE = 60_000_000
 SCOPES = ("province", "agency", "commune")
 
 KPIS = (
-    KpiSpec("cyber.incidents", "incidents", ("1h", "24h", "today"), SCOPES, count("detected"),
-            "incidents detected in the window, false positives excluded"),
+    KpiSpec(
+        "cyber.incidents",
+        "incidents",
+        ("1h", "24h", "today"),
+        SCOPES,
+        count("detected"),
+        "incidents detected in the window, false positives excluded",
+    ),
     *(
-        KpiSpec(f"cyber.incidents.{sev}", "incidents", ("1h", "24h", "today"), SCOPES, count(f"detected.{sev}"),
-                f"{sev} incidents detected in the window, false positives excluded")
+        KpiSpec(
+            f"cyber.incidents.{sev}",
+            "incidents",
+            ("1h", "24h", "today"),
+            SCOPES,
+            count(f"detected.{sev}"),
+            f"{sev} incidents detected in the window, false positives excluded",
+        )
         for sev in SEVERITIES
     ),
-    KpiSpec("cyber.open", "incidents", ("now",), SCOPES, count("open"),
-            "detected, not resolved and not a false positive"),
+    KpiSpec(
+        "cyber.open", "incidents", ("now",), SCOPES, count("open"), "detected, not resolved and not a false positive"
+    ),
     *(
-        KpiSpec(f"cyber.open.{sev}", "incidents", ("now",), SCOPES, count(f"open.{sev}"),
-                f"open {sev} incidents")
+        KpiSpec(f"cyber.open.{sev}", "incidents", ("now",), SCOPES, count(f"open.{sev}"), f"open {sev} incidents")
         for sev in SEVERITIES
     ),
-    KpiSpec("cyber.mtta_minutes", "min", ("24h", "mtd"), ("province", "agency"), mean("ack_us", "ack_n", US_PER_MINUTE),
-            "mean minutes detected → acknowledged over incidents acknowledged in the window"),
-    KpiSpec("cyber.mttr_minutes", "min", ("24h", "mtd"), ("province", "agency"), mean("res_us", "res_n", US_PER_MINUTE),
-            "mean minutes detected → resolved over incidents resolved in the window"),
+    KpiSpec(
+        "cyber.mtta_minutes",
+        "min",
+        ("24h", "mtd"),
+        ("province", "agency"),
+        mean("ack_us", "ack_n", US_PER_MINUTE),
+        "mean minutes detected → acknowledged over incidents acknowledged in the window",
+    ),
+    KpiSpec(
+        "cyber.mttr_minutes",
+        "min",
+        ("24h", "mtd"),
+        ("province", "agency"),
+        mean("res_us", "res_n", US_PER_MINUTE),
+        "mean minutes detected → resolved over incidents resolved in the window",
+    ),
 )

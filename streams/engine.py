@@ -195,7 +195,15 @@ class Engine:
         return out
 
     def _emit(
-        self, out: list[Snapshot], kpi: str, unit: str, scope: str, window: str, value: Value, as_of_us: int, changed_only: bool
+        self,
+        out: list[Snapshot],
+        kpi: str,
+        unit: str,
+        scope: str,
+        window: str,
+        value: Value,
+        as_of_us: int,
+        changed_only: bool,
     ) -> None:
         v, num, den, extra = value
         target = self.registry.targets.get(kpi)
@@ -209,9 +217,18 @@ class Engine:
             self.last[key] = fingerprint
         out.append(
             Snapshot(
-                kpi=kpi, scope=scope, window=window, value=v, unit=unit, numerator=num, denominator=den,
-                target=target.value if target else None, status=status,
-                as_of=dt.datetime.fromtimestamp(as_of_us / US, TZ), seq=self.seq[key], extra=extra,
+                kpi=kpi,
+                scope=scope,
+                window=window,
+                value=v,
+                unit=unit,
+                numerator=num,
+                denominator=den,
+                target=target.value if target else None,
+                status=status,
+                as_of=dt.datetime.fromtimestamp(as_of_us / US, TZ),
+                seq=self.seq[key],
+                extra=extra,
             )
         )
 
@@ -231,8 +248,13 @@ class Engine:
                 for (kpi, window), (unit, value) in per_station[sid].items():
                     yield kpi, unit, f"station:{sid}", window, value
         # Commune = the worst station; the province = the worst commune.
-        aggregates = (("env.aqi", "now", "VN_AQI"), ("env.aqi", "today", "VN_AQI"), ("water.alarm_level", "now", "level"),
-                      ("rain.mm", "1h", "mm"), ("rain.mm", "24h", "mm"))
+        aggregates = (
+            ("env.aqi", "now", "VN_AQI"),
+            ("env.aqi", "today", "VN_AQI"),
+            ("water.alarm_level", "now", "level"),
+            ("rain.mm", "1h", "mm"),
+            ("rain.mm", "24h", "mm"),
+        )
         for code in sorted(communes):
             stations = [s.station_id for s in reg.stations_in(code)]
             for kpi, window, unit in aggregates:
@@ -240,13 +262,19 @@ class Engine:
                 if worst is not None:
                     yield kpi, unit, f"commune:{code}", window, worst
             offline = self.sensors.offline(as_of, (self.sensors.stations[s] for s in stations))
-            yield "sensor.offline", "stations", f"commune:{code}", "now", (
-                float(len(offline)), None, float(len(stations)), {"stations": offline})
+            yield (
+                "sensor.offline",
+                "stations",
+                f"commune:{code}",
+                "now",
+                (float(len(offline)), None, float(len(stations)), {"stations": offline}),
+            )
         if communes:
             # The province needs every station's values; recompute those not already at hand.
             for sid in sorted(set(self.sensors.stations) - set(per_station)):
                 per_station[sid] = {
-                    (kpi, window): (unit, value) for kpi, unit, window, value in self.sensors.station_values(sid, as_of, r)
+                    (kpi, window): (unit, value)
+                    for kpi, unit, window, value in self.sensors.station_values(sid, as_of, r)
                 }
             everyone = sorted(self.sensors.stations)
             for kpi, window, unit in aggregates:
@@ -254,11 +282,18 @@ class Engine:
                 if worst is not None:
                     yield kpi, unit, "province", window, worst
             offline = self.sensors.offline(as_of, self.sensors.stations.values())
-            yield "sensor.offline", "stations", "province", "now", (
-                float(len(offline)), None, float(len(everyone)), {"stations": offline})
+            yield (
+                "sensor.offline",
+                "stations",
+                "province",
+                "now",
+                (float(len(offline)), None, float(len(everyone)), {"stations": offline}),
+            )
 
 
-def _worst(per_station: dict[str, dict[tuple[str, str], tuple[str, Value]]], stations: Iterable[str], kpi: str, window: str) -> Value | None:
+def _worst(
+    per_station: dict[str, dict[tuple[str, str], tuple[str, Value]]], stations: Iterable[str], kpi: str, window: str
+) -> Value | None:
     best: tuple[float, str] | None = None
     chosen: Value | None = None
     for sid in stations:

@@ -58,7 +58,7 @@ def replay(
             last_report = time.monotonic()
             progress.write(f"\rreplay: {n:,} lines read ({n / (last_report - started):,.0f}/s)")
             progress.flush()
-        logical = topic[topic.index("ioc."):] if "ioc." in topic else topic
+        logical = topic[topic.index("ioc.") :] if "ioc." in topic else topic
         if logical not in KINDS:
             stats["invalid"] += 1
             continue
@@ -90,7 +90,7 @@ def replay(
 
 def comparable(s: Snapshot) -> dict[str, Any]:
     """A snapshot without the fields that depend on when and how often it was published."""
-    d = msgspec.to_builtins(s)
+    d: dict[str, Any] = msgspec.to_builtins(s)
     d.pop("seq", None)
     return d
 

@@ -29,7 +29,14 @@ US_PER_HOUR = 3600 * US
 KEEP_US = 36 * US_PER_HOUR
 #: Physically possible ranges of each value by station kind (µg/m³, m, mm, °C, %, m/s).
 LIMITS: dict[str, dict[str, tuple[float, float]]] = {
-    "air": {"pm25": (0, 2000), "pm10": (0, 3000), "o3": (0, 5000), "no2": (0, 5000), "so2": (0, 10000), "co": (0, 200000)},
+    "air": {
+        "pm25": (0, 2000),
+        "pm10": (0, 3000),
+        "o3": (0, 5000),
+        "no2": (0, 5000),
+        "so2": (0, 10000),
+        "co": (0, 200000),
+    },
     "water": {"water_level_m": (0, 1000)},
     "rain": {"rain_mm": (0, 500)},
     # Temperature may be below zero: the one exception to "negative is invalid", stated in docs/kpis.md.
@@ -102,9 +109,7 @@ class StationState:
                 v = self.readings[t].values.get(pollutant)
                 if v is not None:
                     sums.setdefault(h, []).append(v)
-        return [
-            (sum(sums[h]) / len(sums[h])) if h in sums else None for h in range(last_hour, first_hour - 1, -1)
-        ]
+        return [(sum(sums[h]) / len(sums[h])) if h in sums else None for h in range(last_hour, first_hour - 1, -1)]
 
 
 def _contributions(kind: str, reading: Reading) -> dict[str, int]:
@@ -172,7 +177,12 @@ class SensorAggregator:
         elif st.kind == "water":
             latest = self._latest(state, as_of, "water_level_m")
             yield "water.level_m", "m", "now", (latest, None, None, None)
-            yield "water.alarm_level", "level", "now", (alarm_level(latest, st.alarm_levels_m), latest, None, _levels(st))
+            yield (
+                "water.alarm_level",
+                "level",
+                "now",
+                (alarm_level(latest, st.alarm_levels_m), latest, None, _levels(st)),
+            )
         elif st.kind == "rain":
             for window in ("1h", "24h"):
                 yield "rain.mm", "mm", window, (r("rain_cmm", scope, window) / 100, None, None, None)
@@ -221,4 +231,9 @@ def alarm_level(level_m: float | None, levels: tuple[float | None, float | None,
 
 
 def _levels(st: Station) -> dict[str, Any]:
-    return {"bd1_m": st.alarm_levels_m[0], "bd2_m": st.alarm_levels_m[1], "bd3_m": st.alarm_levels_m[2], "river": st.river}
+    return {
+        "bd1_m": st.alarm_levels_m[0],
+        "bd2_m": st.alarm_levels_m[1],
+        "bd3_m": st.alarm_levels_m[2],
+        "river": st.river,
+    }

@@ -76,17 +76,20 @@ async def write_changes(conn: psycopg.AsyncConnection[Any], engine: Engine) -> i
     try:
         async with conn.transaction(), conn.cursor() as cur:
             if dossiers:
-                await cur.executemany(UPSERT_DOSSIER, [
-                    (k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in dossiers.items()
-                ])
+                await cur.executemany(
+                    UPSERT_DOSSIER,
+                    [(k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in dossiers.items()],
+                )
             if incidents:
-                await cur.executemany(UPSERT_INCIDENT, [
-                    (k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in incidents.items()
-                ])
+                await cur.executemany(
+                    UPSERT_INCIDENT,
+                    [(k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in incidents.items()],
+                )
             if readings:
-                await cur.executemany(UPSERT_READING, [
-                    (_ts(t), sid, kind, r.event_id, Jsonb(r.values)) for (sid, t), (kind, r) in readings.items()
-                ])
+                await cur.executemany(
+                    UPSERT_READING,
+                    [(_ts(t), sid, kind, r.event_id, Jsonb(r.values)) for (sid, t), (kind, r) in readings.items()],
+                )
     except BaseException:
         # Not durable: put the changes back so the next attempt writes them (newer changes win).
         engine.dossiers.changed = {**dossiers, **engine.dossiers.changed}
@@ -100,15 +103,33 @@ async def write_snapshots(conn: psycopg.AsyncConnection[Any], snapshots: Sequenc
     if not snapshots:
         return
     async with conn.transaction(), conn.cursor() as cur:
-        await cur.executemany(UPSERT_LATEST, [
-            (s.kpi, s.scope, s.window, s.value, s.unit, s.numerator, s.denominator, s.target, s.status, s.as_of,
-             s.seq, Jsonb(s.extra) if s.extra is not None else None)
-            for s in snapshots
-        ])
-        await cur.executemany(UPSERT_HISTORY, [
-            (s.as_of, s.kpi, s.scope, s.window, s.value, s.numerator, s.denominator, s.status, s.seq)
-            for s in snapshots
-        ])
+        await cur.executemany(
+            UPSERT_LATEST,
+            [
+                (
+                    s.kpi,
+                    s.scope,
+                    s.window,
+                    s.value,
+                    s.unit,
+                    s.numerator,
+                    s.denominator,
+                    s.target,
+                    s.status,
+                    s.as_of,
+                    s.seq,
+                    Jsonb(s.extra) if s.extra is not None else None,
+                )
+                for s in snapshots
+            ],
+        )
+        await cur.executemany(
+            UPSERT_HISTORY,
+            [
+                (s.as_of, s.kpi, s.scope, s.window, s.value, s.numerator, s.denominator, s.status, s.seq)
+                for s in snapshots
+            ],
+        )
 
 
 async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine) -> dict[str, int]:

@@ -37,7 +37,13 @@ from streams.snapshot import encode
 
 log = logging.getLogger(__name__)
 US = 1_000_000
-DEADLETTER_HEADERS = ("ioc.error.stage", "ioc.error.reason", "ioc.source.topic", "ioc.source.partition", "ioc.source.offset")
+DEADLETTER_HEADERS = (
+    "ioc.error.stage",
+    "ioc.error.reason",
+    "ioc.source.topic",
+    "ioc.source.partition",
+    "ioc.source.offset",
+)
 MAINTENANCE_INTERVAL_S = 600.0
 CONSUMER_SESSION_TIMEOUT_MS = 6000
 
@@ -71,7 +77,10 @@ class Ingest:
         counts = await sink.load_state(self.conns["state"], self.engine)
         log.info("state rebuilt from the database: %s", counts)
         self.producer = AIOKafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap, acks="all", linger_ms=5, max_batch_size=1 << 20,
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            acks="all",
+            linger_ms=5,
+            max_batch_size=1 << 20,
             enable_idempotence=False,
         )
         await self.producer.start()
@@ -155,7 +164,11 @@ class Ingest:
                 try:
                     if rec.value is None:
                         raise InvalidEvent("empty record (no value)", stage="decode")
-                    produced = dt.datetime.fromtimestamp(rec.timestamp / 1000, dt.UTC) if rec.timestamp and rec.timestamp > 0 else None
+                    produced = (
+                        dt.datetime.fromtimestamp(rec.timestamp / 1000, dt.UTC)
+                        if rec.timestamp and rec.timestamp > 0
+                        else None
+                    )
                     key, parsed = parse(logical, rec.value, produced)
                     apply(logical, key, parsed)
                 except InvalidEvent as exc:
@@ -184,9 +197,10 @@ class Ingest:
             ("ioc.source.offset", str(rec.offset).encode()),
         ]
         log.debug("dead-lettering %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason)
-        return await self.producer.send(
+        future: asyncio.Future[Any] = await self.producer.send(
             self.settings.topic(cfg.TOPIC_DEADLETTER), value=rec.value, key=rec.key, headers=headers
         )
+        return future
 
     async def emit(self) -> int:
         """Publish every KPI whose value changed (or whose window moved) since the last call."""

@@ -26,18 +26,14 @@ class Storage(StrEnum):
 
 
 def _timescale_available(conn: psycopg.Connection) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
-    ).fetchone()
+    row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
     if row is None:
         return False
     try:
         with conn.transaction():
             conn.execute("CREATE EXTENSION IF NOT EXISTS timescaledb")
     except psycopg.Error as exc:  # installed but not preloaded, or not permitted
-        log.warning(
-            "timescaledb is installed but cannot be enabled (%s); using plain PostgreSQL", exc
-        )
+        log.warning("timescaledb is installed but cannot be enabled (%s); using plain PostgreSQL", exc)
         return False
     return True
 
@@ -52,8 +48,7 @@ def storage_of(conn: psycopg.Connection) -> Storage | None:
 
 def _compression_enabled(conn: psycopg.Connection, table: str) -> bool:
     row = conn.execute(
-        "SELECT compression_enabled FROM timescaledb_information.hypertables"
-        " WHERE hypertable_name = %s",
+        "SELECT compression_enabled FROM timescaledb_information.hypertables WHERE hypertable_name = %s",
         (table,),
     ).fetchone()
     return bool(row and row[0])
@@ -85,9 +80,7 @@ def ensure_partitions(conn: psycopg.Connection, first_day: dt.date, last_day: dt
     return made
 
 
-def drop_expired(
-    conn: psycopg.Connection, retention_days: int, today: dt.date | None = None
-) -> int:
+def drop_expired(conn: psycopg.Connection, retention_days: int, today: dt.date | None = None) -> int:
     """Drop daily partitions (and default-partition rows) older than the retention period.
 
     Plain PostgreSQL only; returns 0 on TimescaleDB, whose retention policy does this.
@@ -97,16 +90,12 @@ def drop_expired(
     cutoff = (today or dt.date.today()) - dt.timedelta(days=retention_days)
     dropped = 0
     for table in schema.TIME_SERIES:
-        row = conn.execute(
-            "SELECT ioc_drop_partitions_before(%s::regclass, %s)", (table, cutoff)
-        ).fetchone()
+        row = conn.execute("SELECT ioc_drop_partitions_before(%s::regclass, %s)", (table, cutoff)).fetchone()
         dropped += int(row[0]) if row else 0
     return dropped
 
 
-def migrate(
-    database_url: str, *, retention_days: int = 30, today: dt.date | None = None
-) -> Storage:
+def migrate(database_url: str, *, retention_days: int = 30, today: dt.date | None = None) -> Storage:
     """Create or upgrade the schema; idempotent, safe to run from several processes at once."""
     today = today or dt.date.today()
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -134,18 +123,11 @@ def migrate(
                             conn.execute(schema.TIMESCALE_COMPRESSION.format(**params))
                         conn.execute(schema.TIMESCALE_POLICIES.format(**params))
                 else:
-                    conn.execute(
-                        schema.KPI_HISTORY.format(partition_clause=" PARTITION BY RANGE (as_of)")
-                    )
-                    conn.execute(
-                        schema.SENSOR_READING.format(
-                            partition_clause=" PARTITION BY RANGE (observed_at)"
-                        )
-                    )
+                    conn.execute(schema.KPI_HISTORY.format(partition_clause=" PARTITION BY RANGE (as_of)"))
+                    conn.execute(schema.SENSOR_READING.format(partition_clause=" PARTITION BY RANGE (observed_at)"))
                     conn.execute(schema.PLAIN_PARTITION_FUNCTIONS)
                 conn.execute(
-                    "INSERT INTO ioc_meta (key, value) VALUES ('storage', %s)"
-                    " ON CONFLICT (key) DO NOTHING",
+                    "INSERT INTO ioc_meta (key, value) VALUES ('storage', %s) ON CONFLICT (key) DO NOTHING",
                     (storage.value,),
                 )
             if storage is Storage.POSTGRESQL:

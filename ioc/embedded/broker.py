@@ -40,9 +40,7 @@ def run_sync(make: Callable[[], Awaitable[T]]) -> T:
     async def _main() -> T:
         return await make()
 
-    with concurrent.futures.ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix="ioc-sync"
-    ) as pool:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ioc-sync") as pool:
         return pool.submit(asyncio.run, _main()).result()
 
 
@@ -152,10 +150,7 @@ class EmbeddedBroker:
             if port_open(self.host, port) and run_sync(lambda: _metadata_ok(bootstrap)):
                 return
             if time.monotonic() > deadline:
-                raise self._error(
-                    f"the embedded broker did not answer on {bootstrap}"
-                    f" within {self.start_timeout:.0f}s"
-                )
+                raise self._error(f"the embedded broker did not answer on {bootstrap} within {self.start_timeout:.0f}s")
             time.sleep(0.05)
 
     def _error(self, message: str) -> EmbeddedServiceError:
@@ -233,9 +228,7 @@ async def create_topics(
                 existing.append(topic)
             else:
                 error = for_code(code)
-                raise error(
-                    f"cannot create topic {topic!r}: {item.get('error_message') or error.message}"
-                )
+                raise error(f"cannot create topic {topic!r}: {item.get('error_message') or error.message}")
         # Only an all-topics metadata request here: asking for one topic by name makes some
         # brokers (tansu, Kafka with auto.create.topics.enable) create it with default settings.
         deadline = time.monotonic() + timeout
@@ -245,9 +238,7 @@ async def create_topics(
             if not missing:
                 break
             if time.monotonic() > deadline:
-                raise EmbeddedServiceError(
-                    f"topics not visible in metadata after {timeout:.0f}s: {missing}"
-                )
+                raise EmbeddedServiceError(f"topics not visible in metadata after {timeout:.0f}s: {missing}")
             await asyncio.sleep(0.1)
         if existing:
             for topic in await admin.describe_topics(existing):
@@ -256,9 +247,7 @@ async def create_topics(
                         "topic %s exists with %d partitions (wanted %d); left unchanged",
                         topic["topic"], len(topic["partitions"]), partitions,
                     )  # fmt: skip
-        log.info(
-            "topics on %s: %d created, %d already there", bootstrap, len(created), len(existing)
-        )
+        log.info("topics on %s: %d created, %d already there", bootstrap, len(created), len(existing))
     finally:
         await admin.close()
 
@@ -267,7 +256,5 @@ def ensure_topics(settings: Settings) -> None:
     """Create each contract topic (with ``settings.topic_prefix``) that does not exist yet."""
     names = [settings.topic(t) for t in ALL_TOPICS]
     run_sync(
-        lambda: create_topics(
-            settings.kafka_bootstrap, names, settings.topic_partitions, settings.topic_replication
-        )
+        lambda: create_topics(settings.kafka_bootstrap, names, settings.topic_partitions, settings.topic_replication)
     )

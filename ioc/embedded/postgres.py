@@ -41,9 +41,7 @@ def find_bindir() -> Path:
     pg_config = shutil.which("pg_config")
     if pg_config:
         try:
-            out = subprocess.run(
-                [pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10
-            )
+            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, check=True, timeout=10)
             candidates.append(Path(out.stdout.strip()))
         except (OSError, subprocess.SubprocessError):
             pass
@@ -82,9 +80,7 @@ def create_database(admin_url: str, name: str) -> str:
 def drop_database(admin_url: str, name: str) -> None:
     """Drop database ``name`` if it exists, disconnecting whoever is still in it."""
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
 class EmbeddedPostgres:
@@ -141,19 +137,14 @@ class EmbeddedPostgres:
                 self._shutdown()
                 # The port may have been taken between choosing and binding it: try another.
                 if exited and attempt < _START_ATTEMPTS:
-                    log.warning(
-                        "embedded PostgreSQL exited on port %d; retrying on another port", port
-                    )
+                    log.warning("embedded PostgreSQL exited on port %d; retrying on another port", port)
                     continue
                 raise
             self._port = port
             break
         admin = f"postgresql://{ROLE}@{self.host}:{self._port}/postgres"
         with psycopg.connect(admin, autocommit=True) as conn:
-            if (
-                conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone()
-                is None
-            ):
+            if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() is None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
         log.info("embedded PostgreSQL ready at %s (data %s)", self.url, self._dir())
         return self
@@ -181,9 +172,7 @@ class EmbeddedPostgres:
 
     def _dir(self) -> Path:
         if self._tmp is None:
-            self._tmp = Path(
-                tempfile.mkdtemp(prefix="ioc-pg-", dir=_shared_tempdir() if self._account else None)
-            )
+            self._tmp = Path(tempfile.mkdtemp(prefix="ioc-pg-", dir=_shared_tempdir() if self._account else None))
             (self._tmp / "sock").mkdir()
             if self._account:
                 uid, gid = self._account
@@ -196,9 +185,7 @@ class EmbeddedPostgres:
         if self._account:
             uid, gid = self._account
             # Popen switches credentials before preexec_fn, so the parent-death signal survives.
-            kwargs.update(
-                user=uid, group=gid, extra_groups=[], env={**os.environ, "HOME": str(self._dir())}
-            )
+            kwargs.update(user=uid, group=gid, extra_groups=[], env={**os.environ, "HOME": str(self._dir())})
         return kwargs
 
     def _initdb(self) -> None:
@@ -262,8 +249,7 @@ class EmbeddedPostgres:
             except psycopg.OperationalError as exc:
                 if time.monotonic() > deadline:
                     raise self._error(
-                        f"PostgreSQL did not accept connections"
-                        f" within {self.start_timeout:.0f}s ({exc})"
+                        f"PostgreSQL did not accept connections within {self.start_timeout:.0f}s ({exc})"
                     ) from exc
             time.sleep(0.05)
 

@@ -31,9 +31,7 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
         time.sleep(0.05)
 
 
-def insert_latest(
-    url: str, kpi: str, scope: str, window: str, value: float, seq: int, as_of: dt.datetime
-) -> None:
+def insert_latest(url: str, kpi: str, scope: str, window: str, value: float, seq: int, as_of: dt.datetime) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(
             "INSERT INTO kpi_latest (kpi, scope, win, value, unit, numerator, denominator, target,"
@@ -62,9 +60,7 @@ def test_api_serves_database_values_then_live_updates_from_the_topic(
     token = create_token(settings, "operator")
     with TestClient(app) as client:
         wait_for(lambda: ctx.feed.consuming)
-        items = client.get("/api/kpis", headers={"Authorization": f"Bearer {token}"}).json()[
-            "items"
-        ]
+        items = client.get("/api/kpis", headers={"Authorization": f"Bearer {token}"}).json()["items"]
         assert [(i["kpi"], i["value"], i["seq"]) for i in items] == [("dossier.received", 41.0, 7)]
         assert client.get("/readyz").status_code == 200
 
@@ -92,9 +88,7 @@ def test_api_serves_database_values_then_live_updates_from_the_topic(
                 producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
                 await producer.start()
                 try:
-                    await producer.send_and_wait(
-                        settings.topic(TOPIC_KPI), encode(newer), key=newer.key.encode()
-                    )
+                    await producer.send_and_wait(settings.topic(TOPIC_KPI), encode(newer), key=newer.key.encode())
                 finally:
                     await producer.stop()
 

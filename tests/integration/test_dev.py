@@ -25,8 +25,13 @@ class Dev:
     def __init__(self, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOC_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ioc.cli", "dev", *args], env=env, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+            [sys.executable, "-m", "ioc.cli", "dev", *args],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
         )
         self.lines: dict[str, str] = {}
         self.log: list[str] = []
@@ -93,8 +98,11 @@ def test_two_dev_instances_side_by_side_restart_a_crashed_worker_and_stop_cleanl
         # KPIs flow in the instance with simulators.
         deadline = time.monotonic() + 60
         while True:
-            r = httpx.get(a.lines["api"] + "/api/kpis", params={"kpi": "dossier.received", "scope": "province"},
-                          headers={"Authorization": f"Bearer {a.lines['token']}"})
+            r = httpx.get(
+                a.lines["api"] + "/api/kpis",
+                params={"kpi": "dossier.received", "scope": "province"},
+                headers={"Authorization": f"Bearer {a.lines['token']}"},
+            )
             if any(i["value"] for i in r.json()["items"]):
                 break
             assert time.monotonic() < deadline, "no KPI within 60 s of ready"

@@ -54,17 +54,13 @@ def test_broker_stops_and_releases_its_temp_dir() -> None:
         _ = broker.bootstrap
 
 
-async def test_created_topics_have_the_requested_partitions(
-    kafka_bootstrap: str, topic_prefix: str
-) -> None:
+async def test_created_topics_have_the_requested_partitions(kafka_bootstrap: str, topic_prefix: str) -> None:
     names = [f"{topic_prefix}a", f"{topic_prefix}b"]
     await create_topics(kafka_bootstrap, names, partitions=5)
     assert await _partitions(kafka_bootstrap, names) == {names[0]: 5, names[1]: 5}
 
 
-async def test_creating_existing_topics_is_harmless(
-    kafka_bootstrap: str, topic_prefix: str
-) -> None:
+async def test_creating_existing_topics_is_harmless(kafka_bootstrap: str, topic_prefix: str) -> None:
     name = f"{topic_prefix}again"
     await create_topics(kafka_bootstrap, [name], partitions=2)
     await create_topics(kafka_bootstrap, [name, name], partitions=2)
@@ -81,17 +77,13 @@ async def test_ensure_topics_creates_every_contract_topic(
     assert await _partitions(settings.kafka_bootstrap, names) == dict.fromkeys(names, 4)
 
 
-async def test_a_message_round_trips_through_a_created_topic(
-    kafka_bootstrap: str, topic_prefix: str
-) -> None:
+async def test_a_message_round_trips_through_a_created_topic(kafka_bootstrap: str, topic_prefix: str) -> None:
     topic = f"{topic_prefix}roundtrip"
     await create_topics(kafka_bootstrap, [topic], partitions=3)
     producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
     await producer.start()
     try:
-        sent = await producer.send_and_wait(
-            topic, b'{"hello": "Ngh\xe1\xbb\x87 An"}', key=b"station-1"
-        )
+        sent = await producer.send_and_wait(topic, b'{"hello": "Ngh\xe1\xbb\x87 An"}', key=b"station-1")
     finally:
         await producer.stop()
     # tansu holds a group join for half the session timeout; 6 s is real Kafka's minimum.
@@ -146,10 +138,7 @@ def test_created_database_can_be_dropped_while_in_use(postgres_admin_url: str) -
     finally:
         conn.close()
     with psycopg.connect(postgres_admin_url) as admin:
-        assert (
-            admin.execute("SELECT 1 FROM pg_database WHERE datname = 'ioc_test_dropme'").fetchone()
-            is None
-        )
+        assert admin.execute("SELECT 1 FROM pg_database WHERE datname = 'ioc_test_dropme'").fetchone() is None
 
 
 def test_migrate_creates_the_tables_on_plain_postgresql(database_url: str) -> None:
@@ -174,8 +163,7 @@ def test_migrate_creates_daily_utc_partitions_around_today(database_url: str) ->
         assert bounds["sensor_reading_default"] == "DEFAULT"
         assert f"sensor_reading_{today:%Y%m%d}" in bounds
         assert f"kpi_history_{today:%Y%m%d}" in {
-            r[0]
-            for r in conn.execute("SELECT inhrelid::regclass::text FROM pg_inherits").fetchall()
+            r[0] for r in conn.execute("SELECT inhrelid::regclass::text FROM pg_inherits").fetchall()
         }
         row = conn.execute(
             "INSERT INTO sensor_reading VALUES (%s, 's1', 'water_level', 'e1', '{}')"
@@ -204,8 +192,7 @@ def test_drop_expired_drops_old_partitions_and_their_rows(database_url: str) -> 
     with psycopg.connect(database_url, autocommit=True) as conn:
         assert ensure_partitions(conn, old, old) == 2
         row = conn.execute(
-            "INSERT INTO sensor_reading VALUES (%s, 's1', 'aqi', 'e-old', '{}')"
-            " RETURNING tableoid::regclass::text",
+            "INSERT INTO sensor_reading VALUES (%s, 's1', 'aqi', 'e-old', '{}') RETURNING tableoid::regclass::text",
             (dt.datetime.combine(old, dt.time(12), tzinfo=UTC),),
         ).fetchone()
         assert row == (f"sensor_reading_{old:%Y%m%d}",)
@@ -216,9 +203,7 @@ def test_drop_expired_drops_old_partitions_and_their_rows(database_url: str) -> 
 
         assert drop_expired(conn, retention_days=30, today=today) == 2
 
-        assert conn.execute(
-            "SELECT to_regclass(%s)", (f"sensor_reading_{old:%Y%m%d}",)
-        ).fetchone() == (None,)
+        assert conn.execute("SELECT to_regclass(%s)", (f"sensor_reading_{old:%Y%m%d}",)).fetchone() == (None,)
         assert conn.execute("SELECT event_id FROM sensor_reading").fetchall() == [("e-now",)]
 
 

@@ -40,8 +40,9 @@ async def test_simulated_events_reach_a_websocket_client_and_the_database(system
         sim = asyncio.create_task(simulate(settings, rate=200, duration=8, seed=7, progress=False, bad_rate=0.02))
         received: dict[str, dict[str, Any]] = {}
         deadline = time.monotonic() + 45
-        while "dossier.received|province|today" not in received or received[
-            "dossier.received|province|today"]["value"] in (None, 0):
+        while "dossier.received|province|today" not in received or received["dossier.received|province|today"][
+            "value"
+        ] in (None, 0):
             assert time.monotonic() < deadline, f"no dossier KPI update; got {sorted(received)[:10]}"
             update = await _receive(ws, "update", 45)
             item = update["item"]
@@ -62,8 +63,11 @@ async def test_simulated_events_reach_a_websocket_client_and_the_database(system
             time.sleep(0.3)
         states = conn.execute("SELECT count(*) FROM dossier_state").fetchone()
     assert states and states[0] > 0
-    r = httpx.get(f"http://127.0.0.1:{settings.api_port}/api/kpis", params={"kpi": "dossier.received", "scope": "province"},
-                  headers={"Authorization": f"Bearer {token}"})
+    r = httpx.get(
+        f"http://127.0.0.1:{settings.api_port}/api/kpis",
+        params={"kpi": "dossier.received", "scope": "province"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
     assert r.status_code == 200
     assert any(item["window"] == "today" and item["value"] for item in r.json()["items"])
     assert httpx.get(f"http://127.0.0.1:{settings.api_port}/api/kpis").status_code == 401

@@ -16,8 +16,16 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
-CHROMIUM_ARGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 async def _tile(page: object, name: str) -> str:
@@ -76,7 +84,9 @@ async def test_wall_for_a_commune_token_shows_only_that_commune(system: Settings
             page = await browser.new_page()
             await page.goto(f"http://127.0.0.1:{settings.api_port}/wall#token={token}")
             await page.wait_for_selector("#conn.conn-on", timeout=20_000)
-            await page.wait_for_function("() => document.querySelectorAll('#commune-rows tr').length > 0", timeout=20_000)
+            await page.wait_for_function(
+                "() => document.querySelectorAll('#commune-rows tr').length > 0", timeout=20_000
+            )
             rows = await page.locator("#commune-rows tr td:first-child").all_inner_texts()
             assert rows == ["Xã Nam Đàn"]
             assert "Nam Đàn" in await page.inner_text("#scope-label")

@@ -14,10 +14,19 @@ T0 = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.timezone(dt.timedelta(hours=7)))
 
 def event(state: AlertState, minutes: int = 0, by: str = "system") -> AlertEvent:
     return AlertEvent(
-        alert_id="a1", fingerprint=fingerprint("cyber.critical_unacked", "province"), rule="cyber.critical_unacked",
-        scope="province", severity=Severity.CRITICAL, state=state, domain="cyber", audience=(Audience.SECURITY,),
-        message_vi="Sự cố nghiêm trọng chưa được tiếp nhận", message_en="Critical incident not acknowledged",
-        at=T0 + dt.timedelta(minutes=minutes), by=by, triggered_by=("INC-1",),
+        alert_id="a1",
+        fingerprint=fingerprint("cyber.critical_unacked", "province"),
+        rule="cyber.critical_unacked",
+        scope="province",
+        severity=Severity.CRITICAL,
+        state=state,
+        domain="cyber",
+        audience=(Audience.SECURITY,),
+        message_vi="Sự cố nghiêm trọng chưa được tiếp nhận",
+        message_en="Critical incident not acknowledged",
+        at=T0 + dt.timedelta(minutes=minutes),
+        by=by,
+        triggered_by=("INC-1",),
     )
 
 
@@ -37,11 +46,14 @@ def test_lifecycle_records_who_acknowledged_and_escalation_widens_the_audience()
     assert not alert.active and alert.updated_at == T0 + dt.timedelta(minutes=60)
 
 
-@pytest.mark.parametrize(("path", "bad"), [
-    ([AlertState.FIRING, AlertState.RESOLVED], AlertState.ACKNOWLEDGED),
-    ([AlertState.FIRING, AlertState.ACKNOWLEDGED], AlertState.ESCALATED),
-    ([AlertState.FIRING], AlertState.FIRING),
-])
+@pytest.mark.parametrize(
+    ("path", "bad"),
+    [
+        ([AlertState.FIRING, AlertState.RESOLVED], AlertState.ACKNOWLEDGED),
+        ([AlertState.FIRING, AlertState.ACKNOWLEDGED], AlertState.ESCALATED),
+        ([AlertState.FIRING], AlertState.FIRING),
+    ],
+)
 def test_steps_the_lifecycle_forbids_are_refused(path: list[AlertState], bad: AlertState) -> None:
     alert = Alert.open(event(path[0]))
     for state in path[1:]:

@@ -76,9 +76,7 @@ def feed(client: TestClient, app: FastAPI, *snapshots: Snapshot) -> None:
         client.portal.call(ctx(app).live.apply_snapshot, s)
 
 
-def bearer(
-    settings: Settings, role: str = "operator", commune: str | None = None
-) -> dict[str, str]:
+def bearer(settings: Settings, role: str = "operator", commune: str | None = None) -> dict[str, str]:
     return {"Authorization": f"Bearer {create_token(settings, role, commune=commune)}"}
 
 
@@ -117,9 +115,7 @@ def test_api_with_expired_token_is_401(client: TestClient, settings: Settings) -
     assert "expired" in response.json()["detail"]
 
 
-def test_operator_sees_every_current_snapshot(
-    client: TestClient, app: FastAPI, settings: Settings
-) -> None:
+def test_operator_sees_every_current_snapshot(client: TestClient, app: FastAPI, settings: Settings) -> None:
     feed(client, app, *SAMPLE)
     body = client.get("/api/kpis", headers=bearer(settings)).json()
     assert body["count"] == 4
@@ -136,23 +132,16 @@ def test_kpis_are_filtered_by_query(client: TestClient, app: FastAPI, settings: 
     assert [(i["kpi"], i["scope"]) for i in body["items"]] == [("dossier.received", "province")]
 
 
-def test_commune_user_sees_only_its_commune(
-    client: TestClient, app: FastAPI, settings: Settings
-) -> None:
+def test_commune_user_sees_only_its_commune(client: TestClient, app: FastAPI, settings: Settings) -> None:
     feed(client, app, *SAMPLE)
     headers = bearer(settings, "commune", COMMUNE)
     items = client.get("/api/kpis", headers=headers).json()["items"]
     assert {i["scope"] for i in items} == {f"commune:{COMMUNE}"}
     assert client.get("/api/kpis", params={"scope": "province"}, headers=headers).status_code == 403
-    assert (
-        client.get("/api/kpis", params={"scope": f"commune:{OTHER}"}, headers=headers).status_code
-        == 403
-    )
+    assert client.get("/api/kpis", params={"scope": f"commune:{OTHER}"}, headers=headers).status_code == 403
 
 
-def test_security_sees_only_province_cyber_kpis(
-    client: TestClient, app: FastAPI, settings: Settings
-) -> None:
+def test_security_sees_only_province_cyber_kpis(client: TestClient, app: FastAPI, settings: Settings) -> None:
     feed(client, app, *SAMPLE)
     items = client.get("/api/kpis", headers=bearer(settings, "security")).json()["items"]
     assert [(i["kpi"], i["scope"]) for i in items] == [("cyber.open", "province")]
@@ -195,9 +184,7 @@ def test_wall_page_and_static_files_need_no_token(client: TestClient) -> None:
 # --- WebSocket -------------------------------------------------------------------------------
 
 
-def subprotocol_auth(
-    settings: Settings, role: str = "operator", commune: str | None = None
-) -> list[str]:
+def subprotocol_auth(settings: Settings, role: str = "operator", commune: str | None = None) -> list[str]:
     return ["bearer", create_token(settings, role, commune=commune)]
 
 
@@ -208,9 +195,7 @@ def until(ws: Any, kind: str) -> dict[str, Any]:
             return message
 
 
-def test_ws_subprotocol_auth_then_snapshot_then_update(
-    client: TestClient, app: FastAPI, settings: Settings
-) -> None:
+def test_ws_subprotocol_auth_then_snapshot_then_update(client: TestClient, app: FastAPI, settings: Settings) -> None:
     feed(client, app, *SAMPLE)
     with client.websocket_connect("/ws", subprotocols=subprotocol_auth(settings)) as ws:
         assert ws.accepted_subprotocol == "bearer"
@@ -242,9 +227,7 @@ def test_ws_bad_token_is_closed_4401(client: TestClient, token: str | None) -> N
         assert closed.value.code == 4401
 
 
-def test_ws_expired_subprotocol_token_is_closed_4401(
-    client: TestClient, settings: Settings
-) -> None:
+def test_ws_expired_subprotocol_token_is_closed_4401(client: TestClient, settings: Settings) -> None:
     token = create_token(settings, "operator", ttl=dt.timedelta(hours=-1))
     with client.websocket_connect("/ws", subprotocols=["bearer", token]) as ws:
         assert "expired" in ws.receive_json()["message"]
@@ -267,22 +250,14 @@ def test_ws_foreign_origin_is_refused(client: TestClient, settings: Settings) ->
 
 
 @pytest.mark.parametrize("origin", ["https://wall.nghean.gov.vn", "http://testserver"])
-def test_ws_allowed_and_own_origin_are_accepted(
-    client: TestClient, settings: Settings, origin: str
-) -> None:
-    with client.websocket_connect(
-        "/ws", subprotocols=subprotocol_auth(settings), headers={"origin": origin}
-    ) as ws:
+def test_ws_allowed_and_own_origin_are_accepted(client: TestClient, settings: Settings, origin: str) -> None:
+    with client.websocket_connect("/ws", subprotocols=subprotocol_auth(settings), headers={"origin": origin}) as ws:
         assert ws.receive_json()["type"] == "auth_ok"
 
 
-def test_ws_forbidden_channel_is_refused_and_others_work(
-    client: TestClient, app: FastAPI, settings: Settings
-) -> None:
+def test_ws_forbidden_channel_is_refused_and_others_work(client: TestClient, app: FastAPI, settings: Settings) -> None:
     feed(client, app, *SAMPLE)
-    with client.websocket_connect(
-        "/ws", subprotocols=subprotocol_auth(settings, "commune", COMMUNE)
-    ) as ws:
+    with client.websocket_connect("/ws", subprotocols=subprotocol_auth(settings, "commune", COMMUNE)) as ws:
         until(ws, "auth_ok")
         ws.send_json(
             {
@@ -317,9 +292,7 @@ def test_ws_unknown_channel(client: TestClient, settings: Settings) -> None:
         assert ws.receive_json()["code"] == "unknown_channel"
 
 
-def test_ws_resume_replays_missed_updates(
-    client: TestClient, app: FastAPI, settings: Settings
-) -> None:
+def test_ws_resume_replays_missed_updates(client: TestClient, app: FastAPI, settings: Settings) -> None:
     feed(client, app, *SAMPLE)
     with client.websocket_connect("/ws", subprotocols=subprotocol_auth(settings)) as ws:
         until(ws, "auth_ok")
@@ -333,15 +306,9 @@ def test_ws_resume_replays_missed_updates(
     )
     with client.websocket_connect("/ws", subprotocols=subprotocol_auth(settings)) as ws:
         until(ws, "auth_ok")
-        ws.send_json(
-            {"type": "subscribe", "channels": ["kpi:province"], "resume": {"kpi:province": seen}}
-        )
+        ws.send_json({"type": "subscribe", "channels": ["kpi:province"], "resume": {"kpi:province": seen}})
         resumed = ws.receive_json()
-        assert (
-            resumed["type"] == "resumed"
-            and resumed["recovered"] is True
-            and resumed["replayed"] == 2
-        )
+        assert resumed["type"] == "resumed" and resumed["recovered"] is True and resumed["replayed"] == 2
         assert [ws.receive_json()["seq"] for _ in range(2)] == [seen + 1, seen + 2]
 
 
@@ -351,15 +318,9 @@ def test_ws_resume_from_an_unknown_position_sends_snapshot_not_recovered(
     feed(client, app, *SAMPLE)
     with client.websocket_connect("/ws", subprotocols=subprotocol_auth(settings)) as ws:
         until(ws, "auth_ok")
-        ws.send_json(
-            {"type": "subscribe", "channels": ["kpi:province"], "resume": {"kpi:province": 10**15}}
-        )
+        ws.send_json({"type": "subscribe", "channels": ["kpi:province"], "resume": {"kpi:province": 10**15}})
         snapshot = ws.receive_json()
-        assert (
-            snapshot["type"] == "snapshot"
-            and snapshot["recovered"] is False
-            and len(snapshot["items"]) == 2
-        )
+        assert snapshot["type"] == "snapshot" and snapshot["recovered"] is False and len(snapshot["items"]) == 2
 
 
 def test_ws_client_ping_is_answered(client: TestClient, settings: Settings) -> None:

@@ -18,9 +18,7 @@ OTHER = "16690"
 
 @pytest.fixture
 def settings(make_settings: Callable[..., Settings]) -> Settings:
-    return make_settings(
-        kafka_bootstrap="127.0.0.1:1", database_url="postgresql://nobody@127.0.0.1:1/none"
-    )
+    return make_settings(kafka_bootstrap="127.0.0.1:1", database_url="postgresql://nobody@127.0.0.1:1/none")
 
 
 def test_operator_token_round_trips(settings: Settings) -> None:
@@ -60,9 +58,7 @@ def test_expired_token_is_refused(settings: Settings) -> None:
         verify_token(settings, token)
 
 
-def test_token_signed_with_another_key_is_refused(
-    settings: Settings, make_settings: Callable[..., Settings]
-) -> None:
+def test_token_signed_with_another_key_is_refused(settings: Settings, make_settings: Callable[..., Settings]) -> None:
     other = make_settings(
         kafka_bootstrap="x:1",
         database_url="postgresql://x@127.0.0.1:1/x",
@@ -72,12 +68,8 @@ def test_token_signed_with_another_key_is_refused(
         verify_token(settings, create_token(other, "operator"))
 
 
-def test_token_with_unknown_kid_is_refused(
-    settings: Settings, make_settings: Callable[..., Settings]
-) -> None:
-    rotated = make_settings(
-        kafka_bootstrap="x:1", database_url="postgresql://x@127.0.0.1:1/x", signing_key_id="k9"
-    )
+def test_token_with_unknown_kid_is_refused(settings: Settings, make_settings: Callable[..., Settings]) -> None:
+    rotated = make_settings(kafka_bootstrap="x:1", database_url="postgresql://x@127.0.0.1:1/x", signing_key_id="k9")
     with pytest.raises(AuthError, match="key id"):
         verify_token(settings, create_token(rotated, "operator"))
 
@@ -119,12 +111,8 @@ def test_commune_token_without_a_known_commune_is_refused(settings: Settings) ->
             verify_token(settings, token)
 
 
-@pytest.mark.parametrize(
-    ("role", "commune"), [("commune", None), ("commune", "99999"), ("root", None)]
-)
-def test_create_token_refuses_bad_claims(
-    settings: Settings, role: str, commune: str | None
-) -> None:
+@pytest.mark.parametrize(("role", "commune"), [("commune", None), ("commune", "99999"), ("root", None)])
+def test_create_token_refuses_bad_claims(settings: Settings, role: str, commune: str | None) -> None:
     with pytest.raises(ConfigurationError):
         create_token(settings, role, commune=commune)
 
@@ -189,9 +177,7 @@ def test_channel_rights_by_role(principal: Principal, channel: str, allowed: boo
         (OPERATOR, {"kpi": "anything"}, True),
     ],
 )
-def test_alert_visibility_by_role(
-    principal: Principal, alert: dict[str, str], visible: bool
-) -> None:
+def test_alert_visibility_by_role(principal: Principal, alert: dict[str, str], visible: bool) -> None:
     assert principal.can_see_alert(alert) is visible
 
 

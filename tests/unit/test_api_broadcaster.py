@@ -190,10 +190,7 @@ def test_resume_beyond_history_sends_a_fresh_snapshot_not_recovered(position: in
     for i in range(1, 11):
         b.publish("kpi:province", {"i": i}, key="a")
     sub = b.connect()
-    assert (
-        b.subscribe(sub, "kpi:province", lambda: [{"i": 10}], resume_from=position)
-        == "not_recovered"
-    )
+    assert b.subscribe(sub, "kpi:province", lambda: [{"i": 10}], resume_from=position) == "not_recovered"
     (got,) = frames(sub)
     assert got == {
         "type": "snapshot",
@@ -265,9 +262,7 @@ def test_alert_snapshot_and_stream_are_filtered_for_a_commune() -> None:
     live.apply_alert({"kpi": "water.alarm_level", "scope": "commune:16690", "state": "fired"})
     live.apply_alert({"kpi": "water.alarm_level", "scope": "commune:16681", "state": "fired"})
     sub = b.connect()
-    b.subscribe(
-        sub, "alerts", live.snapshot_items("alerts", commune), accept=item_filter("alerts", commune)
-    )
+    b.subscribe(sub, "alerts", live.snapshot_items("alerts", commune), accept=item_filter("alerts", commune))
     live.apply_alert({"kpi": "water.alarm_level", "scope": "commune:16690", "state": "resolved"})
     live.apply_alert({"kpi": "water.alarm_level", "scope": "commune:16681", "state": "resolved"})
     got = frames(sub)

@@ -32,9 +32,7 @@ def test_defaults_are_the_last_24_hours_with_a_fitting_bucket() -> None:
 
 
 def test_a_month_gets_a_coarser_automatic_bucket() -> None:
-    q = build_query(
-        "env.aqi", "province", "now", "2026-10-23T00:00:00+07:00", "2026-11-22T00:00:00+07:00", None
-    )
+    q = build_query("env.aqi", "province", "now", "2026-10-23T00:00:00+07:00", "2026-11-22T00:00:00+07:00", None)
     assert q.bucket_label == "30m"
     assert (q.end - q.start) / q.bucket <= MAX_POINTS
 
@@ -91,8 +89,6 @@ def test_bad_requests_say_what_is_wrong(args: tuple[str | None, ...], message: s
         build_query(*args, now=NOW)
 
 
-@pytest.mark.parametrize(
-    ("storage", "function"), [("timescaledb", "time_bucket("), ("postgresql", "date_bin(")]
-)
+@pytest.mark.parametrize(("storage", "function"), [("timescaledb", "time_bucket("), ("postgresql", "date_bin(")])
 def test_downsampling_function_follows_the_storage(storage: str, function: str) -> None:
     assert function in sql_for(storage)

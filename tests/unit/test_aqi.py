@@ -8,14 +8,49 @@ from streams import aqi
 
 # (pollutant, concentration, expected sub-index): both ends of every segment of Table 2.
 SEGMENTS = [
-    ("pm25", 0, 0), ("pm25", 25, 50), ("pm25", 50, 100), ("pm25", 80, 150), ("pm25", 150, 200),
-    ("pm25", 250, 300), ("pm25", 350, 400), ("pm25", 500, 500),
-    ("pm10", 50, 50), ("pm10", 150, 100), ("pm10", 250, 150), ("pm10", 350, 200), ("pm10", 420, 300),
-    ("pm10", 500, 400), ("pm10", 600, 500),
-    ("o3", 160, 50), ("o3", 200, 100), ("o3", 300, 150), ("o3", 400, 200), ("o3", 800, 300), ("o3", 1000, 400), ("o3", 1200, 500),
-    ("no2", 100, 50), ("no2", 200, 100), ("no2", 700, 150), ("no2", 1200, 200), ("no2", 2350, 300), ("no2", 3100, 400), ("no2", 3850, 500),
-    ("so2", 125, 50), ("so2", 350, 100), ("so2", 550, 150), ("so2", 800, 200), ("so2", 1600, 300), ("so2", 2100, 400), ("so2", 2630, 500),
-    ("co", 10000, 50), ("co", 30000, 100), ("co", 45000, 150), ("co", 60000, 200), ("co", 90000, 300), ("co", 120000, 400), ("co", 150000, 500),
+    ("pm25", 0, 0),
+    ("pm25", 25, 50),
+    ("pm25", 50, 100),
+    ("pm25", 80, 150),
+    ("pm25", 150, 200),
+    ("pm25", 250, 300),
+    ("pm25", 350, 400),
+    ("pm25", 500, 500),
+    ("pm10", 50, 50),
+    ("pm10", 150, 100),
+    ("pm10", 250, 150),
+    ("pm10", 350, 200),
+    ("pm10", 420, 300),
+    ("pm10", 500, 400),
+    ("pm10", 600, 500),
+    ("o3", 160, 50),
+    ("o3", 200, 100),
+    ("o3", 300, 150),
+    ("o3", 400, 200),
+    ("o3", 800, 300),
+    ("o3", 1000, 400),
+    ("o3", 1200, 500),
+    ("no2", 100, 50),
+    ("no2", 200, 100),
+    ("no2", 700, 150),
+    ("no2", 1200, 200),
+    ("no2", 2350, 300),
+    ("no2", 3100, 400),
+    ("no2", 3850, 500),
+    ("so2", 125, 50),
+    ("so2", 350, 100),
+    ("so2", 550, 150),
+    ("so2", 800, 200),
+    ("so2", 1600, 300),
+    ("so2", 2100, 400),
+    ("so2", 2630, 500),
+    ("co", 10000, 50),
+    ("co", 30000, 100),
+    ("co", 45000, 150),
+    ("co", 60000, 200),
+    ("co", 90000, 300),
+    ("co", 120000, 400),
+    ("co", 150000, 500),
 ]
 
 
@@ -24,10 +59,18 @@ def test_sub_index_at_breakpoints(pollutant: str, c: float, expected: float) -> 
     assert aqi.sub_index(pollutant, c) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize(("pollutant", "lo", "hi", "i_lo", "i_hi"), [
-    ("pm25", 25, 50, 50, 100), ("pm25", 150, 250, 200, 300), ("pm10", 350, 420, 200, 300), ("o3", 400, 800, 200, 300),
-])
-def test_sub_index_interpolates_linearly_inside_a_segment(pollutant: str, lo: float, hi: float, i_lo: int, i_hi: int) -> None:
+@pytest.mark.parametrize(
+    ("pollutant", "lo", "hi", "i_lo", "i_hi"),
+    [
+        ("pm25", 25, 50, 50, 100),
+        ("pm25", 150, 250, 200, 300),
+        ("pm10", 350, 420, 200, 300),
+        ("o3", 400, 800, 200, 300),
+    ],
+)
+def test_sub_index_interpolates_linearly_inside_a_segment(
+    pollutant: str, lo: float, hi: float, i_lo: int, i_hi: int
+) -> None:
     mid = (lo + hi) / 2
     assert aqi.sub_index(pollutant, mid) == pytest.approx((i_lo + i_hi) / 2)
 
@@ -76,23 +119,33 @@ def test_aqi_rounds_half_up() -> None:
     assert aqi.band_of(result.aqi).label_vi == "Trung bình"
 
 
-@pytest.mark.parametrize(("value", "label", "colour"), [
-    (0, "Tốt", "#00e400"), (50, "Tốt", "#00e400"), (51, "Trung bình", "#ffff00"), (100, "Trung bình", "#ffff00"),
-    (101, "Kém", "#ff7e00"), (151, "Xấu", "#ff0000"), (201, "Rất xấu", "#8f3f97"), (301, "Nguy hại", "#7e0023"), (500, "Nguy hại", "#7e0023"),
-])
+@pytest.mark.parametrize(
+    ("value", "label", "colour"),
+    [
+        (0, "Tốt", "#00e400"),
+        (50, "Tốt", "#00e400"),
+        (51, "Trung bình", "#ffff00"),
+        (100, "Trung bình", "#ffff00"),
+        (101, "Kém", "#ff7e00"),
+        (151, "Xấu", "#ff0000"),
+        (201, "Rất xấu", "#8f3f97"),
+        (301, "Nguy hại", "#7e0023"),
+        (500, "Nguy hại", "#7e0023"),
+    ],
+)
 def test_bands_and_colours(value: int, label: str, colour: str) -> None:
     band = aqi.band_of(value)
     assert (band.label_vi, band.colour) == (label, colour)
 
 
 def test_daily_aqi_pm_from_24_hour_mean_and_gases_from_max_hour() -> None:
-    pm = [30.0] * 12 + [70.0] * 12             # mean 50 → 100
-    no2 = [50.0] * 23 + [700.0]                 # max hour 700 → 150
+    pm = [30.0] * 12 + [70.0] * 12  # mean 50 → 100
+    no2 = [50.0] * 23 + [700.0]  # max hour 700 → 150
     result = aqi.daily_aqi({"pm25": pm, "no2": no2})
     assert result is not None and (result.aqi, result.dominant) == (150, "no2")
 
 
 def test_daily_o3_uses_larger_of_one_hour_and_eight_hour_sub_index() -> None:
-    o3 = [170.0] * 24                           # 1h: 170 → 57.5; 8h: 170 → 150
+    o3 = [170.0] * 24  # 1h: 170 → 57.5; 8h: 170 → 150
     result = aqi.daily_aqi({"pm25": [10.0] * 24, "o3": o3})
     assert result is not None and result.sub_indices["o3"] == 150

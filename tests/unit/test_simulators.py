@@ -58,9 +58,7 @@ OFFSET_TIME = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d
 
 
 def _time(value: Any) -> dt.datetime:
-    assert isinstance(value, str) and OFFSET_TIME.match(value), (
-        f"not ISO 8601 with offset: {value!r}"
-    )
+    assert isinstance(value, str) and OFFSET_TIME.match(value), f"not ISO 8601 with offset: {value!r}"
     return dt.datetime.fromisoformat(value)
 
 
@@ -71,9 +69,7 @@ def _opt_bool(value: Any) -> bool:
 def contract_violations(topic: str, raw: bytes, registry: Registry) -> list[str]:
     """Every way ``raw`` breaks CONTRACT §1 for ``topic`` (empty when it is a valid event)."""
     try:
-        event = json.loads(
-            raw.decode("utf-8"), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c))
-        )
+        event = json.loads(raw.decode("utf-8"), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
     except (UnicodeDecodeError, ValueError) as exc:
         return [f"not JSON: {exc}"]
     if not isinstance(event, dict):
@@ -189,9 +185,7 @@ def events(recs: list[SimRecord], topic: str) -> Iterator[dict[str, Any]]:
 # --- Conformance ---------------------------------------------------------------------------
 
 
-def test_every_normal_record_satisfies_the_contract(
-    normal: list[SimRecord], registry: Registry
-) -> None:
+def test_every_normal_record_satisfies_the_contract(normal: list[SimRecord], registry: Registry) -> None:
     assert {r.topic for r in normal} == {DOSSIER, CYBER, SENSOR}
     for record in normal:
         assert contract_violations(record.topic, record.value, registry) == [], record.value
@@ -254,9 +248,7 @@ def test_dossier_provincial_level_has_no_commune(normal: list[SimRecord]) -> Non
 
 
 def test_vinh_wards_are_busier_than_rural_communes(normal: list[SimRecord]) -> None:
-    by_commune = Counter(
-        e["commune_code"] for e in events(normal, DOSSIER) if e["type"] == "received"
-    )
+    by_commune = Counter(e["commune_code"] for e in events(normal, DOSSIER) if e["type"] == "received")
     vinh = sum(by_commune[c] for c in ("16681", "16690", "16702", "16708", "17920")) / 5
     rural = sum(n for c, n in by_commune.items() if c and c >= "18000") / max(
         1, len([c for c in by_commune if c and c >= "18000"])
@@ -316,16 +308,13 @@ def test_incident_lifecycle_is_ordered_and_critical_is_acknowledged_faster(
         steps.sort(key=lambda e: e["occurred_at"])
         kinds = [e["type"] for e in steps]
         assert kinds[0] == "detected"
-        assert [k for k in kinds if k in order] == sorted(
-            (k for k in kinds if k in order), key=order.index
-        )
+        assert [k for k in kinds if k in order] == sorted((k for k in kinds if k in order), key=order.index)
         assert "resolved" not in kinds or "false_positive" not in kinds
         if len(steps) > 1:
             gap = _time(steps[1]["occurred_at"]) - _time(steps[0]["occurred_at"])
             mtta[steps[0]["severity"]].append(gap.total_seconds() / 60)
         ranks = [
-            sorted(SEVERITIES, key=["low", "medium", "high", "critical"].index).index(e["severity"])
-            for e in steps
+            sorted(SEVERITIES, key=["low", "medium", "high", "critical"].index).index(e["severity"]) for e in steps
         ]
         assert ranks == sorted(ranks)  # severity may rise, never fall
     assert sum(mtta["critical"]) / len(mtta["critical"]) < sum(mtta["low"]) / len(mtta["low"])
@@ -407,18 +396,12 @@ def test_arrival_order_is_monotonic_and_delayed_keep_their_event_time(
     for r in faulty:
         if r.delayed:
             event = json.loads(r.value)
-            assert (
-                _time(event.get("occurred_at") or event["observed_at"])
-                == r.event_time
-                < r.arrival_time
-            )
+            assert _time(event.get("occurred_at") or event["observed_at"]) == r.event_time < r.arrival_time
 
 
 def test_malformed_records_cover_many_defects(faulty: list[SimRecord], registry: Registry) -> None:
     reasons = Counter(
-        contract_violations(r.topic, r.value, registry)[0].split(":")[0].split(" ")[0]
-        for r in faulty
-        if r.malformed
+        contract_violations(r.topic, r.value, registry)[0].split(":")[0].split(" ")[0] for r in faulty if r.malformed
     )
     assert {"not", "missing", "bad", "invalid"} <= set(reasons)
     assert any(r.malformed and r.value[:1] not in (b"{", b"") for r in faulty)
@@ -443,9 +426,7 @@ def test_flood_takes_nam_dan_past_alarm_level_three(registry: Registry) -> None:
             previous[e["station_id"]] = at
     namdan = [v for _, v in levels["WL-NAMDAN"]]
     assert namdan[0] < 5.40 and max(namdan) > 7.90
-    first_over = {
-        bd: next(t for t, v in levels["WL-NAMDAN"] if v > bd) for bd in (5.40, 6.90, 7.90)
-    }
+    first_over = {bd: next(t for t, v in levels["WL-NAMDAN"] if v > bd) for bd in (5.40, 6.90, 7.90)}
     assert first_over[5.40] < first_over[6.90] < first_over[7.90]
     assert max(v for _, v in levels["WL-DUA"]) > 24.50
     assert 80 < heaviest_mm_per_h < 300  # torrential, yet physically possible
@@ -455,9 +436,7 @@ def test_flood_takes_nam_dan_past_alarm_level_three(registry: Registry) -> None:
 
 def test_ddos_hits_at_least_twenty_systems(registry: Registry) -> None:
     recs = records(registry, hours=0.5, rate=1.0, scenario="ddos")
-    detected = [
-        e for e in events(recs, CYBER) if e["type"] == "detected" and e["category"] == "ddos"
-    ]
+    detected = [e for e in events(recs, CYBER) if e["type"] == "detected" and e["category"] == "ddos"]
     in_wave = [e for e in detected if e["severity"] in {"critical", "high"}]
     assert len({e["system"] for e in in_wave}) >= 20
     window = [_time(e["occurred_at"]) for e in in_wave]
@@ -470,21 +449,13 @@ def test_dossier_surge_multiplies_intake(registry: Registry) -> None:
     recs = records(registry, hours=2.6, rate=2.0, scenario=surge)
     received = [_time(e["occurred_at"]) for e in events(recs, DOSSIER) if e["type"] == "received"]
     before = sum(begins - dt.timedelta(hours=1) <= t < begins for t in received) / 3600
-    during = (
-        sum(
-            begins + dt.timedelta(minutes=5) <= t < begins + dt.timedelta(minutes=30)
-            for t in received
-        )
-        / 1500
-    )
+    during = sum(begins + dt.timedelta(minutes=5) <= t < begins + dt.timedelta(minutes=30) for t in received) / 1500
     assert during > 2.5 * before
 
 
 def test_sensor_outage_silences_a_group_of_stations(registry: Registry) -> None:
     recs = records(registry, hours=1.5, rate=0.2, scenario="sensor-outage")
-    scenario = build_scenario(
-        "sensor-outage", START + dt.timedelta(seconds=30), stations=registry.stations
-    )
+    scenario = build_scenario("sensor-outage", START + dt.timedelta(seconds=30), stations=registry.stations)
     silent = scenario.sensors(START + dt.timedelta(minutes=10)).silent
     assert len(silent) >= 5
     assert {"WL-DUA", "AIR-17254"} <= silent
@@ -493,9 +464,7 @@ def test_sensor_outage_silences_a_group_of_stations(registry: Registry) -> None:
         START + dt.timedelta(seconds=30),
         START + dt.timedelta(seconds=30) + scenario.span,
     )
-    heard_during = {
-        e["station_id"] for e in events(recs, SENSOR) if begins <= _time(e["observed_at"]) < ends
-    }
+    heard_during = {e["station_id"] for e in events(recs, SENSOR) if begins <= _time(e["observed_at"]) < ends}
     heard_after = {e["station_id"] for e in events(recs, SENSOR) if _time(e["observed_at"]) >= ends}
     assert not (silent & heard_during)
     assert silent <= heard_after
