@@ -323,7 +323,8 @@ def write_jsonl(
     """Write ``count`` records, or a simulated ``duration``, as the JSON lines ``ioc replay`` reads.
 
     Each line is ``{"topic": ..., "value": {...}}``, or ``{"topic": ..., "raw": "<text>"}`` for a
-    malformed record (undecodable bytes shown as U+FFFD). Returns the number of lines written.
+    malformed record (its exact bytes; undecodable ones as lone surrogates, Python's
+    ``surrogateescape``). Returns the number of lines written.
     """
     if count is None and duration is None:
         raise ValueError("give count or duration")
@@ -353,9 +354,13 @@ def _write_lines(handle: IO[str], records: Iterator[SimRecord]) -> int:
         line: dict[str, Any] = {"topic": record.topic}
         if record.event is not None:
             line["value"] = record.event
+            text = json.dumps(line, ensure_ascii=False, allow_nan=True)
         else:
-            line["raw"] = record.value.decode("utf-8", errors="replace")
-        handle.write(json.dumps(line, ensure_ascii=False, allow_nan=True) + "\n")
+            # The exact bytes: undecodable ones become lone surrogates (\udcXX), which `ioc replay`
+            # turns back into the same bytes, so replay judges exactly what the worker judged.
+            line["raw"] = record.value.decode("utf-8", errors="surrogateescape")
+            text = json.dumps(line, ensure_ascii=True, allow_nan=True)
+        handle.write(text + "\n")
         written += 1
     return written
 

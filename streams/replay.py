@@ -1,7 +1,8 @@
 """`ioc replay`: run a JSON-lines file of events through the worker's own engine, offline.
 
-Each line is ``{"topic": "...", "value": {...}}`` (or ``"raw": "<text>"`` for a record that is
-not JSON). The output, JSON lines sorted by (kpi, scope, window), is the set of KPI snapshots as
+Each line is ``{"topic": "...", "value": {...}}``, or ``{"topic": "...", "raw": "<text>"}`` for a
+record given as its exact bytes (undecodable bytes as lone surrogates, Python's surrogateescape),
+which is how malformed records are written. The output, JSON lines sorted by (kpi, scope, window), is the set of KPI snapshots as
 of ``--until`` (default: the latest valid event time). Events after ``--until`` have not happened
 yet and are left out. The result depends only on the set of distinct events in the file, not on
 their order or on repetitions, because the engine's merges are order-independent.
@@ -37,7 +38,9 @@ def _records(path: Path) -> Iterator[tuple[int, str, bytes]]:
             try:
                 doc = json.loads(line)
                 topic = doc["topic"]
-                raw = doc["raw"].encode("utf-8", "surrogatepass") if "raw" in doc else json.dumps(doc["value"]).encode()
+                raw = (
+                    doc["raw"].encode("utf-8", "surrogateescape") if "raw" in doc else json.dumps(doc["value"]).encode()
+                )
             except (ValueError, KeyError, TypeError, AttributeError):
                 yield n, "", line
                 continue
