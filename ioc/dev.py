@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -75,7 +74,6 @@ class Supervisor:
 
     def __init__(self, children: list[Child]) -> None:
         self.children = children
-        self.stopping = threading.Event()
 
     def start(self) -> None:
         for child in self.children:
@@ -102,14 +100,13 @@ class Supervisor:
             child.backoff = min(child.backoff * 2, RESTART_BACKOFF_MAX_S)
 
     def stop(self) -> None:
-        self.stopping.set()
         for child in reversed(self.children):
             child.stop()
 
 
-def _wait_ready(url: str, supervisor: Supervisor, timeout: float = READY_TIMEOUT_S) -> None:
+def _wait_ready(url: str, supervisor: Supervisor, stop: list[int], timeout: float = READY_TIMEOUT_S) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not stop:
         supervisor.watch_once()
         try:
             with urllib.request.urlopen(url, timeout=2) as resp:
@@ -118,7 +115,8 @@ def _wait_ready(url: str, supervisor: Supervisor, timeout: float = READY_TIMEOUT
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.3)
-    raise TimeoutError(f"the API did not become ready at {url} within {timeout:.0f} s")
+    if not stop:
+        raise TimeoutError(f"the API did not become ready at {url} within {timeout:.0f} s")
 
 
 @contextlib.contextmanager
@@ -150,13 +148,15 @@ def run_dev(
     from ioc.db.migrate import migrate
     from ioc.embedded.broker import ensure_topics
 
-    stop_requested = threading.Event()
+    # A plain flag: a signal handler must not take a lock the interrupted main thread may hold
+    # (threading.Event.set() inside Event.wait() deadlocks).
+    stop_requested: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
-        stop_requested.set()
+        stop_requested.append(signum)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     started = time.monotonic()
     with _embedded(settings) as (bootstrap, database_url, _notes):
         port = api_port or free_port()
@@ -187,7 +187,9 @@ def run_dev(
         supervisor.start()
         try:
             base = f"http://{settings.api_host}:{port}"
-            _wait_ready(f"{base}/readyz", supervisor)
+            _wait_ready(f"{base}/readyz", supervisor, stop_requested)
+            if stop_requested:
+                return 0
             from api.auth import create_token
 
             token = create_token(settings, "operator", subject="ioc-dev")
@@ -199,7 +201,8 @@ def run_dev(
             log.info(
                 "ready in %.1f s (storage: %s); Ctrl-C stops everything", time.monotonic() - started, storage.value
             )
-            while not stop_requested.wait(0.5):
+            while not stop_requested:
+                time.sleep(0.5)
                 supervisor.watch_once()
         finally:
             log.info("stopping")

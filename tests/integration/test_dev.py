@@ -67,8 +67,8 @@ class Dev:
             assert time.monotonic() < deadline, f"no log line matching {pattern!r}:\n" + "".join(self.log[-30:])
             time.sleep(0.2)
 
-    def interrupt(self, timeout: float = 60) -> int:
-        self.proc.send_signal(signal.SIGINT)
+    def stop(self, signum: int, timeout: float = 60) -> int:
+        self.proc.send_signal(signum)
         return self.proc.wait(timeout)
 
 
@@ -114,7 +114,8 @@ def test_two_dev_instances_side_by_side_restart_a_crashed_worker_and_stop_cleanl
         a.wait_log(r"restarting worker \(restart #1\)")
         children = [int(m) for m in re.findall(r"started \(pid (\d+)\)", "".join(a.log + b.log))]
     finally:
-        codes = [dev.interrupt() for dev in (a, b)]
+        # Ctrl-C for one, SIGTERM (a service manager, `timeout`) for the other.
+        codes = [a.stop(signal.SIGINT), b.stop(signal.SIGTERM)]
     assert codes == [0, 0]
     assert _pids_alive(children) == []
     for dev in (a, b):
