@@ -133,10 +133,14 @@ class IncidentState(msgspec.Struct):
         c[("detected", d)] = 1
         if self.severity:
             c[(f"detected.{self.severity}", d)] = 1
-        if self.resolved is None:
-            c[("open", None)] = 1
-            if self.severity:
-                c[(f"open.{self.severity}", None)] = 1
+        # Open from detection until resolution (a level: +1, then −1; contained is still open).
+        names = ("open", f"open.{self.severity}") if self.severity else ("open",)
+        for name in names:
+            c[(name, d)] = 1
+        if self.resolved is not None:
+            end = max(self.resolved[0], d)
+            for name in names:
+                c[(name, end)] = c.get((name, end), 0) - 1
         if self.acknowledged is not None:
             a = self.acknowledged[0]
             c[("ack_n", a)] = 1

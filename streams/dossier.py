@@ -154,27 +154,38 @@ class DossierState(msgspec.Struct):
             if r is not None:
                 c[("comp_timed", done)] = 1
                 c[("comp_us", done)] = max(done - r, 0)
-        if r is not None and self.outcome is None:
-            c[("in_progress", None)] = 1
+        if r is not None:
+            # States as +1/−1 over time (levels, see streams.windows): in progress from receipt to
+            # the outcome; overdue from the minute after due_at (completion at due_at is on time)
+            # until the outcome.
+            end = max(self.outcome_src[0], r) if self.outcome_src is not None else None
+            c[("in_progress", r)] = 1
+            if end is not None:
+                c[("in_progress", end)] = c.get(("in_progress", end), 0) - 1
             if self.due is not None:
-                c[("due", self.due)] = 1
+                overdue_from = max(r, (self.due // US_PER_MIN + 1) * US_PER_MIN)
+                if end is None or end // US_PER_MIN > overdue_from // US_PER_MIN:
+                    c[("overdue", overdue_from)] = 1
+                    if end is not None:
+                        c[("overdue", end)] = c.get(("overdue", end), 0) - 1
         return c
 
 
 US_PER_HOUR = 3_600_000_000
+US_PER_MIN = 60_000_000
 
 
 def _progress_index(r: Reader, scope: str, window: str) -> Value:
-    """Decision 766: (completed on time in window + in progress not overdue) ÷ (completed in window + in progress)."""
+    """Decision 766: (completed on time in window + in progress not overdue) ÷ (completed in window + in progress).
+
+    Completed dossiers count where their due_at is known (as for `on_time_rate`); every dossier in
+    progress has one, since `received` requires it.
+    """
     in_progress = r("in_progress", scope, "now")
-    overdue = r("due", scope, "past")
+    overdue = r("overdue", scope, "now")
     num = r("comp_ontime", scope, window) + in_progress - overdue
-    den = r("comp", scope, window) + in_progress
+    den = r("comp_due", scope, window) + in_progress
     return ratio(num, den, 100)
-
-
-def _overdue(r: Reader, scope: str, window: str) -> Value:
-    return float(r("due", scope, "past")), None, None, None
 
 
 WINDOWED = ("1h", "24h", "today", "mtd")
@@ -216,7 +227,7 @@ KPIS = (
         "dossiers",
         ("now",),
         SCOPES,
-        _overdue,
+        count("overdue"),
         "in progress with due_at before as_of (minute resolution)",
     ),
     KpiSpec(

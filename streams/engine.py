@@ -24,6 +24,9 @@ US = 1_000_000
 #: Terminal dossiers and incidents whose last event is older than this are dropped from memory:
 #: every window they could count in has closed (month-to-date is the longest).
 ENTITY_HORIZON_US = 40 * 86400 * US
+#: A dropped entity's id is remembered this much longer, so a re-sent event of it changes nothing
+#: (Kafka keeps a week by default; replays older than this meet the database lookup of the worker).
+TOMBSTONE_US = 60 * 86400 * US
 
 
 class EntityState(Protocol):
@@ -66,9 +69,13 @@ class EntityAggregator:
         self.dirty: set[str] = set()
         #: Entities changed since the sink last took them.
         self.changed: dict[str, EntityState] = {}
+        #: Ids of entities dropped by `prune`, with when they were dropped (µs).
+        self.tombstones: dict[str, int] = {}
 
     def apply(self, key: str, parsed: Any, *, record: bool = True) -> bool:
         state = self.states.get(key)
+        if state is None and key in self.tombstones:
+            return False  # finished long ago and forgotten: a re-sent event of it changes nothing
         if state is None:
             state = self.new_state(key)
             old: dict[Contribution, int] = {}
@@ -114,8 +121,16 @@ class EntityAggregator:
         gone = [k for k, s in self.states.items() if s.terminal and s.last_event < horizon]
         for k in gone:
             del self.states[k]
+            self.tombstones[k] = now_us
+        for k in [k for k, at in self.tombstones.items() if at < now_us - TOMBSTONE_US]:
+            del self.tombstones[k]
         self.counters.prune()
         return len(gone)
+
+    def unknown_and_old(self, key: str, t: int, now_us: int) -> bool:
+        """An event for an entity not in memory, older than the horizon: maybe one dropped before a
+        restart, which the worker looks up in the database before applying the event."""
+        return t < now_us - ENTITY_HORIZON_US and key not in self.states and key not in self.tombstones
 
     def values(self, as_of_us: int, scopes: Iterable[str]) -> Iterable[tuple[str, str, str, str, Value]]:
         r = self.counters.reader(as_of_us)
@@ -294,18 +309,24 @@ class Engine:
 def _worst(
     per_station: dict[str, dict[tuple[str, str], tuple[str, Value]]], stations: Iterable[str], kpi: str, window: str
 ) -> Value | None:
+    """The worst station's value; a null value when stations publish this KPI but none has a value
+    now (so a commune's stale value does not linger); None when no station publishes it at all."""
     best: tuple[float, str] | None = None
     chosen: Value | None = None
+    publishes = False
     for sid in stations:
         entry = per_station.get(sid, {}).get((kpi, window))
-        if entry is None or entry[1][0] is None:
+        if entry is None:
+            continue
+        publishes = True
+        if entry[1][0] is None:
             continue
         v = entry[1][0]
         assert v is not None
         if best is None or (v, sid) > best:
             best, chosen = (v, sid), entry[1]
     if chosen is None:
-        return None
+        return (None, None, None, {"station": None}) if publishes else None
     extra = dict(chosen[3] or {})
     extra["station"] = best[1] if best else None
     return chosen[0], None, None, extra

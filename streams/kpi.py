@@ -14,33 +14,27 @@ from typing import Any
 from ioc.registry import Registry, Target
 from streams.windows import Series, local_day_of, local_month_of
 
-#: A contribution of an entity to a counter: (series name, event time in µs or None for a state count).
-Contribution = tuple[str, int | None]
+#: A contribution of an entity to a counter: (series name, event time in µs).
+Contribution = tuple[str, int]
 
 US_PER_MIN = 60_000_000
 
 
 class Counters:
-    """All counters of one event kind: windowed `Series` and plain state counts, per scope."""
+    """All counters of one event kind: a `Series` per (series name, scope)."""
 
     def __init__(self, now_us: int) -> None:
         self.series: dict[tuple[str, str], Series] = {}
-        self.states: dict[tuple[str, str], int] = {}
         self.now_m = now_us // US_PER_MIN
 
-    def add(self, name: str, scope: str, ts_us: int | None, amount: int) -> None:
-        if ts_us is None:
-            key = (name, scope)
-            self.states[key] = self.states.get(key, 0) + amount
-            return
+    def add(self, name: str, scope: str, ts_us: int, amount: int) -> None:
         series = self.series.get((name, scope))
         if series is None:
             series = self.series[(name, scope)] = Series()
-        ts = ts_us // 1_000_000
-        series.add(ts // 60, local_day_of(ts), local_month_of(ts), amount, self.now_m)
+        series.add(ts_us // US_PER_MIN, amount, self.now_m)
 
     def advance(self, now_us: int) -> bool:
-        """Move the clock; True when the minute changed (sliding windows may have moved)."""
+        """Move the clock; True when the minute changed (windows may have moved)."""
         new_m = now_us // US_PER_MIN
         if new_m <= self.now_m:
             return False
@@ -54,32 +48,27 @@ class Counters:
             series.prune(self.now_m)
             if series.is_empty():
                 del self.series[key]
-        for key in [k for k, v in self.states.items() if v == 0]:
-            del self.states[key]
 
     def reader(self, as_of_us: int) -> Reader:
         return Reader(self, as_of_us)
 
 
 class Reader:
-    """Read counters as of one moment: ``r(series, scope, window)``."""
+    """Read counters as of the clock: ``r(series, scope, window)``."""
 
-    __slots__ = ("counters", "day", "month", "now_m")
+    __slots__ = ("counters", "day", "month")
 
     def __init__(self, counters: Counters, as_of_us: int) -> None:
         self.counters = counters
         ts = as_of_us // 1_000_000
         self.day = local_day_of(ts)
         self.month = local_month_of(ts)
-        self.now_m = counters.now_m
 
     def __call__(self, name: str, scope: str, window: str) -> int:
-        if window == "now":
-            return self.counters.states.get((name, scope), 0)
         series = self.counters.series.get((name, scope))
         if series is None:
             return 0
-        return series.window(window, self.now_m, self.day, self.month)
+        return series.window(window, self.day, self.month)
 
 
 #: What a KPI computes: (value, numerator, denominator, extra).

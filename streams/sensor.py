@@ -116,6 +116,7 @@ def _contributions(kind: str, reading: Reading) -> dict[str, int]:
     c: dict[str, int] = {}
     if kind == "rain" and "rain_mm" in reading.values:
         c["rain_cmm"] = round(reading.values["rain_mm"] * 100)
+        c["rain_n"] = 1
     if kind == "air" and "pm25" in reading.values:
         c["pm25_c"] = round(reading.values["pm25"] * 100)
         c["pm25_n"] = 1
@@ -155,9 +156,13 @@ class SensorAggregator:
         return True
 
     def prune(self, now_us: int) -> None:
+        """Drop readings no window needs, but keep each station's latest one ("latest level" has no horizon)."""
         horizon = now_us - KEEP_US
         for state in self.stations.values():
-            for t in [t for t in state.readings if t < horizon]:
+            old = [t for t in state.readings if t < horizon]
+            if old and len(old) == len(state.readings):
+                old.remove(max(old))
+            for t in old:
                 del state.readings[t]
 
     # --- KPI values -------------------------------------------------------------------------
@@ -185,7 +190,10 @@ class SensorAggregator:
             )
         elif st.kind == "rain":
             for window in ("1h", "24h"):
-                yield "rain.mm", "mm", window, (r("rain_cmm", scope, window) / 100, None, None, None)
+                # No reading in the window: unknown (a silent gauge), not "no rain".
+                n = r("rain_n", scope, window)
+                total = r("rain_cmm", scope, window) / 100 if n else None
+                yield "rain.mm", "mm", window, (total, None, float(n), None)
 
     def _latest(self, state: StationState, as_of: int, name: str) -> float | None:
         times = [t for t in state.readings if t <= as_of and name in state.readings[t].values]
@@ -210,7 +218,10 @@ class SensorAggregator:
         as_of -= as_of % (60 * US)
         out = []
         for s in stations:
-            if s.last_seen is None or as_of - s.last_seen > 3 * s.station.interval_s * US:
+            seen = s.last_seen
+            if seen is not None and seen > as_of:  # a reading stamped ahead of the clock has not happened yet
+                seen = max((t for t in s.readings if t <= as_of), default=None)
+            if seen is None or as_of - seen > 3 * s.station.interval_s * US:
                 out.append(s.station.station_id)
         return sorted(out)
 

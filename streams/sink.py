@@ -132,6 +132,24 @@ async def write_snapshots(conn: psycopg.AsyncConnection[Any], snapshots: Sequenc
         )
 
 
+async def load_entities(conn: psycopg.AsyncConnection[Any], engine: Engine, topic: str, keys: set[str]) -> int:
+    """Load the named dossiers or incidents (by logical topic) from the database into the engine."""
+    table, column, decoder = (
+        ("dossier_state", "dossier_id", _dossier_decoder)
+        if topic == dossier.TOPIC
+        else ("incident_state", "incident_id", _incident_decoder)
+    )
+    agg = engine.entities[topic]
+    found = 0
+    async with conn.cursor(binary=False) as cur:
+        await cur.execute(f"SELECT {column}, state::text FROM {table} WHERE {column} = ANY(%s)", (list(keys),))
+        async for key, state in cur:
+            if key not in agg.states:
+                agg.load(key, decoder.decode(state))
+                found += 1
+    return found
+
+
 async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine) -> dict[str, int]:
     """Rebuild the engine from the database: open and recent entities, recent readings, published seqs."""
     horizon = _ts(engine.now_us - ENTITY_HORIZON_US)
@@ -149,8 +167,12 @@ async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine) -> dict
         async for key, state in cur:
             engine.incidents.load(key, _incident_decoder.decode(state))
             counts["incidents"] += 1
+        # Recent readings, and every station's latest one however old (its level has no horizon).
         await cur.execute(
-            'SELECT station_id, kind, observed_at, event_id, "values" FROM sensor_reading WHERE observed_at >= %s',
+            'SELECT station_id, kind, observed_at, event_id, "values" FROM sensor_reading WHERE observed_at >= %s'
+            " UNION"
+            ' SELECT * FROM (SELECT DISTINCT ON (station_id) station_id, kind, observed_at, event_id, "values"'
+            "   FROM sensor_reading ORDER BY station_id, observed_at DESC) AS latest",
             (_ts(engine.now_us - KEEP_US),),
         )
         async for sid, kind, observed_at, event_id, values in cur:
@@ -168,4 +190,4 @@ async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine) -> dict
     return counts
 
 
-__all__ = ["Reading", "load_state", "write_changes", "write_snapshots"]
+__all__ = ["Reading", "load_entities", "load_state", "write_changes", "write_snapshots"]

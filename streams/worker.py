@@ -155,6 +155,7 @@ class Ingest:
         engine = self.engine
         parse, apply = engine.parse, engine.apply
         dead: list[tuple[ConsumerRecord[Any, Any], InvalidEvent]] = []
+        valid: list[tuple[ConsumerRecord[Any, Any], str, str, Any]] = []
         offsets: dict[TopicPartition, int] = {}
         n = 0
         for tp, records in batch.items():
@@ -170,13 +171,20 @@ class Ingest:
                         else None
                     )
                     key, parsed = parse(logical, rec.value, produced)
-                    apply(logical, key, parsed)
+                    valid.append((rec, logical, key, parsed))
                 except InvalidEvent as exc:
                     dead.append((rec, exc))
                 except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
-                    log.exception("processing failed at %s[%d]@%d", rec.topic, rec.partition, rec.offset)
-                    dead.append((rec, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="process")))
+                    log.exception("validation failed at %s[%d]@%d", rec.topic, rec.partition, rec.offset)
+                    dead.append((rec, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="validate")))
             offsets[tp] = records[-1].offset + 1
+        await self._recall_forgotten(valid)
+        for rec, logical, key, parsed in valid:
+            try:
+                apply(logical, key, parsed)
+            except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
+                log.exception("processing failed at %s[%d]@%d", rec.topic, rec.partition, rec.offset)
+                dead.append((rec, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="process")))
         self.stats["records"] += n
         self.stats["deadlettered"] += len(dead)
         futures = [await self._dead_letter(rec, exc) for rec, exc in dead]
@@ -185,6 +193,22 @@ class Ingest:
             await asyncio.gather(*futures)
         assert self.consumer is not None
         await self.consumer.commit(offsets)
+
+    async def _recall_forgotten(self, valid: list[tuple[ConsumerRecord[Any, Any], str, str, Any]]) -> None:
+        """Load from the database the entities of old events that memory no longer holds (dropped
+        before a restart), so a re-sent event of a long-finished dossier changes nothing."""
+        wanted: dict[str, set[str]] = {}
+        for _, logical, key, parsed in valid:
+            agg = self.engine.entities.get(logical)
+            if agg is not None and agg.unknown_and_old(key, parsed.t, self.engine.now_us):
+                wanted.setdefault(logical, set()).add(key)
+        for logical, keys in wanted.items():
+            found = await self._durably(
+                "state",
+                "recalling entities",
+                lambda conn, lg=logical, ks=keys: sink.load_entities(conn, self.engine, lg, ks),
+            )
+            self.stats["recalled"] += found
 
     async def _dead_letter(self, rec: ConsumerRecord[Any, Any], exc: InvalidEvent) -> asyncio.Future[Any]:
         assert self.producer is not None
