@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     worker_flush_interval_s: float = Field(
         0.25, gt=0, description="Longest time a batch is held before its effects are written and committed."
     )
+    worker_metrics_port: int = Field(
+        9108, ge=0, le=65535, description="Port of the worker's Prometheus `/metrics` (0 = a free port, logged)."
+    )
     emit_interval_s: float = Field(
         1.0, gt=0, description="How often changed KPIs (and clock-driven windows) are published."
     )
