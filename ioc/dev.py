@@ -174,6 +174,8 @@ def run_dev(
             "IOC_API_PORT": str(port),
             "IOC_TOPIC_PREFIX": settings.topic_prefix,
             "IOC_MODE": settings.mode.value,
+            # A free port, so two `ioc dev` side by side do not collide; the worker logs it.
+            "IOC_WORKER_METRICS_PORT": str(free_port()),
         }
         exe = [sys.executable, "-m", "ioc.cli"]
         children = [Child("worker", [*exe, "worker"], env), Child("api", [*exe, "api"], env)]

@@ -25,10 +25,12 @@ import mode
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.errors import ConsumerStoppedError, KafkaError
+from prometheus_client import start_http_server
 
 from ioc import settings as cfg
 from ioc.db.migrate import Storage, drop_expired, ensure_partitions, storage_of
 from ioc.errors import InvalidEvent
+from ioc.metrics import WorkerMetrics
 from ioc.registry import Registry, load_registry
 from ioc.settings import Settings
 from streams import sink
@@ -66,12 +68,16 @@ class Ingest:
         self.conns: dict[str, psycopg.AsyncConnection[Any]] = {}
         self.emit_lock = asyncio.Lock()
         self.stats: Counter[str] = Counter()
+        self.metrics = WorkerMetrics()
+        self.metrics_port: int | None = None
+        self.committed: dict[TopicPartition, int] = {}
         self.ready = asyncio.Event()
         self._last_maintenance = 0.0
 
     # --- lifecycle --------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self._serve_metrics()
         for role in ("state", "snapshots"):
             self.conns[role] = await self._connect()
         counts = await sink.load_state(self.conns["state"], self.engine)
@@ -100,7 +106,22 @@ class Ingest:
         await self.consumer.start()
         self.ready.set()
 
+    def _serve_metrics(self) -> None:
+        """Prometheus `/metrics` on IOC_WORKER_METRICS_PORT; a port in use is logged, not fatal."""
+        try:
+            server, _ = start_http_server(self.settings.worker_metrics_port, registry=self.metrics.registry)
+        except OSError as exc:
+            log.warning("worker metrics not served on port %d: %s", self.settings.worker_metrics_port, exc)
+            return
+        self._metrics_server = server
+        self.metrics_port = int(server.server_port)
+        log.info("worker metrics on http://0.0.0.0:%d/metrics", self.metrics_port)
+
     async def stop(self) -> None:
+        server = getattr(self, "_metrics_server", None)
+        if server is not None:
+            server.shutdown()
+            server.server_close()
         for closer in (self.consumer, self.producer):
             if closer is not None:
                 try:
@@ -129,6 +150,7 @@ class Ingest:
                 return await action(conn)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self.stats["db_retries"] += 1
+                self.metrics.db_retries.inc()
                 log.warning("%s failed (%s); retrying in %.1f s", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -152,7 +174,9 @@ class Ingest:
                 await self.maintenance()
 
     async def process(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+        started = time.monotonic()
         engine = self.engine
+        m = self.metrics
         parse, apply = engine.parse, engine.apply
         dead: list[tuple[ConsumerRecord[Any, Any], InvalidEvent]] = []
         valid: list[tuple[ConsumerRecord[Any, Any], str, str, Any]] = []
@@ -178,21 +202,38 @@ class Ingest:
                     log.exception("validation failed at %s[%d]@%d", rec.topic, rec.partition, rec.offset)
                     dead.append((rec, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="validate")))
             offsets[tp] = records[-1].offset + 1
+            m.records_in.labels(logical).inc(len(records))
         await self._recall_forgotten(valid)
+        late_before = engine.now_us - 86400 * US
+        newest: dict[str, int] = {}
         for rec, logical, key, parsed in valid:
+            if parsed.t > newest.get(logical, 0):
+                newest[logical] = parsed.t
+            if parsed.t < late_before:
+                m.late_events.labels(logical).inc()
             try:
-                apply(logical, key, parsed)
+                if not apply(logical, key, parsed):
+                    m.duplicates.labels(logical).inc()
             except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
                 log.exception("processing failed at %s[%d]@%d", rec.topic, rec.partition, rec.offset)
                 dead.append((rec, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="process")))
         self.stats["records"] += n
         self.stats["deadlettered"] += len(dead)
+        for rec, error in dead:
+            m.deadlettered.labels(self.logical.get(rec.topic, rec.topic), error.stage).inc()
+        wall = now_us()
+        for logical, t in newest.items():
+            m.event_lag.labels(logical).set(max(0, wall - t) / US)
         futures = [await self._dead_letter(rec, exc) for rec, exc in dead]
+        write_started = time.monotonic()
         await self._durably("state", "writing state", lambda conn: sink.write_changes(conn, engine))
+        m.db_write_seconds.labels("state").observe(time.monotonic() - write_started)
         if futures:
             await asyncio.gather(*futures)
         assert self.consumer is not None
         await self.consumer.commit(offsets)
+        self.committed.update(offsets)
+        m.batch_seconds.observe(time.monotonic() - started)
 
     async def _recall_forgotten(self, valid: list[tuple[ConsumerRecord[Any, Any], str, str, Any]]) -> None:
         """Load from the database the entities of old events that memory no longer holds (dropped
@@ -231,18 +272,35 @@ class Ingest:
         if not self.ready.is_set():
             return 0
         async with self.emit_lock:
+            started = time.monotonic()
             self.engine.advance(now_us())
+            self._observe_lag()
             snapshots = self.engine.snapshots()
             if not snapshots:
                 return 0
             # The database first: its seq is then never behind what subscribers have seen.
             await self._durably("snapshots", "writing snapshots", lambda conn: sink.write_snapshots(conn, snapshots))
+            self.metrics.db_write_seconds.labels("snapshots").observe(time.monotonic() - started)
             assert self.producer is not None
             topic = self.settings.topic(cfg.TOPIC_KPI)
             futures = [await self.producer.send(topic, value=encode(s), key=s.key.encode()) for s in snapshots]
             await asyncio.gather(*futures)
             self.stats["snapshots"] += len(snapshots)
+            self.metrics.snapshots.inc(len(snapshots))
+            self.metrics.emit_seconds.observe(time.monotonic() - started)
             return len(snapshots)
+
+    def _observe_lag(self) -> None:
+        m, consumer = self.metrics, self.consumer
+        m.entities.labels("dossier").set(len(self.engine.dossiers.states))
+        m.entities.labels("incident").set(len(self.engine.incidents.states))
+        if consumer is None:
+            return
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is not None:
+                done = self.committed.get(tp, 0)
+                m.consumer_lag.labels(self.logical.get(tp.topic, tp.topic), str(tp.partition)).set(max(0, high - done))
 
     async def maintenance(self) -> None:
         self._last_maintenance = time.monotonic()

@@ -77,6 +77,7 @@ def make_settings(request: pytest.FixtureRequest, topic_prefix: str) -> Callable
             "topic_replication": 1,
             "consumer_group": f"{topic_prefix}worker",
             "signing_key": TEST_SIGNING_KEY,
+            "worker_metrics_port": 0,
         }
         fields.update(overrides)
         if "kafka_bootstrap" not in fields:

@@ -33,6 +33,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "IOC_SIGNING_KEY": settings.signing_key.get_secret_value(),
         "IOC_API_PORT": str(settings.api_port),
         "IOC_EMIT_INTERVAL_S": "0.5",
+        "IOC_WORKER_METRICS_PORT": "0",
     }
 
 
