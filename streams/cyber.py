@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-from typing import Literal
+import operator
+from typing import Any, Literal
 
 import msgspec
 
@@ -125,6 +126,15 @@ class IncidentState(msgspec.Struct):
     def scopes(self) -> tuple[str, ...]:
         return entity_scopes(self.commune_code, self.agency_code)
 
+    def kpi_key(self) -> tuple[Any, ...]:
+        """Every field `scopes()` and `contributions()` read: equal keys, equal KPI effects."""
+        return _kpi_key(self)
+
+    @classmethod
+    def from_key(cls, key: tuple[Any, ...]) -> IncidentState:
+        """A stand-in with just the KPI fields of ``key``."""
+        return cls("", **dict(zip(KPI_FIELDS, key, strict=True)))
+
     def contributions(self) -> dict[Contribution, int]:
         c: dict[Contribution, int] = {}
         if self.detected is None or self.false_positive is not None:
@@ -153,6 +163,8 @@ class IncidentState(msgspec.Struct):
 
 
 US_PER_MINUTE = 60_000_000
+KPI_FIELDS = ("commune_code", "agency_code", "severity", "detected", "acknowledged", "resolved", "false_positive")
+_kpi_key = operator.attrgetter(*KPI_FIELDS)
 SCOPES = ("province", "agency", "commune")
 
 KPIS = (

@@ -9,7 +9,8 @@ or out-of-order event moves exactly the counters it should (docs/design.md).
 from __future__ import annotations
 
 import datetime as dt
-from typing import Literal
+import operator
+from typing import Any, Literal
 
 import msgspec
 
@@ -127,6 +128,15 @@ class DossierState(msgspec.Struct):
     def scopes(self) -> tuple[str, ...]:
         return entity_scopes(self.commune_code, self.agency_code)
 
+    def kpi_key(self) -> tuple[Any, ...]:
+        """Every field `scopes()` and `contributions()` read: equal keys, equal KPI effects."""
+        return _kpi_key(self)
+
+    @classmethod
+    def from_key(cls, key: tuple[Any, ...]) -> DossierState:
+        """A stand-in with just the KPI fields of ``key`` (to compute what a past state contributed)."""
+        return cls("", **dict(zip(KPI_FIELDS, key, strict=True)))
+
     def contributions(self) -> dict[Contribution, int]:
         c: dict[Contribution, int] = {}
         r = self.received[0] if self.received else None
@@ -173,6 +183,11 @@ class DossierState(msgspec.Struct):
 
 US_PER_HOUR = 3_600_000_000
 US_PER_MIN = 60_000_000
+KPI_FIELDS = (
+    "commune_code", "agency_code", "received", "channel", "full_online", "due",
+    "outcome", "outcome_src", "paid_online", "digitized", "result_digital",
+)  # fmt: skip
+_kpi_key = operator.attrgetter(*KPI_FIELDS)
 
 
 def _progress_index(r: Reader, scope: str, window: str) -> Value:

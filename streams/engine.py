@@ -35,6 +35,8 @@ class EntityState(Protocol):
     @property
     def terminal(self) -> bool: ...
     def merge(self, p: Any) -> bool: ...
+    def kpi_key(self) -> tuple[Any, ...]: ...
+    def from_key(self, key: tuple[Any, ...]) -> EntityState: ...
     def scopes(self) -> tuple[str, ...]: ...
     def contributions(self) -> dict[Contribution, int]: ...
 
@@ -76,43 +78,49 @@ class EntityAggregator:
         state = self.states.get(key)
         if state is None and key in self.tombstones:
             return False  # finished long ago and forgotten: a re-sent event of it changes nothing
+        old_key: tuple[Any, ...] | None
         if state is None:
             state = self.new_state(key)
-            old: dict[Contribution, int] = {}
-            old_scopes: tuple[str, ...] = ()
+            old_key = None
             self.states[key] = state
         else:
-            old, old_scopes = state.contributions(), state.scopes()
+            old_key = state.kpi_key()
         if not state.merge(parsed):
             return False
         if record:
             self.changed[key] = state
+        new_key = state.kpi_key()
+        if new_key == old_key:
+            return True  # e.g. a `processing` step: nothing any KPI reads has changed
+        if old_key is None:
+            old: dict[Contribution, int] = {}
+            old_scopes: tuple[str, ...] = ()
+        else:
+            before = state.from_key(old_key)
+            old, old_scopes = before.contributions(), before.scopes()
         new, new_scopes = state.contributions(), state.scopes()
         add = self.counters.add
         if old_scopes == new_scopes:
             for c in old.keys() | new.keys():
                 delta = new.get(c, 0) - old.get(c, 0)
                 if delta:
-                    for scope in new_scopes:
-                        add(c[0], scope, c[1], delta)
+                    add(c[0], new_scopes, c[1], delta)
         else:
             for (name, ts), amount in old.items():
-                for scope in old_scopes:
-                    add(name, scope, ts, -amount)
+                add(name, old_scopes, ts, -amount)
             for (name, ts), amount in new.items():
-                for scope in new_scopes:
-                    add(name, scope, ts, amount)
+                add(name, new_scopes, ts, amount)
             self.scopes.update(new_scopes)
-        self.dirty.update(old_scopes)
+            self.dirty.update(old_scopes)
         self.dirty.update(new_scopes)
         return True
 
     def load(self, key: str, state: EntityState) -> None:
         """Adopt a state rebuilt from the database (not recorded as changed)."""
         self.states[key] = state
+        scopes = state.scopes()
         for (name, ts), amount in state.contributions().items():
-            for scope in state.scopes():
-                self.counters.add(name, scope, ts, amount)
+            self.counters.add(name, scopes, ts, amount)
         self.scopes.update(state.scopes())
         self.dirty.update(state.scopes())
 

@@ -21,20 +21,40 @@ US_PER_MIN = 60_000_000
 
 
 class Counters:
-    """All counters of one event kind: a `Series` per (series name, scope)."""
+    """All counters of one event kind: a `Series` per (series name, scope).
+
+    Additions are gathered per (series, scope, minute) and folded into the series when they are
+    next read or the clock moves: a batch of events touching the same minute costs one update.
+    """
 
     def __init__(self, now_us: int) -> None:
         self.series: dict[tuple[str, str], Series] = {}
         self.now_m = now_us // US_PER_MIN
+        self.pending: dict[tuple[str, tuple[str, ...], int], int] = {}
 
-    def add(self, name: str, scope: str, ts_us: int, amount: int) -> None:
-        series = self.series.get((name, scope))
-        if series is None:
-            series = self.series[(name, scope)] = Series()
-        series.add(ts_us // US_PER_MIN, amount, self.now_m)
+    def add(self, name: str, scopes: tuple[str, ...], ts_us: int, amount: int) -> None:
+        """Add ``amount`` to series ``name`` of every scope in ``scopes`` at the minute of ``ts_us``."""
+        key = (name, scopes, ts_us // US_PER_MIN)
+        pending = self.pending
+        pending[key] = pending.get(key, 0) + amount
+
+    def flush(self) -> None:
+        """Fold the gathered additions into their series."""
+        if not self.pending:
+            return
+        pending, self.pending = self.pending, {}
+        series_of, now_m = self.series, self.now_m
+        for (name, scopes, minute), amount in pending.items():
+            if amount:
+                for scope in scopes:
+                    series = series_of.get((name, scope))
+                    if series is None:
+                        series = series_of[(name, scope)] = Series()
+                    series.add(minute, amount, now_m)
 
     def advance(self, now_us: int) -> bool:
         """Move the clock; True when the minute changed (windows may have moved)."""
+        self.flush()
         new_m = now_us // US_PER_MIN
         if new_m <= self.now_m:
             return False
@@ -44,12 +64,14 @@ class Counters:
         return True
 
     def prune(self) -> None:
+        self.flush()
         for key, series in list(self.series.items()):
             series.prune(self.now_m)
             if series.is_empty():
                 del self.series[key]
 
     def reader(self, as_of_us: int) -> Reader:
+        self.flush()
         return Reader(self, as_of_us)
 
 

@@ -141,12 +141,12 @@ class SensorAggregator:
         if old is not None and old.event_id <= e.event_id:
             return False  # the same reading again, or a rival that loses the tie-break
         new = Reading(e.event_id, dict(e.values))
-        scope = f"station:{station_id}"
+        scopes = (f"station:{station_id}",)
         if old is not None:
             for name, amount in _contributions(e.kind, old).items():
-                self.counters.add(name, scope, t, -amount)
+                self.counters.add(name, scopes, t, -amount)
         for name, amount in _contributions(e.kind, new).items():
-            self.counters.add(name, scope, t, amount)
+            self.counters.add(name, scopes, t, amount)
         state.readings[t] = new
         if state.last_seen is None or t > state.last_seen:
             state.last_seen = t

@@ -20,7 +20,6 @@ from streams import cyber, dossier
 from streams.engine import ENTITY_HORIZON_US, Engine
 from streams.sensor import KEEP_US, Parsed, Reading, SensorEvent
 from streams.snapshot import Snapshot
-from streams.windows import TZ
 
 log = logging.getLogger(__name__)
 US = 1_000_000
@@ -62,41 +61,50 @@ SET value = EXCLUDED.value, numerator = EXCLUDED.numerator, denominator = EXCLUD
 
 
 def _ts(us: int) -> dt.datetime:
-    return dt.datetime.fromtimestamp(us / US, TZ)
+    return dt.datetime.fromtimestamp(us / US, dt.UTC)
 
 
-async def write_changes(conn: psycopg.AsyncConnection[Any], engine: Engine) -> int:
-    """Write every entity and reading the engine changed since the last call, in one transaction."""
-    dossiers = engine.dossiers.changed
-    incidents = engine.incidents.changed
-    readings = engine.sensors.changed
-    if not (dossiers or incidents or readings):
+class Changes:
+    """Entity states and readings changed since the last take: what one flush makes durable."""
+
+    __slots__ = ("dossiers", "incidents", "readings")
+
+    def __init__(self, engine: Engine) -> None:
+        self.dossiers = engine.dossiers.changed
+        self.incidents = engine.incidents.changed
+        self.readings = engine.sensors.changed
+        engine.dossiers.changed, engine.incidents.changed, engine.sensors.changed = {}, {}, {}
+
+    def __len__(self) -> int:
+        return len(self.dossiers) + len(self.incidents) + len(self.readings)
+
+
+def take_changes(engine: Engine) -> Changes:
+    """Take (and clear) what the engine changed; the rows are encoded when written."""
+    return Changes(engine)
+
+
+async def write_changes(conn: psycopg.AsyncConnection[Any], changes: Changes) -> int:
+    """Write the changes in one transaction; safe to call again with the same changes after a failure."""
+    if not len(changes):
         return 0
-    engine.dossiers.changed, engine.incidents.changed, engine.sensors.changed = {}, {}, {}
-    try:
-        async with conn.transaction(), conn.cursor() as cur:
-            if dossiers:
-                await cur.executemany(
-                    UPSERT_DOSSIER,
-                    [(k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in dossiers.items()],
-                )
-            if incidents:
-                await cur.executemany(
-                    UPSERT_INCIDENT,
-                    [(k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in incidents.items()],
-                )
-            if readings:
-                await cur.executemany(
-                    UPSERT_READING,
-                    [(_ts(t), sid, kind, r.event_id, Jsonb(r.values)) for (sid, t), (kind, r) in readings.items()],
-                )
-    except BaseException:
-        # Not durable: put the changes back so the next attempt writes them (newer changes win).
-        engine.dossiers.changed = {**dossiers, **engine.dossiers.changed}
-        engine.incidents.changed = {**incidents, **engine.incidents.changed}
-        engine.sensors.changed = {**readings, **engine.sensors.changed}
-        raise
-    return len(dossiers) + len(incidents) + len(readings)
+    async with conn.transaction(), conn.cursor() as cur:
+        if changes.dossiers:
+            await cur.executemany(
+                UPSERT_DOSSIER,
+                [(k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in changes.dossiers.items()],
+            )
+        if changes.incidents:
+            await cur.executemany(
+                UPSERT_INCIDENT,
+                [(k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in changes.incidents.items()],
+            )
+        if changes.readings:
+            await cur.executemany(
+                UPSERT_READING,
+                [(_ts(t), sid, kind, r.event_id, Jsonb(r.values)) for (sid, t), (kind, r) in changes.readings.items()],
+            )
+    return len(changes)
 
 
 async def write_snapshots(conn: psycopg.AsyncConnection[Any], snapshots: Sequence[Snapshot]) -> None:
@@ -190,4 +198,4 @@ async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine) -> dict
     return counts
 
 
-__all__ = ["Reading", "load_entities", "load_state", "write_changes", "write_snapshots"]
+__all__ = ["Changes", "Reading", "load_entities", "load_state", "take_changes", "write_changes", "write_snapshots"]

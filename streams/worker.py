@@ -71,6 +71,8 @@ class Ingest:
         self.metrics = WorkerMetrics()
         self.metrics_port: int | None = None
         self.committed: dict[TopicPartition, int] = {}
+        #: The previous batch's flush (write, dead letters, commit), overlapping the next batch's processing.
+        self._flushing: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
         self._last_maintenance = 0.0
 
@@ -117,7 +119,17 @@ class Ingest:
         self.metrics_port = int(server.server_port)
         log.info("worker metrics on http://0.0.0.0:%d/metrics", self.metrics_port)
 
+    async def drain(self) -> None:
+        """Wait until every processed batch is durable and committed."""
+        if self._flushing is not None:
+            flushing, self._flushing = self._flushing, None
+            await flushing
+
     async def stop(self) -> None:
+        try:
+            await self.drain()
+        except Exception:  # stopping anyway: the uncommitted records are delivered again on restart
+            log.exception("the last batch could not be flushed")
         server = getattr(self, "_metrics_server", None)
         if server is not None:
             server.shutdown()
@@ -165,13 +177,30 @@ class Ingest:
         timeout_ms = int(self.settings.worker_flush_interval_s * 1000)
         while True:
             try:
-                batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=self.settings.worker_batch_max)
+                batch = await self._gather(timeout_ms)
             except ConsumerStoppedError:
                 return  # stopping
             if batch:
                 await self.process(batch)
             if time.monotonic() - self._last_maintenance > MAINTENANCE_INTERVAL_S:
                 await self.maintenance()
+
+    async def _gather(self, timeout_ms: int) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+        """One batch: wait for records, then take whatever else is already fetched, up to the batch size."""
+        assert self.consumer is not None
+        limit = self.settings.worker_batch_max
+        batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = await self.consumer.getmany(
+            timeout_ms=timeout_ms, max_records=limit
+        )
+        count = sum(len(r) for r in batch.values())
+        while batch and count < limit:
+            more = await self.consumer.getmany(timeout_ms=0, max_records=limit - count)
+            if not more:
+                break
+            for tp, records in more.items():
+                batch.setdefault(tp, []).extend(records)
+                count += len(records)
+        return batch
 
     async def process(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
         started = time.monotonic()
@@ -224,9 +253,24 @@ class Ingest:
         wall = now_us()
         for logical, t in newest.items():
             m.event_lag.labels(logical).set(max(0, wall - t) / US)
-        futures = [await self._dead_letter(rec, exc) for rec, exc in dead]
+        # Pipelining: this batch's effects are taken now; the previous flush must finish (it commits
+        # earlier offsets) before this one starts, and it overlaps the next batch's processing.
+        futures = [await self._dead_letter(rec, error) for rec, error in dead]
+        changes = sink.take_changes(engine)
+        await self.drain()
+        self._flushing = asyncio.create_task(self._flush(changes, futures, offsets, started))
+
+    async def _flush(
+        self,
+        changes: sink.Changes,
+        futures: list[asyncio.Future[Any]],
+        offsets: dict[TopicPartition, int],
+        started: float,
+    ) -> None:
+        """Make one batch durable, then commit its offsets (never the other way round)."""
+        m = self.metrics
         write_started = time.monotonic()
-        await self._durably("state", "writing state", lambda conn: sink.write_changes(conn, engine))
+        await self._durably("state", "writing state", lambda conn: sink.write_changes(conn, changes))
         m.db_write_seconds.labels("state").observe(time.monotonic() - write_started)
         if futures:
             await asyncio.gather(*futures)

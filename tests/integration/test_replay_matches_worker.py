@@ -45,7 +45,7 @@ async def _run_worker_until_caught_up(settings: Settings, expected: int) -> Inge
         assert ingest.consumer is not None
         idle = 0
         while ingest.stats["records"] < expected or idle < 2:
-            batch = await ingest.consumer.getmany(timeout_ms=500, max_records=5000)
+            batch = await ingest._gather(500)
             if batch:
                 await ingest.process(batch)
                 idle = 0
@@ -53,6 +53,7 @@ async def _run_worker_until_caught_up(settings: Settings, expected: int) -> Inge
                 idle += 1
             await ingest.emit()
         assert ingest.stats["records"] == expected
+        await ingest.drain()
         await ingest.emit()
     finally:
         await ingest.stop()

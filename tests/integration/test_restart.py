@@ -36,7 +36,7 @@ async def _consume(ingest: Ingest, records: int, *, commit_after: int | None) ->
     ingest.consumer.commit = commit  # type: ignore[method-assign]
     idle = 0
     while ingest.stats["records"] < records or idle < 2:
-        batch = await ingest.consumer.getmany(timeout_ms=500, max_records=1000)
+        batch = await ingest._gather(500)
         if batch:
             await ingest.process(batch)
             idle = 0

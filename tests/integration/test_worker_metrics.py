@@ -35,9 +35,10 @@ async def _run(settings: Settings, n: int) -> str:
     try:
         assert ingest.consumer is not None and ingest.metrics_port
         while ingest.stats["records"] < n:
-            batch = await ingest.consumer.getmany(timeout_ms=500)
+            batch = await ingest._gather(500)
             if batch:
                 await ingest.process(batch)
+        await ingest.drain()
         await ingest.emit()
         return httpx.get(f"http://127.0.0.1:{ingest.metrics_port}/metrics").text
     finally:
