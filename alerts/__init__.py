@@ -1,5 +1,39 @@
-"""Alerts: rules over KPI snapshots and raw events, the alert lifecycle, routing (the engine arrives with issue 4)."""
+"""Alerts: rules over KPI snapshots and raw events (`rules`), the alert lifecycle (`engine`), routing (`routing`)."""
 
+from alerts.engine import (
+    AlertEngine,
+    AlertEngineError,
+    Silence,
+    SilenceError,
+    UnknownAlert,
+    alert_id_for,
+    operator_event,
+)
 from alerts.model import Alert, AlertEvent, AlertState, Audience, Severity, TransitionError, fingerprint
+from alerts.routing import addressed_to, audience_of, visible_to
+from alerts.rules import RuleError, RuleSet, RuleWatcher, default_rules, load_rules
 
-__all__ = ["Alert", "AlertEvent", "AlertState", "Audience", "Severity", "TransitionError", "fingerprint"]
+__all__ = [
+    "Alert",
+    "AlertEngine",
+    "AlertEngineError",
+    "AlertEvent",
+    "AlertState",
+    "Audience",
+    "RuleError",
+    "RuleSet",
+    "RuleWatcher",
+    "Severity",
+    "Silence",
+    "SilenceError",
+    "TransitionError",
+    "UnknownAlert",
+    "addressed_to",
+    "alert_id_for",
+    "audience_of",
+    "default_rules",
+    "fingerprint",
+    "load_rules",
+    "operator_event",
+    "visible_to",
+]

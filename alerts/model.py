@@ -2,7 +2,7 @@
 
 An alert is identified by its fingerprint (rule + scope): a condition that keeps holding, or
 that flaps, stays one alert. Every state change is an `AlertEvent` published to `ioc.alerts`
-and kept as the audit trail (who, when, why). The rule engine that creates them is issue 4.
+and kept as the audit trail (who, when, why). `alerts.engine` creates them from `alerts.rules`.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ TRANSITIONS: dict[AlertState, frozenset[AlertState]] = {
     ),
     AlertState.ESCALATED: frozenset({AlertState.ACKNOWLEDGED, AlertState.SILENCED, AlertState.RESOLVED}),
     AlertState.ACKNOWLEDGED: frozenset({AlertState.RESOLVED, AlertState.SILENCED}),
-    AlertState.SILENCED: frozenset({AlertState.FIRING, AlertState.RESOLVED}),
+    # A silenced alert may still be acknowledged: someone took it on while it was quiet.
+    AlertState.SILENCED: frozenset({AlertState.FIRING, AlertState.ACKNOWLEDGED, AlertState.RESOLVED}),
     AlertState.RESOLVED: frozenset(),
 }
 
@@ -87,6 +88,16 @@ class AlertEvent(msgspec.Struct, frozen=True, kw_only=True):
     triggered_by: tuple[str, ...] = ()
     value: float | None = None
     extra: dict[str, Any] | None = None
+    #: Whether the audience should be notified (sound, pop-up, page). False for events kept for the
+    #: record only: the alert is silenced, inhibited by a wider one, or folded into its group's
+    #: notification (`group`).
+    notify: bool = True
+    #: The notification group (rule + group labels + when the group opened) this event belongs to.
+    group: str | None = None
+    #: 0 for a lifecycle transition; n > 0 for the n-th reminder of an unchanged state (repeat interval).
+    repeat: int = 0
+    #: What silences and inhibitions match on besides the fields above (kpi, station, category...).
+    labels: dict[str, str] | None = None
 
 
 class Alert(msgspec.Struct, kw_only=True):
@@ -107,6 +118,7 @@ class Alert(msgspec.Struct, kw_only=True):
     updated_at: dt.datetime
     acknowledged_by: str | None = None
     triggered_by: tuple[str, ...] = ()
+    labels: dict[str, str] | None = None
 
     @classmethod
     def open(cls, event: AlertEvent) -> Alert:
@@ -127,20 +139,26 @@ class Alert(msgspec.Struct, kw_only=True):
             started_at=event.at,
             updated_at=event.at,
             triggered_by=event.triggered_by,
+            labels=event.labels,
         )
 
     def apply(self, event: AlertEvent) -> None:
         """Move to the event's state, refusing steps the lifecycle does not allow."""
         if event.alert_id != self.alert_id:
             raise TransitionError(f"event for {event.alert_id} applied to {self.alert_id}")
+        if event.repeat and event.state is self.state:
+            return  # a reminder changes nothing
         if event.state not in TRANSITIONS[self.state]:
             raise TransitionError(f"{self.state} → {event.state} is not allowed")
         self.state = event.state
         self.updated_at = event.at
+        if event.severity.rank > self.severity.rank:
+            self.severity = event.severity  # an escalation may raise it, never lower it
         if event.state is AlertState.ACKNOWLEDGED:
             self.acknowledged_by = event.by
-        if event.state is AlertState.ESCALATED and Audience.OPERATOR not in self.audience:
-            self.audience = (*self.audience, Audience.OPERATOR)
+        if event.state is AlertState.ESCALATED:
+            # Escalation widens the audience: to the escalation rule's audience, and always operators.
+            self.audience = tuple(dict.fromkeys((*self.audience, *event.audience, Audience.OPERATOR)))
         self.triggered_by = tuple(dict.fromkeys((*self.triggered_by, *event.triggered_by)))
 
     @property

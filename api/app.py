@@ -11,19 +11,24 @@ from pathlib import Path
 from typing import Annotated, Any, Final
 
 import psycopg
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import Counter as PromCounter
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import history
+from api import history, schemas
 from api.auth import Principal, verify_token
 from api.broadcaster import Broadcaster
 from api.feed import Feed
 from api.live import LiveState, snapshot_item
 from api.ws import WsLimits, websocket_endpoint
 from ioc.errors import AuthError
+from ioc.metrics import ApiMetrics
 from ioc.registry import Registry, load_registry
 from ioc.settings import Settings
 
@@ -41,6 +46,22 @@ WALL_HEADERS: Final = {
     "Cache-Control": "no-cache",
 }
 READY_TIMEOUT_S: Final = 2.0
+DESCRIPTION: Final = """\
+REST and WebSocket interface of Nghệ An's provincial smart operations centre (CONTRACT §7).
+
+Every route but `/healthz`, `/readyz` and `/metrics` needs `Authorization: Bearer <token>`
+(`ioc token create`). A caller never sees data outside its role (`operator`, `admin`,
+`security`, `commune`) and, for a commune, its own `commune:<code>` scope: a request naming a
+scope outside its rights is answered 403, unnamed ones are filtered out. Errors are
+`{"detail": "..."}`; unknown paths answer 404 with the same body.
+
+The live feed is `WS /ws` (not listed here): see `docs/asyncapi.yaml` and `docs/api.md`.
+"""
+TAGS: Final = [
+    {"name": "kpis", "description": "Current KPI snapshots and their history (CONTRACT §4–5)."},
+    {"name": "registries", "description": "Communes and environmental stations."},
+    {"name": "operations", "description": "Liveness, readiness and Prometheus metrics; no token needed."},
+]
 
 
 @dataclass
@@ -57,6 +78,45 @@ class ApiContext:
     storage: str | None = None
     units_json: list[dict[str, Any]] = field(default_factory=list)
     stations_json: list[dict[str, Any]] = field(default_factory=list)
+    metrics: ApiMetrics = field(default_factory=ApiMetrics)
+
+
+class HttpMetrics:
+    """Counts HTTP requests by route template (never the raw path: bounded labels) and status."""
+
+    def __init__(self, app: ASGIApp, requests: PromCounter, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.requests = requests
+        self.routes = routes
+
+    def _route(self, scope: Scope, request: Scope) -> str:
+        # FastAPI's router names its own routes in the scope; for mounts and the OpenAPI page,
+        # match the request as it arrived (routing rewrites path and root_path on the way down)
+        path = getattr(scope.get("route"), "path", None)
+        if path:
+            return str(path)
+        for route in self.routes:
+            if route.matches(request)[0] is Match.FULL:
+                return str(getattr(route, "path", "unmatched"))
+        return "unmatched"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        request = {k: scope[k] for k in ("type", "path", "root_path", "method") if k in scope}
+
+        async def send_and_note(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            self.requests.labels(self._route(scope, request), str(status)).inc()
 
 
 _bearer = HTTPBearer(auto_error=False, description="An access token from `ioc token create`.")
@@ -127,18 +187,26 @@ def create_app(
     connect: bool = True,
     broadcaster: Broadcaster | None = None,
     ws_limits: WsLimits | None = None,
+    metrics: ApiMetrics | None = None,
 ) -> FastAPI:
-    """A fresh API app; ``connect=False`` opens neither database nor broker (tests)."""
+    """A fresh API app; ``connect=False`` opens neither database nor broker (tests).
+
+    ``metrics`` (a fresh registry by default) also counts for a given ``broadcaster`` that has none.
+    """
     registry = registry or load_registry(settings.units_file, settings.stations_file, settings.targets_file)
-    broadcaster = broadcaster or Broadcaster()
+    metrics = metrics or (broadcaster.metrics if broadcaster is not None else None) or ApiMetrics()
+    broadcaster = broadcaster or Broadcaster(metrics=metrics)
+    if broadcaster.metrics is None:
+        broadcaster.metrics = metrics
     live = LiveState(broadcaster)
     ctx = ApiContext(
         settings=settings,
         registry=registry,
         broadcaster=broadcaster,
         live=live,
-        feed=Feed(settings, live),
+        feed=Feed(settings, live, metrics=metrics),
         ws_limits=ws_limits or WsLimits(),
+        metrics=metrics,
         units_json=[{"code": u.code, "name": u.name, "kind": u.kind} for u in registry.units.values()],
         stations_json=[
             {
@@ -182,17 +250,34 @@ def create_app(
     app = FastAPI(
         title="Nghệ An IOC API",
         summary="KPIs, history and the live feed of the provincial smart operations centre.",
+        description=DESCRIPTION,
         version="1.0.0",
+        openapi_tags=TAGS,
         lifespan=lifespan,
     )
     app.state.ioc = ctx
+    app.add_middleware(HttpMetrics, requests=metrics.http_requests, routes=app.router.routes)
 
-    @app.get("/healthz", tags=["operations"])
+    @app.get(
+        "/healthz", tags=["operations"], response_model=None, responses=schemas.ok(schemas.Health, {"status": "ok"})
+    )
     async def healthz() -> dict[str, str]:
         """Liveness: the process answers."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["operations"])
+    @app.get(
+        "/readyz",
+        tags=["operations"],
+        response_model=None,
+        responses={
+            **schemas.ok(schemas.Readiness, schemas.READY_EXAMPLE, "The database and the broker are reachable."),
+            503: {
+                "model": schemas.Readiness,
+                "description": "The database or the broker is unreachable.",
+                "content": {"application/json": {"example": schemas.NOT_READY_EXAMPLE}},
+            },
+        },
+    )
     async def readyz() -> JSONResponse:
         """Readiness: 200 when the database and the broker are reachable, else 503."""
         database, broker = await asyncio.gather(_database_ok(ctx), _broker_ok(settings.kafka_bootstrap))
@@ -206,7 +291,30 @@ def create_app(
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.get("/api/kpis", tags=["kpis"])
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format.",
+                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}, "example": schemas.METRICS_EXAMPLE}},
+            }
+        },
+    )
+    async def prometheus_metrics() -> Response:
+        """Prometheus metrics of this API process: clients, messages, refusals, feed, HTTP requests."""
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get(
+        "/api/kpis",
+        tags=["kpis"],
+        response_model=None,
+        responses={
+            **schemas.ok(schemas.KpiList, {"items": [schemas.KPI_SNAPSHOT_EXAMPLE], "count": 1}),
+            **schemas.errors(401, 403, 422),
+        },
+    )
     async def kpis(
         caller: Caller,
         kpi: Annotated[str | None, Query(description="KPI name(s), comma-separated")] = None,
@@ -222,17 +330,29 @@ def create_app(
         items = [snapshot_item(s) for s in found if caller.can_see_kpi(s.kpi, s.scope)]
         return {"items": items, "count": len(items)}
 
-    @app.get("/api/kpis/history", tags=["kpis"])
+    @app.get(
+        "/api/kpis/history",
+        tags=["kpis"],
+        response_model=None,
+        responses={
+            **schemas.ok(schemas.KpiHistory, schemas.HISTORY_EXAMPLE),
+            **schemas.errors(400, 401, 403, 422, 503),
+        },
+    )
     async def kpi_history(
         caller: Caller,
-        kpi: str | None = None,
-        scope: str | None = None,
-        window: str | None = None,
+        kpi: Annotated[str | None, Query(description="one KPI name, e.g. env.aqi (required)")] = None,
+        scope: Annotated[str | None, Query(description="one scope, e.g. province (required)")] = None,
+        window: Annotated[str | None, Query(description="one window: 1h, 24h, today, mtd, now (required)")] = None,
         start: Annotated[str | None, Query(alias="from", description="ISO 8601; default: 24 h before `to`")] = None,
         end: Annotated[str | None, Query(alias="to", description="ISO 8601; default: now")] = None,
         bucket: Annotated[str | None, Query(description="1m, 5m, 1h, 1d ...; default: fits the range")] = None,
     ) -> dict[str, Any]:
-        """A KPI's time series, one point per bucket (its last value, with min, max and mean)."""
+        """A KPI's time series, one point per bucket (its last value, with min, max and mean).
+
+        `kpi`, `scope` and `window` are required (400 naming the missing ones); at most 31 days
+        and 2,000 points per request.
+        """
         try:
             q = history.build_query(kpi, scope, window, start, end, bucket)
         except history.HistoryQueryError as exc:
@@ -259,12 +379,22 @@ def create_app(
             "points": [history.point(r) for r in rows[: history.MAX_POINTS]],
         }
 
-    @app.get("/api/units", tags=["registries"])
+    @app.get(
+        "/api/units",
+        tags=["registries"],
+        response_model=None,
+        responses={**schemas.ok(schemas.UnitList, schemas.UNITS_EXAMPLE), **schemas.errors(401)},
+    )
     async def units(caller: Caller) -> dict[str, Any]:
         """The province's communes (xã, phường)."""
         return {"items": ctx.units_json, "count": len(ctx.units_json)}
 
-    @app.get("/api/stations", tags=["registries"])
+    @app.get(
+        "/api/stations",
+        tags=["registries"],
+        response_model=None,
+        responses={**schemas.ok(schemas.StationList, schemas.STATIONS_EXAMPLE), **schemas.errors(401)},
+    )
     async def stations(caller: Caller) -> dict[str, Any]:
         """Environmental stations, with flood alarm levels BĐ I–III for water gauges."""
         return {"items": ctx.stations_json, "count": len(ctx.stations_json)}

@@ -131,6 +131,19 @@ def create_token(
     )
 
 
+def verification_key(settings: Settings, kid: str) -> str | None:
+    """The key that verifies tokens of ``kid``: the current one, a retired one, or None (refused).
+
+    Rotation: move the current key into ``IOC_SIGNING_KEYS_PREVIOUS`` under its kid, set a new
+    ``IOC_SIGNING_KEY``/``IOC_SIGNING_KEY_ID``; tokens already issued keep working until they
+    expire, then drop the retired entry.
+    """
+    if kid == settings.signing_key_id:
+        return settings.effective_signing_key()
+    retired = settings.signing_keys_previous.get(kid)
+    return retired.get_secret_value() if retired is not None else None
+
+
 def verify_token(settings: Settings, token: str | None, *, communes: Collection[str] | None = None) -> Principal:
     """The caller a token names; AuthError if it is missing, malformed, expired or not ours."""
     if not token:
@@ -139,12 +152,14 @@ def verify_token(settings: Settings, token: str | None, *, communes: Collection[
         header = jwt.get_unverified_header(token)
     except jwt.PyJWTError as exc:
         raise AuthError("malformed token") from exc
-    if header.get("kid") != settings.signing_key_id:
+    kid = header.get("kid")
+    key = verification_key(settings, kid) if isinstance(kid, str) else None
+    if key is None:
         raise AuthError("token signed with an unknown key id")
     try:
         claims = jwt.decode(
             token,
-            settings.effective_signing_key(),
+            key,
             algorithms=[ALGORITHM],
             options={"require": ["sub", "role", "exp", "iat"]},
             leeway=LEEWAY,

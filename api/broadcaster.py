@@ -24,6 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
+from prometheus_client import Counter
+
+from ioc.metrics import ApiMetrics
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,18 @@ def dumps(message: Mapping[str, Any]) -> str:
     return orjson.dumps(message).decode()
 
 
+_TYPE_PREFIX: Final = '{"type":"'
+
+
+def frame_type(text: str) -> str:
+    """The ``type`` of a frame, read off its start: every frame is a dict with ``type`` first."""
+    if text.startswith(_TYPE_PREFIX):
+        end = text.find('"', len(_TYPE_PREFIX))
+        if end > 0:
+            return text[len(_TYPE_PREFIX) : end]
+    return "other"
+
+
 #: Pending frames a client may have before it is cut off. Keyed KPI frames coalesce, so this is
 #: about the number of distinct series a client follows: an operator wall on every commune
 #: channel follows ~8,000, and the first publication after a worker (re)start touches them all.
@@ -67,14 +82,17 @@ class Subscriber:
         max_queue: int = DEFAULT_MAX_QUEUE,
         max_lag_s: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        coalesced_total: Counter | None = None,
     ) -> None:
         self.max_queue = max_queue
         self.max_lag_s = max_lag_s
         self._clock = clock
+        self._coalesced_total = coalesced_total
         self._pending: OrderedDict[Hashable, str] = OrderedDict()
         self._unique = itertools.count()
         self._behind_since: float | None = None
         self._wakeup = asyncio.Event()
+        self._closed = asyncio.Event()
         self.filters: dict[str, ItemFilter | None] = {}
         #: Why the broadcaster closed this subscriber (None while open).
         self.closed: str | None = None
@@ -102,6 +120,8 @@ class Subscriber:
             slot = (channel, key)
             if self._pending.pop(slot, None) is not None:
                 self.coalesced += 1
+                if self._coalesced_total is not None:
+                    self._coalesced_total.inc()
         else:
             slot = next(self._unique)
         self._pending[slot] = text
@@ -126,11 +146,17 @@ class Subscriber:
             self._wakeup.clear()
         return [] if self.closed is not None else self.drain()
 
+    async def wait_closed(self) -> str:
+        """Wait until the subscriber is closed (even while its connection is stuck sending)."""
+        await self._closed.wait()
+        return self.closed or ""
+
     def close(self, reason: str) -> None:
         if self.closed is None:
             self.closed = reason
             self._pending.clear()
             self._wakeup.set()
+            self._closed.set()
 
 
 @dataclass(slots=True)
@@ -152,8 +178,10 @@ class Broadcaster:
         max_lag_s: float = 30.0,
         seq_origin: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        metrics: ApiMetrics | None = None,
     ) -> None:
         self.history_size = history_size
+        self.metrics = metrics
         self.max_queue = max_queue
         self.max_lag_s = max_lag_s
         self.seq_origin = int(time.time() * 1_000_000) if seq_origin is None else seq_origin
@@ -203,11 +231,22 @@ class Broadcaster:
     # -- subscribers --------------------------------------------------------------------------
 
     def connect(self) -> Subscriber:
-        sub = Subscriber(max_queue=self.max_queue, max_lag_s=self.max_lag_s, clock=self._clock)
+        sub = Subscriber(
+            max_queue=self.max_queue,
+            max_lag_s=self.max_lag_s,
+            clock=self._clock,
+            coalesced_total=self.metrics.ws_coalesced if self.metrics else None,
+        )
         self._subscribers.add(sub)
         return sub
 
     def disconnect(self, sub: Subscriber) -> None:
+        """Forget ``sub``; one that was closed for falling behind is counted and logged once."""
+        if sub in self._subscribers and sub.closed is not None:
+            self.disconnected_slow += 1
+            if self.metrics is not None:
+                self.metrics.ws_disconnected_slow.inc()
+            log.warning("websocket client disconnected: %s", sub.closed)
         for name in sub.filters:
             ch = self._channels.get(name)
             if ch is not None:
@@ -217,8 +256,6 @@ class Broadcaster:
 
     def _drop_closed(self, sub: Subscriber) -> None:
         if sub in self._subscribers:
-            self.disconnected_slow += 1
-            log.warning("websocket client disconnected: %s", sub.closed)
             self.disconnect(sub)
 
     def subscribe(

@@ -21,6 +21,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.errors import KafkaError
 
 from api.live import LiveState
+from ioc.metrics import ApiMetrics
 from ioc.settings import TOPIC_ALERTS, TOPIC_KPI, Settings
 from streams.snapshot import Snapshot, decode
 
@@ -72,9 +73,15 @@ async def load_latest(database_url: str, live: LiveState, *, timeout_s: float = 
 class Feed:
     """The background task of one API process: load the database, then follow the topics."""
 
-    def __init__(self, settings: Settings, live: LiveState, *, retry_max_s: float = 30.0) -> None:
+    def __init__(
+        self, settings: Settings, live: LiveState, *, retry_max_s: float = 30.0, metrics: ApiMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.live = live
+        # labelled by the contract's topic names, so dashboards do not depend on IOC_TOPIC_PREFIX
+        metrics = metrics or ApiMetrics()
+        self._kpi_updates = metrics.feed_updates.labels(TOPIC_KPI)
+        self._alert_updates = metrics.feed_updates.labels(TOPIC_ALERTS)
         self.retry_max_s = retry_max_s
         self.kpi_topic = settings.topic(TOPIC_KPI)
         self.alerts_topic = settings.topic(TOPIC_ALERTS)
@@ -185,11 +192,13 @@ class Feed:
         try:
             if topic == self.kpi_topic:
                 self.live.apply_snapshot(decode(value))
+                self._kpi_updates.inc()
             else:
                 alert = orjson.loads(value)
                 if not isinstance(alert, dict):
                     raise ValueError("alert is not a JSON object")
                 self.live.apply_alert(alert)
+                self._alert_updates.inc()
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             self.invalid += 1
             if self.invalid <= 10 or self.invalid % 1000 == 0:

@@ -14,6 +14,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -22,9 +23,10 @@ import orjson
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from api.auth import Principal, verify_token
-from api.broadcaster import CLOSE_TOO_SLOW, Subscriber, dumps
+from api.broadcaster import CLOSE_TOO_SLOW, Subscriber, dumps, frame_type
 from api.live import channel_exists, item_filter
 from ioc.errors import AuthError
+from ioc.metrics import ApiMetrics
 
 if TYPE_CHECKING:
     from api.app import ApiContext
@@ -36,6 +38,11 @@ CLOSE_ORIGIN: Final = 4403
 CLOSE_POLICY: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
 SUBPROTOCOL: Final = "bearer"
+#: How long a closed-for-slowness client's sender may take to flush the ``too_slow`` error
+#: before the connection is cut anyway (a client that stopped reading never lets it finish).
+SLOW_GRACE_S: Final = 1.0
+#: Longest wait for a close frame to go out to a client that may not be reading.
+CLOSE_TIMEOUT_S: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +112,12 @@ def auth_ok(principal: Principal) -> str:
     )
 
 
+async def send_counted(ws: WebSocket, metrics: ApiMetrics, text: str) -> None:
+    """Send one frame straight to the socket (before a Connection exists), counting it by type."""
+    await ws.send_text(text)
+    metrics.ws_messages.labels(frame_type(text)).inc()
+
+
 class Connection:
     """One authenticated client: its subscriber queue, and the loops that read, write and ping."""
 
@@ -112,6 +125,7 @@ class Connection:
         self.ctx = ctx
         self.ws = ws
         self.principal = principal
+        self.metrics: ApiMetrics = ctx.metrics
         self.limits: WsLimits = ctx.ws_limits
         self.sub: Subscriber = ctx.broadcaster.connect()
         self.rate = RateLimit(self.limits.rate_per_s, self.limits.burst)
@@ -123,10 +137,14 @@ class Connection:
             asyncio.create_task(self._send_loop(), name="ws-send"),
             asyncio.create_task(self._receive_loop(), name="ws-receive"),
             asyncio.create_task(self._ping_loop(), name="ws-ping"),
+            asyncio.create_task(self._watch_slow(), name="ws-slow"),
         ]
+        clients = self.metrics.ws_clients.labels(self.principal.role)
+        clients.inc()
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
+            clients.dec()
             for t in tasks:
                 t.cancel()
             for t in tasks:
@@ -141,18 +159,32 @@ class Connection:
     async def _close(self, code: int, reason: str) -> None:
         if self.ws.application_state is WebSocketState.CONNECTED and self.ws.client_state is WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
-                await self.ws.close(code, reason)
+                await asyncio.wait_for(self.ws.close(code, reason), CLOSE_TIMEOUT_S)
+
+    async def _watch_slow(self) -> None:
+        """End the connection once the broadcaster gave up on it, even if a send is stuck."""
+        reason = await self.sub.wait_closed()
+        await asyncio.sleep(SLOW_GRACE_S)  # normally the send loop ends first, after telling the client
+        self._end(CLOSE_TOO_SLOW, "too slow")
+        log.info("websocket cut while stuck sending: %s", reason)
 
     async def _send_loop(self) -> None:
+        messages = self.metrics.ws_messages
         while True:
             frames = await self.sub.next_frames()
             if not frames:
                 self._end(CLOSE_TOO_SLOW, "too slow")
                 with contextlib.suppress(Exception):
-                    await self.ws.send_text(error("too_slow", self.sub.closed or "too slow"))
+                    await send_counted(self.ws, self.metrics, error("too_slow", self.sub.closed or "too slow"))
                 return
-            for frame in frames:
-                await self.ws.send_text(frame)
+            sent: Counter[str] = Counter()
+            try:
+                for frame in frames:
+                    await self.ws.send_text(frame)
+                    sent[frame_type(frame)] += 1
+            finally:
+                for kind, n in sent.items():
+                    messages.labels(kind).inc(n)
 
     async def _ping_loop(self) -> None:
         while True:
@@ -174,11 +206,13 @@ class Connection:
             if raw is None:
                 raw = (message.get("bytes") or b"").decode("utf-8", "replace")
             if len(raw.encode()) > self.limits.max_frame_bytes:
+                self.metrics.ws_refused.labels("frame").inc()
                 self.sub.offer(error("too_large", f"frames are limited to {self.limits.max_frame_bytes} bytes"))
                 await asyncio.sleep(0.1)
                 self._end(CLOSE_TOO_BIG, "frame too large")
                 return
             if not self.rate.allow():
+                self.metrics.ws_refused.labels("rate").inc()
                 self.sub.offer(error("rate_limited", f"at most {self.limits.rate_per_s:g} messages per second"))
                 await asyncio.sleep(0.1)
                 self._end(CLOSE_POLICY, "message rate exceeded")
@@ -212,9 +246,11 @@ class Connection:
         try:
             fresh = verify_token(self.ctx.settings, token if isinstance(token, str) else None)
         except AuthError as exc:
+            self.metrics.ws_refused.labels("auth").inc()
             self.sub.offer(error("unauthorized", str(exc)))
             return
         if (fresh.role, fresh.commune) != (self.principal.role, self.principal.commune):
+            self.metrics.ws_refused.labels("forbidden").inc()
             self.sub.offer(error("forbidden", "a new token must carry the same role and commune"))
             return
         self.principal = fresh
@@ -245,6 +281,7 @@ class Connection:
                 self.sub.offer(error("bad_request", "channel names are strings"))
                 continue
             if not self.principal.can_subscribe(channel):
+                self.metrics.ws_refused.labels("forbidden").inc()
                 self.sub.offer(error("forbidden", "outside your rights", channel=channel))
                 continue
             if not channel_exists(channel, registry.units, registry.stations):
@@ -265,6 +302,7 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     ctx: ApiContext = ws.app.state.ioc
     if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), ctx.settings.allowed_origins):
         log.info("websocket refused: origin not allowed")
+        ctx.metrics.ws_refused.labels("origin").inc()
         await ws.close(CLOSE_ORIGIN)
         return
     token = bearer_subprotocol(list(ws.scope.get("subprotocols") or ()))
@@ -276,11 +314,12 @@ async def websocket_endpoint(ws: WebSocket) -> None:
     try:
         principal = verify_token(ctx.settings, token)
     except AuthError as exc:
+        ctx.metrics.ws_refused.labels("auth").inc()
         with contextlib.suppress(Exception):
-            await ws.send_text(error("unauthorized", str(exc)))
+            await send_counted(ws, ctx.metrics, error("unauthorized", str(exc)))
             await ws.close(CLOSE_UNAUTHORIZED, "unauthorized")
         return
-    await ws.send_text(auth_ok(principal))
+    await send_counted(ws, ctx.metrics, auth_ok(principal))
     log.debug("websocket open: %s (%s)", principal.subject, principal.role)
     await Connection(ctx, ws, principal).run()
 

@@ -54,7 +54,10 @@ DEV_KEY_MARKER = "dev:"
 class Settings(BaseSettings):
     """Configuration of every ``ioc`` component. Field docs feed the configuration reference."""
 
-    model_config = SettingsConfigDict(env_prefix="IOC_", env_file=".env", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refused setting's error must not echo the secrets it was given
+    model_config = SettingsConfigDict(
+        env_prefix="IOC_", env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     mode: Mode = Field(
         Mode.DEVELOPMENT, description="`development` or `production`; production refuses development secrets."
@@ -94,6 +97,13 @@ class Settings(BaseSettings):
         description="HMAC key that signs access tokens; empty = this machine's development key (refused in production).",
     )
     signing_key_id: str = Field("k1", description="Key id (`kid`) put into new tokens.")
+    signing_keys_previous: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description=(
+            'Retired keys that still verify tokens until they expire, as a JSON object `{"kid": "key"}`; '
+            "never used to sign."
+        ),
+    )
     stations_file: Path | None = Field(
         None, description="Station registry CSV; default: the one shipped with the package."
     )
@@ -108,6 +118,22 @@ class Settings(BaseSettings):
         key = self.signing_key.get_secret_value()
         if self.mode is Mode.PRODUCTION and (not key or key.startswith(DEV_KEY_MARKER) or len(key) < 32):
             raise ConfigurationError("IOC_SIGNING_KEY must be set to a secret of at least 32 characters in production")
+        return self
+
+    @model_validator(mode="after")
+    def _check_previous_signing_keys(self) -> Settings:
+        if self.signing_key_id in self.signing_keys_previous:
+            raise ConfigurationError(
+                f"IOC_SIGNING_KEYS_PREVIOUS must not hold the current key id {self.signing_key_id!r}"
+            )
+        for kid, secret in self.signing_keys_previous.items():
+            key = secret.get_secret_value()
+            if not kid or not key:
+                raise ConfigurationError("IOC_SIGNING_KEYS_PREVIOUS needs a non-empty key id and key for each entry")
+            if self.mode is Mode.PRODUCTION and (key.startswith(DEV_KEY_MARKER) or len(key) < 32):
+                raise ConfigurationError(
+                    f"IOC_SIGNING_KEYS_PREVIOUS[{kid!r}] must be a secret of at least 32 characters in production"
+                )
         return self
 
     def topic(self, name: str) -> str:

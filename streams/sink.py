@@ -28,20 +28,6 @@ _encode = msgspec.json.Encoder().encode
 _dossier_decoder = msgspec.json.Decoder(dossier.DossierState)
 _incident_decoder = msgspec.json.Decoder(cyber.IncidentState)
 
-UPSERT_DOSSIER = """
-INSERT INTO dossier_state (dossier_id, state, terminal, last_event_at, updated_at)
-VALUES (%s, %s, %s, %s, now())
-ON CONFLICT (dossier_id) DO UPDATE
-SET state = EXCLUDED.state, terminal = EXCLUDED.terminal, last_event_at = EXCLUDED.last_event_at, updated_at = now()
-"""
-UPSERT_INCIDENT = UPSERT_DOSSIER.replace("dossier", "incident")
-UPSERT_READING = """
-INSERT INTO sensor_reading (observed_at, station_id, kind, event_id, "values")
-VALUES (%s, %s, %s, %s, %s)
-ON CONFLICT (station_id, observed_at) DO UPDATE
-SET event_id = EXCLUDED.event_id, "values" = EXCLUDED."values", kind = EXCLUDED.kind
-WHERE EXCLUDED.event_id < sensor_reading.event_id
-"""
 UPSERT_LATEST = """
 INSERT INTO kpi_latest (kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra, updated_at)
 VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
@@ -84,26 +70,79 @@ def take_changes(engine: Engine) -> Changes:
     return Changes(engine)
 
 
+#: Staging tables, one per connection, emptied at each commit: rows are COPYed in, then merged
+#: into the real tables with one set-based upsert (far cheaper than a statement per row).
+STAGING = """
+CREATE TEMP TABLE IF NOT EXISTS stage_dossier (id text, state jsonb, terminal boolean, last_us bigint) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_incident (id text, state jsonb, terminal boolean, last_us bigint) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_reading (station_id text, observed_us bigint, kind text, event_id text, vals jsonb)
+    ON COMMIT DELETE ROWS;
+"""
+EPOCH_US = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
+MERGE_ENTITY = (
+    """
+INSERT INTO {table} ({key}, state, terminal, last_event_at, updated_at)
+SELECT id, state, terminal, """
+    + EPOCH_US.format("last_us")
+    + """, now() FROM stage_{kind}
+ON CONFLICT ({key}) DO UPDATE
+SET state = EXCLUDED.state, terminal = EXCLUDED.terminal, last_event_at = EXCLUDED.last_event_at, updated_at = now()
+"""
+)
+MERGE_READING = (
+    """
+INSERT INTO sensor_reading (observed_at, station_id, kind, event_id, "values")
+SELECT """
+    + EPOCH_US.format("observed_us")
+    + """, station_id, kind, event_id, vals FROM stage_reading
+ON CONFLICT (station_id, observed_at) DO UPDATE
+SET event_id = EXCLUDED.event_id, "values" = EXCLUDED."values", kind = EXCLUDED.kind
+WHERE EXCLUDED.event_id < sensor_reading.event_id
+"""
+)
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _text(value: str) -> str:
+    """A value for COPY's text format (backslash, tab, newline and carriage return escaped)."""
+    return value.translate(_COPY_ESCAPES)
+
+
+def _entity_rows(states: dict[str, Any]) -> bytes:
+    encode = _encode
+    return "".join(
+        f"{_text(k)}\t{_text(encode(s).decode())}\t{'t' if s.terminal else 'f'}\t{s.last_event}\n"
+        for k, s in states.items()
+    ).encode()
+
+
+def _reading_rows(readings: dict[tuple[str, int], tuple[str, Reading]]) -> bytes:
+    encode = _encode
+    return "".join(
+        f"{_text(sid)}\t{t}\t{kind}\t{_text(r.event_id)}\t{_text(encode(r.values).decode())}\n"
+        for (sid, t), (kind, r) in readings.items()
+    ).encode()
+
+
 async def write_changes(conn: psycopg.AsyncConnection[Any], changes: Changes) -> int:
-    """Write the changes in one transaction; safe to call again with the same changes after a failure."""
+    """Write the changes in one transaction (COPY into staging, then one upsert per table); safe to
+    call again with the same changes after a failure."""
     if not len(changes):
         return 0
     async with conn.transaction(), conn.cursor() as cur:
-        if changes.dossiers:
-            await cur.executemany(
-                UPSERT_DOSSIER,
-                [(k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in changes.dossiers.items()],
-            )
-        if changes.incidents:
-            await cur.executemany(
-                UPSERT_INCIDENT,
-                [(k, Jsonb(s, dumps=_encode), s.terminal, _ts(s.last_event)) for k, s in changes.incidents.items()],
-            )
+        await cur.execute(STAGING)
+        for kind, table, key, states in (
+            ("dossier", "dossier_state", "dossier_id", changes.dossiers),
+            ("incident", "incident_state", "incident_id", changes.incidents),
+        ):
+            if states:
+                async with cur.copy(f"COPY stage_{kind} (id, state, terminal, last_us) FROM STDIN") as copy:
+                    await copy.write(_entity_rows(states))
+                await cur.execute(MERGE_ENTITY.format(table=table, key=key, kind=kind).encode())
         if changes.readings:
-            await cur.executemany(
-                UPSERT_READING,
-                [(_ts(t), sid, kind, r.event_id, Jsonb(r.values)) for (sid, t), (kind, r) in changes.readings.items()],
-            )
+            async with cur.copy("COPY stage_reading FROM STDIN") as copy:
+                await copy.write(_reading_rows(changes.readings))
+            await cur.execute(MERGE_READING.encode())
     return len(changes)
 
 

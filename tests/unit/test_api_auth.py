@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 from collections.abc import Callable
 
 import jwt
@@ -194,3 +195,104 @@ def test_alert_visibility_by_role(principal: Principal, alert: dict[str, str], v
 )
 def test_bearer_header_parsing(header: str | None, token: str | None) -> None:
     assert bearer_token(header) == token
+
+
+# --- key rotation and production keys ----------------------------------------------------------
+
+RETIRED_KEY = "retired-signing-key-" + "r" * 40
+
+
+def test_token_of_a_retired_but_known_key_still_verifies(make_settings: Callable[..., Settings]) -> None:
+    before = make_settings(
+        kafka_bootstrap="x:1", database_url="postgresql://x@127.0.0.1:1/x", signing_key=RETIRED_KEY, signing_key_id="k0"
+    )
+    old_token = create_token(before, "commune", commune=COMMUNE)
+    after = make_settings(
+        kafka_bootstrap="x:1",
+        database_url="postgresql://x@127.0.0.1:1/x",
+        signing_key_id="k1",
+        signing_keys_previous={"k0": RETIRED_KEY},
+    )
+    assert verify_token(after, old_token).commune == COMMUNE
+    new_token = create_token(after, "operator")
+    assert jwt.get_unverified_header(new_token)["kid"] == "k1"
+    assert verify_token(after, new_token).role == "operator"
+    with pytest.raises(AuthError, match="key id"):
+        verify_token(before, new_token)
+
+
+def test_retired_key_does_not_outlive_its_tokens(make_settings: Callable[..., Settings]) -> None:
+    before = make_settings(
+        kafka_bootstrap="x:1", database_url="postgresql://x@127.0.0.1:1/x", signing_key=RETIRED_KEY, signing_key_id="k0"
+    )
+    expired = create_token(before, "operator", ttl=dt.timedelta(minutes=-5))
+    after = make_settings(
+        kafka_bootstrap="x:1", database_url="postgresql://x@127.0.0.1:1/x", signing_keys_previous={"k0": RETIRED_KEY}
+    )
+    with pytest.raises(AuthError, match="expired"):
+        verify_token(after, expired)
+
+
+def test_token_claiming_a_retired_kid_but_signed_otherwise_is_refused(make_settings: Callable[..., Settings]) -> None:
+    forger = make_settings(
+        kafka_bootstrap="x:1",
+        database_url="postgresql://x@127.0.0.1:1/x",
+        signing_key="forged-" + "f" * 40,
+        signing_key_id="k0",
+    )
+    after = make_settings(
+        kafka_bootstrap="x:1", database_url="postgresql://x@127.0.0.1:1/x", signing_keys_previous={"k0": RETIRED_KEY}
+    )
+    with pytest.raises(AuthError, match="signature"):
+        verify_token(after, create_token(forger, "operator"))
+
+
+def test_token_without_kid_is_refused(settings: Settings) -> None:
+    now = int(dt.datetime.now(dt.UTC).timestamp())
+    token = jwt.encode(
+        {"sub": "x", "role": "operator", "iat": now, "exp": now + 60},
+        settings.effective_signing_key(),
+        algorithm="HS256",
+    )
+    with pytest.raises(AuthError, match="key id"):
+        verify_token(settings, token)
+
+
+def test_previous_keys_are_secret_in_repr_and_read_from_json_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IOC_SIGNING_KEYS_PREVIOUS", json.dumps({"k0": RETIRED_KEY}))
+    settings = Settings(_env_file=None, signing_key="current-" + "c" * 40)
+    assert settings.signing_keys_previous["k0"].get_secret_value() == RETIRED_KEY
+    assert RETIRED_KEY not in repr(settings) and RETIRED_KEY not in str(settings)
+
+
+def test_previous_keys_may_not_reuse_the_current_kid() -> None:
+    with pytest.raises(ValueError, match="current key id"):
+        Settings(_env_file=None, signing_key_id="k1", signing_keys_previous={"k1": RETIRED_KEY})
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"signing_key": "dev:" + "d" * 40},
+        {"signing_key": "too-short"},
+        {"signing_key": "p" * 40, "signing_keys_previous": {"k0": "dev:" + "d" * 40}},
+        {"signing_key": "p" * 40, "signing_keys_previous": {"k0": "short-retired"}},
+    ],
+)
+def test_production_refuses_development_or_weak_keys_without_echoing_them(
+    overrides: dict[str, object], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in ("IOC_SIGNING_KEY", "IOC_SIGNING_KEYS_PREVIOUS", "IOC_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match="production") as refused:
+        Settings(_env_file=None, mode="production", **overrides)  # type: ignore[arg-type]
+    for secret in ("dev:", "too-short", "short-retired"):
+        assert secret not in str(refused.value)
+
+
+def test_production_accepts_a_real_key_and_retired_keys() -> None:
+    settings = Settings(
+        _env_file=None, mode="production", signing_key="p" * 40, signing_keys_previous={"k0": RETIRED_KEY}
+    )
+    assert settings.effective_signing_key() == "p" * 40

@@ -1,0 +1,251 @@
+"""What the REST routes answer, for the OpenAPI document: response models, examples, error bodies.
+
+The routes return plain dicts (a KPI list can hold thousands of snapshots; validating each on
+the way out would cost more than serialising it), so these models document the shapes rather
+than enforce them; ``tests/unit/test_api_openapi.py`` checks real responses against them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final, Literal
+
+from pydantic import BaseModel, Field
+
+#: CONTRACT §4, verbatim.
+KPI_SNAPSHOT_EXAMPLE: Final[dict[str, Any]] = {
+    "kpi": "dossier.online_rate",
+    "scope": "commune:16681",
+    "window": "24h",
+    "value": 83.2,
+    "unit": "%",
+    "numerator": 832,
+    "denominator": 1000,
+    "target": 70.0,
+    "status": "ok",
+    "as_of": "2026-11-22T08:15:00+07:00",
+    "seq": 123456,
+}
+
+
+class KpiSnapshot(BaseModel):
+    """One value of one KPI for one scope and window (CONTRACT §4)."""
+
+    kpi: str = Field(description="KPI name from the catalogue, e.g. `dossier.online_rate`.")
+    scope: str = Field(description="`province`, `commune:<code>`, `agency:<code>` or `station:<id>`.")
+    window: str = Field(description="`1h`, `24h`, `today`, `mtd`, or `now` (a state).")
+    value: float | None = Field(description="Null where the denominator is 0.")
+    unit: str
+    numerator: float | None
+    denominator: float | None
+    target: float | None = Field(description="Plan target the value is judged against; null if none.")
+    status: Literal["ok", "warn", "breach"] | None = Field(description="Null where no target applies.")
+    as_of: str = Field(description="ISO 8601 with offset (Asia/Ho_Chi_Minh).")
+    seq: int = Field(description="Increases per (kpi, scope, window).")
+    extra: dict[str, Any] | None = Field(
+        None, description="KPI-specific detail (AQI band and colour, worst station ...)."
+    )
+
+
+class KpiList(BaseModel):
+    items: list[KpiSnapshot]
+    count: int
+
+
+class HistoryPoint(BaseModel):
+    """One bucket: its last value, with min, max and mean over the bucket."""
+
+    t: str = Field(description="Bucket start, ISO 8601 (buckets align on local midnight).")
+    value: float | None
+    min: float | None
+    max: float | None
+    avg: float | None
+    numerator: float | None
+    denominator: float | None
+    status: str | None
+    as_of: str
+    seq: int
+    samples: int
+
+
+class KpiHistory(BaseModel):
+    kpi: str
+    scope: str
+    window: str
+    from_: str = Field(alias="from")
+    to: str
+    bucket: str
+    storage: str = Field(description="`timescaledb` or `postgresql`.")
+    points: list[HistoryPoint]
+
+
+class Unit(BaseModel):
+    code: str
+    name: str
+    kind: Literal["xa", "phuong"]
+
+
+class UnitList(BaseModel):
+    items: list[Unit]
+    count: int
+
+
+class Station(BaseModel):
+    station_id: str
+    name: str
+    kind: Literal["air", "water", "rain", "weather"]
+    commune_code: str
+    lat: float
+    lon: float
+    interval_s: int
+    river: str | None
+    bd1_m: float | None = Field(description="Flood alarm level I (water gauges).")
+    bd2_m: float | None
+    bd3_m: float | None
+
+
+class StationList(BaseModel):
+    items: list[Station]
+    count: int
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    database: str
+    broker: str
+    feed: dict[str, Any]
+    clients: int
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer of the API (FastAPI's ``HTTPException`` body)."""
+
+    detail: str
+
+
+class ValidationIssue(BaseModel):
+    type: str
+    loc: list[str | int]
+    msg: str
+    input: Any = None
+
+
+class ValidationErrorBody(BaseModel):
+    """A 422: a parameter that does not have the declared type."""
+
+    detail: list[ValidationIssue]
+
+
+READY_EXAMPLE: Final = {
+    "status": "ready",
+    "database": "ok",
+    "broker": "ok",
+    "feed": {
+        "loaded": True,
+        "consuming": True,
+        "records": 1532,
+        "invalid": 0,
+        "kpis": 8210,
+        "last_record_at": "2026-11-22T01:15:02.114000+00:00",
+    },
+    "clients": 12,
+}
+NOT_READY_EXAMPLE: Final = {**READY_EXAMPLE, "status": "not ready", "broker": "unreachable"}
+
+HISTORY_EXAMPLE: Final = {
+    "kpi": "env.aqi",
+    "scope": "province",
+    "window": "now",
+    "from": "2026-11-22T05:00:00+07:00",
+    "to": "2026-11-22T08:00:00+07:00",
+    "bucket": "1h",
+    "storage": "timescaledb",
+    "points": [
+        {
+            "t": "2026-11-22T05:00:00+07:00",
+            "value": 72.0,
+            "min": 61.0,
+            "max": 80.0,
+            "avg": 70.4,
+            "numerator": None,
+            "denominator": None,
+            "status": None,
+            "as_of": "2026-11-22T05:59:00+07:00",
+            "seq": 4711,
+            "samples": 60,
+        }
+    ],
+}
+UNITS_EXAMPLE: Final = {"items": [{"code": "16681", "name": "Phường Thành Vinh", "kind": "phuong"}], "count": 1}
+STATIONS_EXAMPLE: Final = {
+    "items": [
+        {
+            "station_id": "WL-NAMDAN",
+            "name": "Trạm thủy văn Nam Đàn",
+            "kind": "water",
+            "commune_code": "17935",
+            "lat": 18.697,
+            "lon": 105.5,
+            "interval_s": 600,
+            "river": "Cả",
+            "bd1_m": 5.4,
+            "bd2_m": 6.9,
+            "bd3_m": 7.9,
+        }
+    ],
+    "count": 1,
+}
+METRICS_EXAMPLE: Final = """\
+# HELP ioc_ws_clients Connected WebSocket clients, by role
+# TYPE ioc_ws_clients gauge
+ioc_ws_clients{role="operator"} 3.0
+# HELP ioc_ws_refused_total WebSocket connections or subscriptions refused, by reason
+# TYPE ioc_ws_refused_total counter
+ioc_ws_refused_total{reason="forbidden"} 2.0
+"""
+
+ERROR_EXAMPLES: Final[dict[int, tuple[str, Any]]] = {
+    400: (
+        "The query cannot be answered as asked; the message says how to fix it.",
+        {"detail": "bucket '5 minutes' is not understood: use whole minutes, hours or days, e.g. 5m, 1h, 1d"},
+    ),
+    401: (
+        "No bearer token, or one that is malformed, expired, or signed with an unknown key.",
+        {"detail": "token expired"},
+    ),
+    403: (
+        "The token is valid but the data is outside its role or commune.",
+        {"detail": "scope 'commune:16690' is outside your rights"},
+    ),
+    404: ("No such path.", {"detail": "Not Found"}),
+    422: (
+        "A parameter FastAPI could not read as declared (the generic shape; these routes take strings).",
+        {
+            "detail": [
+                {"type": "string_type", "loc": ["query", "scope"], "msg": "Input should be a valid string", "input": 5}
+            ]
+        },
+    ),
+    503: ("The database is not connected or unreachable; retry later.", {"detail": "the database is unreachable"}),
+}
+
+
+def ok(model: type[BaseModel], example: Any, description: str = "Success.") -> dict[int | str, dict[str, Any]]:
+    """The documented 200 answer of a route: its model and an example."""
+    return {200: {"model": model, "description": description, "content": {"application/json": {"example": example}}}}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The documented error answers of a route, each with its body model and an example."""
+    documented: dict[int | str, dict[str, Any]] = {}
+    for code in codes:
+        description, example = ERROR_EXAMPLES[code]
+        documented[code] = {
+            "model": ValidationErrorBody if code == 422 else ErrorBody,
+            "description": description,
+            "content": {"application/json": {"example": example}},
+        }
+    return documented
