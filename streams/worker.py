@@ -34,8 +34,11 @@ from ioc.metrics import WorkerMetrics
 from ioc.registry import Registry, load_registry
 from ioc.settings import Settings
 from streams import sink
+from streams.alerting import Alerting
+from streams.cyber import IncidentState
 from streams.engine import Engine
 from streams.snapshot import encode
+from streams.windows import TZ
 
 log = logging.getLogger(__name__)
 US = 1_000_000
@@ -54,6 +57,10 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
+def _as_datetime(us: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(us / US, TZ)
+
+
 class Ingest:
     """Batches from the input topics → engine → database → offsets; snapshots → database → `ioc.kpi.updates`."""
 
@@ -62,6 +69,7 @@ class Ingest:
         self.registry = registry
         self.engine = Engine(registry, now_us())
         self.logical = {settings.topic(t): t for t in cfg.INPUT_TOPICS}
+        self.alerting = Alerting(settings, registry)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         #: One connection per writer: batches (state) and the emit timer (snapshots) run concurrently.
@@ -92,6 +100,7 @@ class Ingest:
             enable_idempotence=False,
         )
         await self.producer.start()
+        await self.alerting.start_listening()
         self.consumer = AIOKafkaConsumer(
             *self.logical,
             bootstrap_servers=self.settings.kafka_bootstrap,
@@ -134,6 +143,7 @@ class Ingest:
         if server is not None:
             server.shutdown()
             server.server_close()
+        await self.alerting.stop()
         for closer in (self.consumer, self.producer):
             if closer is not None:
                 try:
@@ -256,6 +266,10 @@ class Ingest:
         # Pipelining: this batch's effects are taken now; the previous flush must finish (it commits
         # earlier offsets) before this one starts, and it overlaps the next batch's processing.
         futures = [await self._dead_letter(rec, error) for rec, error in dead]
+        if engine.incidents.changed:
+            incidents = [s for s in engine.incidents.changed.values() if isinstance(s, IncidentState)]
+            self.alerting.on_incidents(incidents, _as_datetime(engine.now_us))
+        self.alerting.on_batch(len(dead), n, time.monotonic())
         changes = sink.take_changes(engine)
         await self.drain()
         self._flushing = asyncio.create_task(self._flush(changes, futures, offsets, started))
@@ -318,21 +332,35 @@ class Ingest:
         async with self.emit_lock:
             started = time.monotonic()
             self.engine.advance(now_us())
+            now = _as_datetime(self.engine.now_us)
             self._observe_lag()
             snapshots = self.engine.snapshots()
-            if not snapshots:
-                return 0
-            # The database first: its seq is then never behind what subscribers have seen.
-            await self._durably("snapshots", "writing snapshots", lambda conn: sink.write_snapshots(conn, snapshots))
-            self.metrics.db_write_seconds.labels("snapshots").observe(time.monotonic() - started)
             assert self.producer is not None
-            topic = self.settings.topic(cfg.TOPIC_KPI)
-            futures = [await self.producer.send(topic, value=encode(s), key=s.key.encode()) for s in snapshots]
-            await asyncio.gather(*futures)
-            self.stats["snapshots"] += len(snapshots)
-            self.metrics.snapshots.inc(len(snapshots))
-            self.metrics.emit_seconds.observe(time.monotonic() - started)
+            if snapshots:
+                # The database first: its seq is then never behind what subscribers have seen.
+                await self._durably("snapshots", "writing snapshots", lambda c: sink.write_snapshots(c, snapshots))
+                self.metrics.db_write_seconds.labels("snapshots").observe(time.monotonic() - started)
+                topic = self.settings.topic(cfg.TOPIC_KPI)
+                futures = [await self.producer.send(topic, value=encode(s), key=s.key.encode()) for s in snapshots]
+                await asyncio.gather(*futures)
+                self.stats["snapshots"] += len(snapshots)
+                self.metrics.snapshots.inc(len(snapshots))
+                self.metrics.emit_seconds.observe(time.monotonic() - started)
+            await self._alert(snapshots, now)
             return len(snapshots)
+
+    async def _alert(self, snapshots: list[Any], now: dt.datetime) -> None:
+        """Alert rules over the new snapshots and the clock; the audit trail first, then `ioc.alerts`."""
+        alerting = self.alerting
+        alerting.on_snapshots(snapshots, now)
+        await self._durably("snapshots", "reading silences", lambda c: alerting.sync_silences(c, now))
+        alerting.tick(now)
+        events = alerting.take()
+        if events:
+            await self._durably("snapshots", "writing alerts", lambda c: alerting.persist(c, events))
+            assert self.producer is not None
+            await alerting.publish(self.producer, events)
+            self.stats["alert_events"] += len(events)
 
     def _observe_lag(self) -> None:
         m, consumer = self.metrics, self.consumer
@@ -393,6 +421,14 @@ def create_app(settings: Settings, registry: Registry | None = None) -> tuple[fa
         @mode.Service.task
         async def _consume(self) -> None:
             await ingest.run()
+
+        @mode.Service.task
+        async def _listen_alerts(self) -> None:
+            await ingest.ready.wait()
+            try:
+                await ingest.alerting.listen()
+            except ConsumerStoppedError:
+                return
 
         @mode.Service.timer(settings.emit_interval_s)
         async def _emit(self) -> None:

@@ -7,6 +7,9 @@ Tables
     incident_state  one row per incident, likewise
     sensor_reading  one row per (station, observed_at) (time series, like kpi_history)
     ioc_meta        key/value facts about this database (which storage flavour it uses)
+    alert_event     the audit trail: every alert lifecycle event (AlertEvent), who and when
+    alert_current   the current state of every alert (one row per alert_id)
+    alert_silence   silences (matchers, validity, who and why, who expired them)
 
 The state tables are what the stream worker rebuilds its in-memory state from after a restart;
 the KPIs themselves are always derivable from them (docs/design.md).
@@ -64,6 +67,47 @@ CREATE TABLE IF NOT EXISTS incident_state (
 );
 CREATE INDEX IF NOT EXISTS incident_state_open ON incident_state (last_event_at) WHERE NOT terminal;
 CREATE INDEX IF NOT EXISTS incident_state_recent ON incident_state (last_event_at);
+
+CREATE TABLE IF NOT EXISTS alert_event (
+    id           bigserial   PRIMARY KEY,
+    alert_id     text        NOT NULL,
+    fingerprint  text        NOT NULL,
+    state        text        NOT NULL,
+    at           timestamptz NOT NULL,
+    by           text        NOT NULL,
+    event        jsonb       NOT NULL,
+    recorded_at  timestamptz NOT NULL DEFAULT now(),
+    -- the same event written twice (a replayed batch) is one row
+    UNIQUE (alert_id, state, at, by)
+);
+CREATE INDEX IF NOT EXISTS alert_event_alert ON alert_event (alert_id, at);
+
+CREATE TABLE IF NOT EXISTS alert_current (
+    alert_id     text        PRIMARY KEY,
+    fingerprint  text        NOT NULL,
+    rule         text        NOT NULL,
+    scope        text        NOT NULL,
+    severity     text        NOT NULL,
+    state        text        NOT NULL,
+    domain       text        NOT NULL,
+    commune_code text,
+    started_at   timestamptz NOT NULL,
+    updated_at   timestamptz NOT NULL,
+    alert        jsonb       NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alert_current_active ON alert_current (state, severity) WHERE state <> 'resolved';
+
+CREATE TABLE IF NOT EXISTS alert_silence (
+    id          text        PRIMARY KEY,
+    matchers    jsonb       NOT NULL,
+    starts_at   timestamptz NOT NULL,
+    ends_at     timestamptz NOT NULL,
+    created_by  text        NOT NULL,
+    reason      text        NOT NULL,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    expired_at  timestamptz,
+    expired_by  text
+);
 """
 
 KPI_HISTORY: Final = """
