@@ -97,6 +97,17 @@ def alert_id_for(fp: str, started_at: dt.datetime) -> str:
     return hashlib.sha256(f"{fp}|{us}".encode()).hexdigest()[:16]
 
 
+def silence_id(
+    matchers: Mapping[str, str | Sequence[str]], starts: dt.datetime, ends: dt.datetime, by: str, reason: str
+) -> str:
+    """The id of a silence, derived from its content: the same matchers (a pattern or a list of one is
+    the same), validity, author and reason give the same id wherever it is computed (the engine, the
+    API). Raises ValueError for matchers `matchers_from` refuses."""
+    canonical = {m.label: m.patterns for m in matchers_from(dict(matchers))}
+    digest = json.dumps([canonical, _us(starts), _us(ends), by, reason], sort_keys=True, ensure_ascii=False)
+    return "sil-" + hashlib.sha256(digest.encode()).hexdigest()[:12]
+
+
 def _from_us(us: int) -> dt.datetime:
     return (EPOCH + dt.timedelta(microseconds=us)).astimezone(TZ)
 
@@ -368,8 +379,7 @@ class AlertEngine:
         if not by.strip() or not reason.strip():
             raise SilenceError("a silence needs who (by) and why (reason)")
         canonical = {m.label: m.patterns for m in parsed}
-        digest = json.dumps([canonical, _us(starts), _us(ends), by, reason], sort_keys=True, ensure_ascii=False)
-        sid = "sil-" + hashlib.sha256(digest.encode()).hexdigest()[:12]
+        sid = silence_id(canonical, starts, ends, by, reason)
         if sid in self._silences:
             return self._silences[sid]
         silence = Silence(id=sid, matchers=canonical, starts_at=starts, ends_at=ends, created_by=by, reason=reason)

@@ -148,8 +148,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         registry = load_registry(
             args.units or settings.units_file, args.stations or settings.stations_file, settings.targets_file
         )
-        snapshots, counts = replay(args.file, registry, args.until, progress=None if args.no_progress else sys.stderr)
-        write(snapshots, sys.stdout.buffer)
+        snapshots, counts, alert_events = replay(
+            args.file, registry, args.until, progress=None if args.no_progress else sys.stderr
+        )
+        write(snapshots, sys.stdout.buffer, alert_events)
         sys.stdout.flush()
         log.info("replay: %s", counts)
         return 0

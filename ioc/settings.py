@@ -6,8 +6,10 @@ import os
 import secrets
 from enum import StrEnum
 from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ioc.errors import ConfigurationError
@@ -49,6 +51,44 @@ def development_signing_key() -> str:
 
 
 DEV_KEY_MARKER = "dev:"
+
+
+class AlertWebhook(BaseModel):
+    """One entry of ``IOC_ALERT_WEBHOOKS``: where alert notifications are POSTed, signed with ``secret``.
+
+    The filters are optional and all must pass: ``domains`` (alert domains), ``min_severity``,
+    ``audience`` (roles the alert is addressed to; any of), ``communes`` (alerts of these communes).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str = Field(repr=False)  # a webhook URL often carries a token in its path or query
+    secret: SecretStr
+    name: str | None = None
+    domains: tuple[str, ...] = ()
+    min_severity: Literal["info", "warning", "high", "critical"] | None = None
+    audience: tuple[Literal["operator", "security", "commune"], ...] = ()
+    communes: tuple[str, ...] = ()
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("a webhook url must be an http(s) URL with a host")
+        return url
+
+    @field_validator("secret")
+    @classmethod
+    def _secret_given(cls, secret: SecretStr) -> SecretStr:
+        if not secret.get_secret_value():
+            raise ValueError("a webhook needs a non-empty secret")
+        return secret
+
+    @property
+    def label(self) -> str:
+        """How logs name this webhook: its ``name``, else the URL's host (never the path, which may hold a token)."""
+        return self.name or urlsplit(self.url).hostname or "webhook"
 
 
 class Settings(BaseSettings):
@@ -112,12 +152,39 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Logging level.")
     log_json: bool = Field(False, description="Structured JSON logs (one object a line).")
     kpi_history_days: int = Field(30, ge=1, description="Days of raw KPI history kept.")
+    alert_webhooks: list[AlertWebhook] = Field(
+        default_factory=list,
+        description=(
+            "Where alert notifications are POSTed, as a JSON list of "
+            '`{"url", "secret", "name"?, "domains"?, "min_severity"?, "audience"?, "communes"?}`; '
+            "each body is signed (`X-IOC-Signature`) with its secret (docs/api.md)."
+        ),
+    )
+    alert_webhook_timeout_s: float = Field(5.0, gt=0, description="Timeout of one webhook delivery attempt.")
+    alert_webhook_max_attempts: int = Field(
+        5, ge=1, description="Delivery attempts per webhook notification before it goes to `ioc.deadletter`."
+    )
+    alert_webhook_queue: int = Field(
+        1000, ge=1, description="Notifications held per webhook while it is slow; beyond that they are dead-lettered."
+    )
 
     @model_validator(mode="after")
     def _refuse_development_secrets_in_production(self) -> Settings:
         key = self.signing_key.get_secret_value()
         if self.mode is Mode.PRODUCTION and (not key or key.startswith(DEV_KEY_MARKER) or len(key) < 32):
             raise ConfigurationError("IOC_SIGNING_KEY must be set to a secret of at least 32 characters in production")
+        return self
+
+    @model_validator(mode="after")
+    def _refuse_weak_webhooks_in_production(self) -> Settings:
+        if self.mode is Mode.PRODUCTION:
+            for hook in self.alert_webhooks:
+                if not hook.url.startswith("https://"):
+                    raise ConfigurationError(f"IOC_ALERT_WEBHOOKS[{hook.label!r}] must use https in production")
+                if len(hook.secret.get_secret_value()) < 32:
+                    raise ConfigurationError(
+                        f"IOC_ALERT_WEBHOOKS[{hook.label!r}] needs a secret of at least 32 characters in production"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -94,7 +94,7 @@ def test_restart_after_uncommitted_batches_counts_nothing_twice(
         ).fetchall()
     as_of = max(r[10] for r in rows)
     worker = {(r[0], r[1], r[2]): dict(zip(FIELDS, r[3:10], strict=True)) for r in rows}
-    snapshots, _ = replay(path, load_registry(), as_of)
+    snapshots, _, _ = replay(path, load_registry(), as_of)
     expected = {(s.kpi, s.scope, s.window): {f: getattr(s, f) for f in FIELDS} for s in snapshots}
     assert expected.keys() == worker.keys()
     assert {k: (worker[k], expected[k]) for k in worker if worker[k] != expected[k]} == {}
