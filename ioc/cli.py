@@ -158,7 +158,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "db":
         from ioc.db.migrate import migrate
 
-        storage = migrate(settings.database_url, retention_days=settings.kpi_history_days)
+        storage = migrate(
+            settings.database_url, retention_days=settings.kpi_history_days, rollup_days=settings.kpi_rollup_days
+        )
         print(f"migrated ({storage.value})")
         return 0
     if args.command == "topics":

@@ -163,9 +163,10 @@ def run_dev(
         settings = settings.model_copy(
             update={"kafka_bootstrap": bootstrap, "database_url": database_url, "api_port": port}
         )
-        storage = migrate(database_url, retention_days=settings.kpi_history_days)
+        storage = migrate(database_url, retention_days=settings.kpi_history_days, rollup_days=settings.kpi_rollup_days)
         log.info("database storage: %s", storage.value)
         ensure_topics(settings)
+        metrics_port = free_port()
         env = {
             **os.environ,
             "IOC_KAFKA_BOOTSTRAP": bootstrap,
@@ -175,7 +176,7 @@ def run_dev(
             "IOC_TOPIC_PREFIX": settings.topic_prefix,
             "IOC_MODE": settings.mode.value,
             # A free port, so two `ioc dev` side by side do not collide; the worker logs it.
-            "IOC_WORKER_METRICS_PORT": str(free_port()),
+            "IOC_WORKER_METRICS_PORT": str(metrics_port),
         }
         exe = [sys.executable, "-m", "ioc.cli"]
         children = [Child("worker", [*exe, "worker"], env), Child("api", [*exe, "api"], env)]
@@ -200,6 +201,8 @@ def run_dev(
             print(f"api: {base}", flush=True)
             print(f"wall: {base}/wall", flush=True)
             print(f"token: {token}", flush=True)
+            # Beyond the contract's five lines: where Prometheus finds each component.
+            print(f"metrics: {base}/metrics http://{settings.api_host}:{metrics_port}/metrics", flush=True)
             log.info(
                 "ready in %.1f s (storage: %s); Ctrl-C stops everything", time.monotonic() - started, storage.value
             )

@@ -152,6 +152,7 @@ class Settings(BaseSettings):
     log_level: str = Field("INFO", description="Logging level.")
     log_json: bool = Field(False, description="Structured JSON logs (one object a line).")
     kpi_history_days: int = Field(30, ge=1, description="Days of raw KPI history kept.")
+    kpi_rollup_days: int = Field(3650, ge=1, description="Days of hourly KPI rollups kept (`kpi_hourly`).")
     alert_webhooks: list[AlertWebhook] = Field(
         default_factory=list,
         description=(

@@ -28,7 +28,7 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError
 from prometheus_client import start_http_server
 
 from ioc import settings as cfg
-from ioc.db.migrate import Storage, drop_expired, ensure_partitions, storage_of
+from ioc.db.migrate import Storage, drop_expired, ensure_partitions, refresh_rollups, storage_of
 from ioc.errors import InvalidEvent
 from ioc.metrics import WorkerMetrics
 from ioc.registry import Registry, load_registry
@@ -55,6 +55,11 @@ CONSUMER_SESSION_TIMEOUT_MS = 6000
 
 def now_us() -> int:
     return time.time_ns() // 1000
+
+
+def _where(rec: ConsumerRecord[Any, Any]) -> dict[str, Any]:
+    """Log context of a record (fields of the JSON log lines)."""
+    return {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
 
 
 def _as_datetime(us: int) -> dt.datetime:
@@ -238,7 +243,9 @@ class Ingest:
                 except InvalidEvent as exc:
                     dead.append((rec, exc))
                 except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
-                    log.exception("validation failed at %s[%d]@%d", rec.topic, rec.partition, rec.offset)
+                    log.exception(
+                        "validation failed at %s[%d]@%d", rec.topic, rec.partition, rec.offset, extra=_where(rec)
+                    )
                     dead.append((rec, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="validate")))
             offsets[tp] = records[-1].offset + 1
             m.records_in.labels(logical).inc(len(records))
@@ -254,7 +261,13 @@ class Ingest:
                 if not apply(logical, key, parsed):
                     m.duplicates.labels(logical).inc()
             except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
-                log.exception("processing failed at %s[%d]@%d", rec.topic, rec.partition, rec.offset)
+                log.exception(
+                    "processing failed at %s[%d]@%d",
+                    rec.topic,
+                    rec.partition,
+                    rec.offset,
+                    extra={**_where(rec), "event_id": parsed.event.event_id},
+                )
                 dead.append((rec, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="process")))
         self.stats["records"] += n
         self.stats["deadlettered"] += len(dead)
@@ -319,7 +332,15 @@ class Ingest:
             ("ioc.source.partition", str(rec.partition).encode()),
             ("ioc.source.offset", str(rec.offset).encode()),
         ]
-        log.debug("dead-lettering %s[%d]@%d: %s", rec.topic, rec.partition, rec.offset, reason)
+        log.info(
+            "dead-lettered %s[%d]@%d (%s): %s",
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            exc.stage,
+            reason,
+            extra=_where(rec),
+        )
         future: asyncio.Future[Any] = await self.producer.send(
             self.settings.topic(cfg.TOPIC_DEADLETTER), value=rec.value, key=rec.key, headers=headers
         )
@@ -385,6 +406,8 @@ class Ingest:
                         today = dt.date.today()
                         ensure_partitions(c, today, today + dt.timedelta(days=7))
                         drop_expired(c, self.settings.kpi_history_days, today)
+                        since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=2 * MAINTENANCE_INTERVAL_S)
+                        refresh_rollups(c, since=since, rollup_days=self.settings.kpi_rollup_days)
 
             await asyncio.to_thread(sync, self.settings.database_url)
 

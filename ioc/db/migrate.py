@@ -95,7 +95,21 @@ def drop_expired(conn: psycopg.Connection, retention_days: int, today: dt.date |
     return dropped
 
 
-def migrate(database_url: str, *, retention_days: int = 30, today: dt.date | None = None) -> Storage:
+def refresh_rollups(conn: psycopg.Connection, *, since: dt.datetime, rollup_days: int) -> int:
+    """Plain PostgreSQL: recompute the hourly rollups from ``since`` on and drop those past retention
+    (TimescaleDB does both with its continuous-aggregate and retention policies)."""
+    if storage_of(conn) is not Storage.POSTGRESQL:
+        return 0
+    cur = conn.execute(schema.PLAIN_ROLLUP_REFRESH, {"since": since})
+    refreshed = cur.rowcount
+    cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(days=rollup_days)
+    conn.execute(schema.PLAIN_ROLLUP_RETENTION, {"cutoff": cutoff})
+    return refreshed
+
+
+def migrate(
+    database_url: str, *, retention_days: int = 30, rollup_days: int = 3650, today: dt.date | None = None
+) -> Storage:
     """Create or upgrade the schema; idempotent, safe to run from several processes at once."""
     today = today or dt.date.today()
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -126,10 +140,14 @@ def migrate(database_url: str, *, retention_days: int = 30, today: dt.date | Non
                     conn.execute(schema.KPI_HISTORY.format(partition_clause=" PARTITION BY RANGE (as_of)"))
                     conn.execute(schema.SENSOR_READING.format(partition_clause=" PARTITION BY RANGE (observed_at)"))
                     conn.execute(schema.PLAIN_PARTITION_FUNCTIONS)
+                    conn.execute(schema.PLAIN_ROLLUP)
                 conn.execute(
                     "INSERT INTO ioc_meta (key, value) VALUES ('storage', %s) ON CONFLICT (key) DO NOTHING",
                     (storage.value,),
                 )
+            if storage is Storage.TIMESCALEDB:
+                conn.execute(schema.TIMESCALE_ROLLUP)  # not in a transaction block: TimescaleDB requires it
+                conn.execute(schema.TIMESCALE_ROLLUP_POLICIES.format(rollup_days=rollup_days))
             if storage is Storage.POSTGRESQL:
                 made = ensure_partitions(
                     conn,

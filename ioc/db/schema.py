@@ -230,3 +230,54 @@ BEGIN
     RETURN dropped;
 END $$;
 """
+
+
+# --- hourly rollups of the KPI history (kept for years) ------------------------------------
+
+#: TimescaleDB: a continuous aggregate, refreshed and trimmed by policies. Created outside a
+#: transaction block (TimescaleDB refuses continuous aggregates inside one).
+TIMESCALE_ROLLUP = """
+CREATE MATERIALIZED VIEW IF NOT EXISTS kpi_hourly WITH (timescaledb.continuous) AS
+SELECT time_bucket(INTERVAL '1 hour', as_of) AS bucket, kpi, scope, win,
+       last(value, as_of) AS value, min(value) AS min_value, max(value) AS max_value,
+       avg(value) AS mean_value, count(*) AS samples
+FROM kpi_history
+GROUP BY bucket, kpi, scope, win
+WITH NO DATA;
+"""
+TIMESCALE_ROLLUP_POLICIES = """
+SELECT add_continuous_aggregate_policy('kpi_hourly', start_offset => INTERVAL '3 days',
+       end_offset => INTERVAL '1 hour', schedule_interval => INTERVAL '30 minutes', if_not_exists => TRUE);
+SELECT remove_retention_policy('kpi_hourly', if_exists => TRUE);
+SELECT add_retention_policy('kpi_hourly', INTERVAL '{rollup_days} days', if_not_exists => TRUE);
+"""
+
+#: Plain PostgreSQL: a table the worker's maintenance job refreshes (`refresh_rollups`).
+PLAIN_ROLLUP = """
+CREATE TABLE IF NOT EXISTS kpi_hourly (
+    bucket      timestamptz      NOT NULL,
+    kpi         text             NOT NULL,
+    scope       text             NOT NULL,
+    win         text             NOT NULL,
+    value       double precision,
+    min_value   double precision,
+    max_value   double precision,
+    mean_value  double precision,
+    samples     bigint           NOT NULL,
+    PRIMARY KEY (kpi, scope, win, bucket)
+);
+CREATE INDEX IF NOT EXISTS kpi_hourly_bucket ON kpi_hourly (bucket);
+"""
+#: Recompute the hours touched in the last ``%(since)s`` (idempotent: a rerun writes the same rows).
+PLAIN_ROLLUP_REFRESH = """
+INSERT INTO kpi_hourly (bucket, kpi, scope, win, value, min_value, max_value, mean_value, samples)
+SELECT date_bin(INTERVAL '1 hour', as_of, TIMESTAMPTZ '2000-01-01 00:00:00+00') AS bucket, kpi, scope, win,
+       (array_agg(value ORDER BY as_of DESC))[1], min(value), max(value), avg(value), count(*)
+FROM kpi_history
+WHERE as_of >= date_bin(INTERVAL '1 hour', %(since)s::timestamptz, TIMESTAMPTZ '2000-01-01 00:00:00+00')
+GROUP BY 1, kpi, scope, win
+ON CONFLICT (kpi, scope, win, bucket) DO UPDATE
+SET value = EXCLUDED.value, min_value = EXCLUDED.min_value, max_value = EXCLUDED.max_value,
+    mean_value = EXCLUDED.mean_value, samples = EXCLUDED.samples
+"""
+PLAIN_ROLLUP_RETENTION = "DELETE FROM kpi_hourly WHERE bucket < %(cutoff)s"
