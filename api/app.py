@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Final
@@ -13,7 +14,6 @@ from typing import Annotated, Any, Final
 import psycopg
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client import Counter as PromCounter
@@ -22,15 +22,17 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import history, schemas
-from api.auth import Principal, verify_token
+from api.alert_routes import alert_router
+from api.alert_store import AlertPublisher, AlertStore, KafkaAlertPublisher, PostgresAlertStore
+from api.auth import Caller
 from api.broadcaster import Broadcaster
 from api.feed import Feed
 from api.live import LiveState, snapshot_item
 from api.ws import WsLimits, websocket_endpoint
-from ioc.errors import AuthError
 from ioc.metrics import ApiMetrics
 from ioc.registry import Registry, load_registry
 from ioc.settings import Settings
+from streams.windows import TZ
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +61,10 @@ The live feed is `WS /ws` (not listed here): see `docs/asyncapi.yaml` and `docs/
 """
 TAGS: Final = [
     {"name": "kpis", "description": "Current KPI snapshots and their history (CONTRACT §4–5)."},
+    {
+        "name": "alerts",
+        "description": "Alerts, their audit trail, acknowledgement and resolution, and silences (CONTRACT §2, §7).",
+    },
     {"name": "registries", "description": "Communes and environmental stations."},
     {"name": "operations", "description": "Liveness, readiness and Prometheus metrics; no token needed."},
 ]
@@ -79,6 +85,12 @@ class ApiContext:
     units_json: list[dict[str, Any]] = field(default_factory=list)
     stations_json: list[dict[str, Any]] = field(default_factory=list)
     metrics: ApiMetrics = field(default_factory=ApiMetrics)
+    #: Where alerts are read and operator actions recorded (None: no database, the routes answer 503).
+    alerts: AlertStore | None = None
+    #: Where operator actions are published for the worker (``ioc.alerts``).
+    alert_publisher: AlertPublisher | None = None
+    #: The time of an operator action (a parameter so tests can fix it).
+    clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(TZ))
 
 
 class HttpMetrics:
@@ -119,27 +131,11 @@ class HttpMetrics:
             self.requests.labels(self._route(scope, request), str(status)).inc()
 
 
-_bearer = HTTPBearer(auto_error=False, description="An access token from `ioc token create`.")
-
-
 def _context(request: Request) -> ApiContext:
     ctx: ApiContext = request.app.state.ioc
     return ctx
 
 
-def current_principal(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> Principal:
-    """The caller of an HTTP request; 401 when the bearer token is missing or not valid."""
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
-    try:
-        return verify_token(_context(request).settings, credentials.credentials)
-    except AuthError as exc:
-        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
-
-
-Caller = Annotated[Principal, Depends(current_principal)]
 Context = Annotated[ApiContext, Depends(_context)]
 
 
@@ -188,17 +184,22 @@ def create_app(
     broadcaster: Broadcaster | None = None,
     ws_limits: WsLimits | None = None,
     metrics: ApiMetrics | None = None,
+    alert_store: AlertStore | None = None,
+    alert_publisher: AlertPublisher | None = None,
+    clock: Callable[[], dt.datetime] | None = None,
 ) -> FastAPI:
     """A fresh API app; ``connect=False`` opens neither database nor broker (tests).
 
     ``metrics`` (a fresh registry by default) also counts for a given ``broadcaster`` that has none.
+    ``alert_store`` and ``alert_publisher`` default to the database and the broker when connecting.
     """
     registry = registry or load_registry(settings.units_file, settings.stations_file, settings.targets_file)
     metrics = metrics or (broadcaster.metrics if broadcaster is not None else None) or ApiMetrics()
     broadcaster = broadcaster or Broadcaster(metrics=metrics)
     if broadcaster.metrics is None:
         broadcaster.metrics = metrics
-    live = LiveState(broadcaster)
+    station_communes = {s.station_id: s.commune_code for s in registry.stations.values()}
+    live = LiveState(broadcaster, station_communes=station_communes)
     ctx = ApiContext(
         settings=settings,
         registry=registry,
@@ -207,6 +208,8 @@ def create_app(
         feed=Feed(settings, live, metrics=metrics),
         ws_limits=ws_limits or WsLimits(),
         metrics=metrics,
+        alerts=alert_store,
+        alert_publisher=alert_publisher,
         units_json=[{"code": u.code, "name": u.name, "kind": u.kind} for u in registry.units.values()],
         stations_json=[
             {
@@ -226,8 +229,12 @@ def create_app(
         ],
     )
 
+    if clock is not None:
+        ctx.clock = clock
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own_publisher: KafkaAlertPublisher | None = None
         if connect:
             ctx.pool = AsyncConnectionPool(
                 settings.database_url,
@@ -238,12 +245,18 @@ def create_app(
                 name="ioc-api",
             )
             await ctx.pool.open(wait=False)
+            if ctx.alerts is None:
+                ctx.alerts = PostgresAlertStore(ctx.pool)
+            if ctx.alert_publisher is None:
+                ctx.alert_publisher = own_publisher = KafkaAlertPublisher(settings)
             ctx.feed.start()
         log.info("API started (feed %s)", "on" if connect else "off")
         try:
             yield
         finally:
             await ctx.feed.stop()
+            if own_publisher is not None:
+                await own_publisher.close()
             if ctx.pool is not None:
                 await ctx.pool.close()
 
@@ -398,6 +411,8 @@ def create_app(
     async def stations(caller: Caller) -> dict[str, Any]:
         """Environmental stations, with flood alarm levels BĐ I–III for water gauges."""
         return {"items": ctx.stations_json, "count": len(ctx.stations_json)}
+
+    app.include_router(alert_router(ctx))
 
     @app.get("/wall", include_in_schema=False)
     async def wall() -> FileResponse:

@@ -8,10 +8,13 @@ import logging
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import jwt
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from alerts.routing import visible_to
 from ioc.errors import AuthError, ConfigurationError
 from ioc.registry import load_units
 from ioc.settings import Settings
@@ -77,15 +80,16 @@ class Principal:
             return self.can_see_scope(channel[len(KPI_CHANNEL_PREFIX) :])
         return False
 
-    def can_see_alert(self, alert: Mapping[str, Any]) -> bool:
-        """Whether an alert event is visible: security sees cyber alerts, a commune its own."""
-        if self.sees_everything:
-            return True
+    def can_see_alert(self, alert: Mapping[str, Any], station_communes: Mapping[str, str] | None = None) -> bool:
+        """Whether an alert (event) is visible: `alerts.routing.visible_to`, and for security also the
+        alerts of cyber KPIs."""
+        try:
+            if visible_to(self.role, self.commune, alert, station_communes):
+                return True
+        except ValueError:  # an item with an unknown state or audience: judged on the rest alone
+            pass
         if self.role == "security":
-            kpi = str(alert.get("kpi") or alert.get("rule") or "")
-            return kpi.startswith("cyber.") or alert.get("domain") == "cyber"
-        if self.role == "commune" and self.commune is not None:
-            return alert.get("scope") == f"commune:{self.commune}" or alert.get("commune_code") == self.commune
+            return str(alert.get("kpi") or alert.get("rule") or "").startswith("cyber.")
         return False
 
 
@@ -192,3 +196,23 @@ def bearer_token(authorization: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         return None
     return token.strip()
+
+
+_bearer = HTTPBearer(auto_error=False, description="An access token from `ioc token create`.")
+
+
+def current_principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
+    """The caller of an HTTP request; 401 when the bearer token is missing or not valid."""
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+    settings: Settings = request.app.state.ioc.settings
+    try:
+        return verify_token(settings, credentials.credentials)
+    except AuthError as exc:
+        raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
+
+
+#: The authenticated caller of a route (a FastAPI dependency).
+Caller = Annotated[Principal, Depends(current_principal)]

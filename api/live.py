@@ -71,10 +71,18 @@ class KpiTable:
 class LiveState:
     """Current values plus the broadcaster: what the Kafka feed hands every update to."""
 
-    def __init__(self, broadcaster: Broadcaster, table: KpiTable | None = None) -> None:
+    def __init__(
+        self,
+        broadcaster: Broadcaster,
+        table: KpiTable | None = None,
+        *,
+        station_communes: Mapping[str, str] | None = None,
+    ) -> None:
         self.broadcaster = broadcaster
         self.table = table or KpiTable()
         self.recent_alerts: list[dict[str, Any]] = []
+        #: station id → commune code: a station's alerts belong to its commune.
+        self.station_communes = dict(station_communes or {})
 
     def apply_snapshot(self, snapshot: Snapshot) -> bool:
         """Take a KPI snapshot; publish it on ``kpi:<scope>`` when it is newer than the held one."""
@@ -98,17 +106,20 @@ class LiveState:
     def snapshot_items(self, channel: str, principal: Principal) -> Callable[[], list[Any]]:
         """A function building the items of ``channel`` that ``principal`` may see."""
         if channel == ALERTS_CHANNEL:
-            return lambda: [a for a in self.recent_alerts if principal.can_see_alert(a)]
+            stations = self.station_communes
+            return lambda: [a for a in self.recent_alerts if principal.can_see_alert(a, stations)]
         scope = channel[len(KPI_CHANNEL_PREFIX) :]
         return lambda: [snapshot_item(s) for s in self.table.in_scope(scope) if principal.can_see_kpi(s.kpi, s.scope)]
 
 
-def item_filter(channel: str, principal: Principal) -> ItemFilter | None:
+def item_filter(
+    channel: str, principal: Principal, station_communes: Mapping[str, str] | None = None
+) -> ItemFilter | None:
     """The per-message filter of a subscription; None when the whole channel is visible."""
     if principal.sees_everything:
         return None
     if channel == ALERTS_CHANNEL:
-        return lambda m: principal.can_see_alert(m.attrs)
+        return lambda m: principal.can_see_alert(m.attrs, station_communes)
 
     def accept(m: Published) -> bool:
         return principal.can_see_kpi(str(m.attrs.get("kpi", "")), str(m.attrs.get("scope", "")))

@@ -7,9 +7,10 @@ than enforce them; ``tests/unit/test_api_openapi.py`` checks real responses agai
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 #: CONTRACT §4, verbatim.
 KPI_SNAPSHOT_EXAMPLE: Final[dict[str, Any]] = {
@@ -139,6 +140,188 @@ class ValidationErrorBody(BaseModel):
     detail: list[ValidationIssue]
 
 
+class AlertModel(BaseModel):
+    """The current state of one alert (`alerts.model.Alert`, as kept in ``alert_current``)."""
+
+    alert_id: str
+    fingerprint: str = Field(description="Rule + scope: the same condition is one alert until it resolves.")
+    rule: str
+    scope: str
+    severity: Literal["info", "warning", "high", "critical"]
+    state: Literal["firing", "acknowledged", "escalated", "silenced", "resolved"]
+    domain: str = Field(description="`cyber`, `env`, `water`, `dossier` or `platform`.")
+    audience: list[Literal["operator", "security", "commune"]]
+    commune_code: str | None
+    message_vi: str
+    message_en: str
+    started_at: str
+    updated_at: str
+    acknowledged_by: str | None = None
+    triggered_by: list[str] = []
+    labels: dict[str, str] | None = None
+
+
+class AlertEventModel(BaseModel):
+    """One lifecycle event of an alert: the ``ioc.alerts`` payload and one row of the audit trail."""
+
+    schema_: str = Field(alias="schema", description="`ioc.alert.v1`.")
+    alert_id: str
+    fingerprint: str
+    rule: str
+    scope: str
+    severity: Literal["info", "warning", "high", "critical"]
+    state: Literal["firing", "acknowledged", "escalated", "silenced", "resolved"]
+    domain: str
+    audience: list[Literal["operator", "security", "commune"]]
+    commune_code: str | None = None
+    message_vi: str
+    message_en: str
+    at: str
+    by: str = Field(description='"system" for the engine, else the token subject of who did it.')
+    reason: str | None = None
+    triggered_by: list[str] = []
+    value: float | None = None
+    extra: dict[str, Any] | None = None
+    notify: bool = True
+    group: str | None = None
+    repeat: int = 0
+    labels: dict[str, str] | None = None
+
+
+class AlertList(BaseModel):
+    items: list[AlertModel]
+    count: int
+
+
+class AlertDetail(BaseModel):
+    alert: AlertModel
+    events: list[AlertEventModel] = Field(description="The audit trail, oldest first.")
+
+
+class AlertActionResult(BaseModel):
+    alert: AlertModel = Field(description="The alert after the step.")
+    event: AlertEventModel = Field(description="The event recorded and published on `ioc.alerts`.")
+
+
+class AlertAction(BaseModel):
+    """The body of an acknowledgement or resolution (optional)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"reason": "Đã cử đội ứng trực"}]})
+
+    reason: str | None = Field(None, max_length=1000, description="Why; kept in the audit trail.")
+
+
+class SilenceRequest(BaseModel):
+    """A new silence: mute notifications of matching alerts for a while (their state keeps running)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "matchers": {"rule": "env.*", "scope": "commune:17935"},
+                    "duration": "2h",
+                    "reason": "Bảo trì trạm quan trắc Nam Đàn",
+                }
+            ]
+        },
+    )
+
+    matchers: dict[str, str | list[str]] = Field(
+        description="Label → glob or list of globs, all must match: `rule`, `scope`, `severity`, `domain`, "
+        "`commune_code`, `state`, `kpi`, `window`, `station`, `incident`, `category`, `system`, `agency_code`."
+    )
+    starts_at: dt.datetime | None = Field(None, description="Default now; without an offset it is local time.")
+    ends_at: dt.datetime | None = Field(None, description="Give `ends_at` or `duration`, not both.")
+    duration: str | None = Field(None, description="`15m`, `2h`, `1h30m`, `1d`; at most 31 days.")
+    reason: str = Field(min_length=1, max_length=1000)
+
+
+class SilenceModel(BaseModel):
+    id: str = Field(description="Derived from the content: the same request twice is one silence.")
+    matchers: dict[str, list[str]]
+    starts_at: str
+    ends_at: str
+    created_by: str
+    reason: str
+    expired_by: str | None = None
+    expired_at: str | None = None
+    status: Literal["pending", "active", "expired", "ended"]
+
+
+class SilenceList(BaseModel):
+    items: list[SilenceModel]
+    count: int
+
+
+ALERT_EXAMPLE: Final[dict[str, Any]] = {
+    "alert_id": "9f2c4e1a7b3d5c60",
+    "fingerprint": "4b1e0c2d9a8f7e61",
+    "rule": "water.alarm_2",
+    "scope": "station:WL-NAMDAN",
+    "severity": "high",
+    "state": "firing",
+    "domain": "water",
+    "audience": ["operator", "commune"],
+    "commune_code": "17935",
+    "message_vi": "Trạm thủy văn Nam Đàn: mực nước 7,1 m, vượt báo động II",
+    "message_en": "Nam Dan gauge: water level 7.1 m, above alarm level II",
+    "started_at": "2026-11-22T08:15:00+07:00",
+    "updated_at": "2026-11-22T08:15:00+07:00",
+    "acknowledged_by": None,
+    "triggered_by": ["station:WL-NAMDAN"],
+    "labels": {"kpi": "water.level_m", "window": "now", "station": "WL-NAMDAN"},
+}
+ALERT_EVENT_EXAMPLE: Final[dict[str, Any]] = {
+    "schema": "ioc.alert.v1",
+    **{k: v for k, v in ALERT_EXAMPLE.items() if k not in ("started_at", "updated_at", "acknowledged_by")},
+    "at": "2026-11-22T08:15:00+07:00",
+    "by": "system",
+    "reason": None,
+    "value": 7.1,
+    "extra": None,
+    "notify": True,
+    "group": None,
+    "repeat": 0,
+}
+ACKED_EXAMPLE: Final[dict[str, Any]] = {
+    **ALERT_EXAMPLE,
+    "state": "acknowledged",
+    "updated_at": "2026-11-22T08:21:40+07:00",
+    "acknowledged_by": "commune:17935",
+}
+ACK_EVENT_EXAMPLE: Final[dict[str, Any]] = {
+    **ALERT_EVENT_EXAMPLE,
+    "state": "acknowledged",
+    "at": "2026-11-22T08:21:40+07:00",
+    "by": "commune:17935",
+    "reason": "Đã cử đội ứng trực",
+    "value": None,
+    "notify": False,
+}
+ALERT_LIST_EXAMPLE: Final = {"items": [ALERT_EXAMPLE], "count": 1}
+ALERT_DETAIL_EXAMPLE: Final = {"alert": ACKED_EXAMPLE, "events": [ALERT_EVENT_EXAMPLE, ACK_EVENT_EXAMPLE]}
+ALERT_ACTION_EXAMPLE: Final = {"alert": ACKED_EXAMPLE, "event": ACK_EVENT_EXAMPLE}
+SILENCE_EXAMPLE: Final[dict[str, Any]] = {
+    "id": "sil-3f9a2b7c1d0e",
+    "matchers": {"rule": ["env.*"], "scope": ["commune:17935"]},
+    "starts_at": "2026-11-22T08:30:00+07:00",
+    "ends_at": "2026-11-22T10:30:00+07:00",
+    "created_by": "operator",
+    "reason": "Bảo trì trạm quan trắc Nam Đàn",
+    "expired_by": None,
+    "expired_at": None,
+    "status": "active",
+}
+SILENCE_LIST_EXAMPLE: Final = {"items": [SILENCE_EXAMPLE], "count": 1}
+EXPIRED_SILENCE_EXAMPLE: Final = {
+    **SILENCE_EXAMPLE,
+    "expired_by": "operator",
+    "expired_at": "2026-11-22T09:05:12+07:00",
+    "status": "expired",
+}
+
+
 READY_EXAMPLE: Final = {
     "status": "ready",
     "database": "ok",
@@ -221,6 +404,10 @@ ERROR_EXAMPLES: Final[dict[int, tuple[str, Any]]] = {
         {"detail": "scope 'commune:16690' is outside your rights"},
     ),
     404: ("No such path.", {"detail": "Not Found"}),
+    409: (
+        "The alert's lifecycle does not allow this step from its current state.",
+        {"detail": "cannot acknowledge alert 9f2c4e1a7b3d5c60: acknowledged → acknowledged is not allowed"},
+    ),
     422: (
         "A parameter FastAPI could not read as declared (the generic shape; these routes take strings).",
         {
@@ -238,11 +425,12 @@ def ok(model: type[BaseModel], example: Any, description: str = "Success.") -> d
     return {200: {"model": model, "description": description, "content": {"application/json": {"example": example}}}}
 
 
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The documented error answers of a route, each with its body model and an example."""
+def errors(*codes: int, **specific: tuple[str, Any]) -> dict[int | str, dict[str, Any]]:
+    """The documented error answers of a route, each with its body model and an example;
+    ``specific={"e404": (description, example)}`` replaces the generic text of a code."""
     documented: dict[int | str, dict[str, Any]] = {}
     for code in codes:
-        description, example = ERROR_EXAMPLES[code]
+        description, example = specific.get(f"e{code}", ERROR_EXAMPLES[code])
         documented[code] = {
             "model": ValidationErrorBody if code == 422 else ErrorBody,
             "description": description,

@@ -292,7 +292,7 @@ class Connection:
                 self.sub,
                 channel,
                 live.snapshot_items(channel, self.principal),
-                accept=item_filter(channel, self.principal),
+                accept=item_filter(channel, self.principal, live.station_communes),
                 resume_from=position if isinstance(position, int) and not isinstance(position, bool) else None,
             )
 

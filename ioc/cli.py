@@ -1,4 +1,4 @@
-"""The `ioc` command: dev, worker, api, simulate, replay, db migrate, topics create, token create."""
+"""The `ioc` command: dev, worker, api, simulate, replay, db migrate, topics create, token create, bench."""
 
 from __future__ import annotations
 
@@ -89,6 +89,13 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--commune", default=None, help="commune code (required for --role commune)")
     create.add_argument("--ttl", type=_duration, default=dt.timedelta(hours=8), help="lifetime, e.g. 8h, 30d")
     create.add_argument("--subject", default=None, help="who the token is for (default: the role)")
+    bench = sub.add_parser("bench", help="the performance harness: throughput, latency, fan-out, database writes")
+    bench.add_argument("--events", type=int, default=None, help="backlog size for throughput (default 1,000,000)")
+    bench.add_argument("--quick", action="store_true", help="small sizes (a smoke test for CI)")
+    bench.add_argument("--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink")
+    bench.add_argument(
+        "--json", type=Path, default=None, help="where to write the figures (default artifacts/bench-<time>.json)"
+    )
     return p
 
 
@@ -173,6 +180,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         print(create_token(settings, args.role, commune=args.commune, ttl=args.ttl, subject=args.subject or args.role))
         return 0
+    if args.command == "bench":
+        from ioc.bench.harness import main as bench
+
+        return bench(args.events, args.quick, args.only, args.json)
     raise AssertionError(args.command)
 
 

@@ -161,6 +161,9 @@ class Settings(BaseSettings):
             "each body is signed (`X-IOC-Signature`) with its secret (docs/api.md)."
         ),
     )
+    alert_rules: Path | None = Field(
+        None, description="Alert rules YAML, reloaded when it changes; default: the rules shipped with the package."
+    )
     alert_webhook_timeout_s: float = Field(5.0, gt=0, description="Timeout of one webhook delivery attempt.")
     alert_webhook_max_attempts: int = Field(
         5, ge=1, description="Delivery attempts per webhook notification before it goes to `ioc.deadletter`."

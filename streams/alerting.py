@@ -23,7 +23,8 @@ from psycopg.types.json import Jsonb
 
 from alerts import Alert, AlertEvent
 from alerts.engine import AlertEngine
-from alerts.rules import default_rules
+from alerts.rules import RuleWatcher, default_rules
+from alerts.webhook import WebhookDispatcher, WebhookFailure
 from ioc import settings as cfg
 from ioc.registry import Registry
 from ioc.settings import Settings
@@ -55,7 +56,10 @@ class Alerting:
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
-        self.engine = AlertEngine.for_registry(default_rules(), registry)
+        self.watcher = RuleWatcher(settings.alert_rules) if settings.alert_rules else None
+        rules = self.watcher.rules if self.watcher else default_rules()
+        self.engine = AlertEngine.for_registry(rules, registry)
+        self.webhooks: WebhookDispatcher | None = None
         self.pending: list[AlertEvent] = []
         self.silences_seen: dict[str, bool] = {}
         self.consumer: AIOKafkaConsumer | None = None
@@ -79,6 +83,13 @@ class Alerting:
             self.pending.extend(self.engine.on_snapshot(snapshot, now))
 
     def tick(self, now: dt.datetime) -> None:
+        if self.watcher is not None:
+            reloaded = self.watcher.check()
+            if reloaded is not None:
+                log.info("alert rules reloaded from %s", self.settings.alert_rules)
+                self.pending.extend(self.engine.set_rules(reloaded, now))
+            elif self.watcher.error:
+                log.warning("alert rules file invalid, keeping the previous rules: %s", self.watcher.error)
         if self._recent:
             dead = sum(d for _, d, _ in self._recent)
             total = sum(t for _, _, t in self._recent)
@@ -150,6 +161,31 @@ class Alerting:
         if futures:
             await asyncio.gather(*futures)
         self.published += len(events)
+        self.notify(events)
+
+    def notify(self, events: Sequence[AlertEvent]) -> None:
+        """Hand events to the configured webhooks (never blocks; each target has its own queue)."""
+        if self.webhooks is not None:
+            for event in events:
+                self.webhooks.submit(event)
+
+    async def start_webhooks(self, producer: AIOKafkaProducer) -> None:
+        """Start delivery to `IOC_ALERT_WEBHOOKS`; what cannot be delivered goes to `ioc.deadletter`."""
+
+        async def dead_letter(failure: WebhookFailure) -> None:
+            headers = [
+                ("ioc.error.stage", b"webhook"),
+                ("ioc.error.reason", f"{failure.target}: {failure.reason} after {failure.attempts} attempts".encode()),
+                ("ioc.source.topic", self.settings.topic(cfg.TOPIC_ALERTS).encode()),
+                ("ioc.source.partition", b"-1"),
+                ("ioc.source.offset", b"-1"),
+            ]
+            await producer.send_and_wait(
+                self.settings.topic(cfg.TOPIC_DEADLETTER), value=failure.body, key=failure.key, headers=headers
+            )
+
+        self.webhooks = WebhookDispatcher.from_settings(self.settings, on_dead_letter=dead_letter)
+        await self.webhooks.start()
 
     # --- operator steps from the API ----------------------------------------------------------
 
@@ -179,7 +215,10 @@ class Alerting:
                         continue
                     if event.by != "system" and self.engine.apply_external(event):
                         log.info("alert %s %s by %s", event.alert_id, event.state.value, event.by)
+                        self.notify([event])
 
     async def stop(self) -> None:
+        if self.webhooks is not None:
+            await self.webhooks.stop()
         if self.consumer is not None:
             await self.consumer.stop()

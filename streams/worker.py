@@ -106,6 +106,7 @@ class Ingest:
         )
         await self.producer.start()
         await self.alerting.start_listening()
+        await self.alerting.start_webhooks(self.producer)
         self.consumer = AIOKafkaConsumer(
             *self.logical,
             bootstrap_servers=self.settings.kafka_bootstrap,

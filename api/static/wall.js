@@ -5,6 +5,8 @@
   const TOKEN_KEY = "ioc.token";
   const LANG_KEY = "ioc.lang";
   const STALE_MS = 60000;
+  const MAX_ALERTS = 100;
+  const ACKABLE = new Set(["firing", "escalated", "silenced"]);
 
   const TEXT = {
     vi: {
@@ -24,6 +26,12 @@
       notRecovered: "Đã tải lại toàn bộ số liệu sau khi mất kết nối (không khôi phục được phần bị lỡ).",
       forbidden: "Không có quyền xem kênh", tooSlow: "Kết nối quá chậm, đang kết nối lại…",
       notInRole: "Ngoài phạm vi quyền",
+      alertsShort: "Cảnh báo", alertsTitle: "Cảnh báo đang mở", noAlerts: "Không có cảnh báo.",
+      ack: "Xác nhận", acking: "Đang xác nhận…", ackFailed: "Không xác nhận được cảnh báo",
+      severities: { info: "Thông tin", warning: "Cảnh báo", high: "Cao", critical: "Khẩn cấp" },
+      states: { firing: "Đang kích hoạt", acknowledged: "Đã xác nhận", escalated: "Đã chuyển cấp",
+        silenced: "Tạm im lặng", resolved: "Đã xử lý" },
+      by: "bởi",
       bands: ["Tốt", "Trung bình", "Kém", "Xấu", "Rất xấu", "Nguy hại"],
     },
     en: {
@@ -43,6 +51,12 @@
       notRecovered: "Data reloaded in full after a disconnection (the missed updates could not be replayed).",
       forbidden: "Not allowed to view channel", tooSlow: "Connection too slow, reconnecting…",
       notInRole: "Outside your rights",
+      alertsShort: "Alerts", alertsTitle: "Open alerts", noAlerts: "No alerts.",
+      ack: "Acknowledge", acking: "Acknowledging…", ackFailed: "Could not acknowledge the alert",
+      severities: { info: "Info", warning: "Warning", high: "High", critical: "Critical" },
+      states: { firing: "Firing", acknowledged: "Acknowledged", escalated: "Escalated",
+        silenced: "Silenced", resolved: "Resolved" },
+      by: "by",
       bands: ["Good", "Moderate", "Poor", "Bad", "Very bad", "Hazardous"],
     },
   };
@@ -55,6 +69,8 @@
     lang: localStorage.getItem(LANG_KEY) === "en" ? "en" : "vi",
     token: null, ws: null, role: null, commune: null,
     items: new Map(),      // "kpi|scope|window" -> snapshot item
+    alerts: new Map(),     // alert_id -> its latest known state (from GET /api/alerts and the alerts channel)
+    acking: new Set(),     // alert ids with an acknowledgement in flight
     seq: {},               // channel -> last seq received (for resume)
     units: [], unitNames: new Map(),
     lastMessageAt: 0, lastUpdateAt: null, retry: 0, retryTimer: null, renderQueued: false,
@@ -124,9 +140,106 @@
   }
 
   function channelsFor() {
-    if (state.role === "commune") return ["kpi:commune:" + state.commune];
-    if (state.role === "security") return ["kpi:province"];
-    return ["kpi:province"].concat(state.units.map((u) => "kpi:commune:" + u.code));
+    if (state.role === "commune") return ["kpi:commune:" + state.commune, "alerts"];
+    if (state.role === "security") return ["kpi:province", "alerts"];
+    return ["kpi:province", "alerts"].concat(state.units.map((u) => "kpi:commune:" + u.code));
+  }
+
+  // --- alerts: the ticker --------------------------------------------------------------------------
+  const authHeaders = () => ({ Authorization: "Bearer " + state.token });
+
+  // An alert (REST) or an alert event (the channel), reduced to what the ticker shows.
+  function putAlert(a, fresh) {
+    const at = a.at || a.updated_at || a.started_at;
+    const ts = Date.parse(at);
+    const held = state.alerts.get(a.alert_id);
+    if (held && held.ts > ts) return;  // an older event arriving late changes nothing
+    state.alerts.set(a.alert_id, {
+      alert_id: a.alert_id, severity: a.severity, state: a.state, domain: a.domain,
+      message_vi: a.message_vi, message_en: a.message_en, at, ts,
+      by: a.by || a.acknowledged_by || null, fresh: Boolean(fresh && (!held || held.state !== a.state)),
+    });
+  }
+
+  async function loadAlerts() {
+    try {
+      const res = await fetch("/api/alerts?state=active&limit=" + MAX_ALERTS, { headers: authHeaders() });
+      if (res.ok) for (const a of (await res.json()).items) putAlert(a, false);
+    } catch (e) { /* the channel still brings new ones */ }
+    renderAlerts();
+  }
+
+  // Mirrors the API's rule (the API decides): operators any, security cyber ones, a commune its own.
+  function canAck(a) {
+    if (!ACKABLE.has(a.state)) return false;
+    if (state.role === "operator" || state.role === "admin" || state.role === "commune") return true;
+    return state.role === "security" && a.domain === "cyber";
+  }
+
+  async function acknowledge(id) {
+    state.acking.add(id);
+    renderAlerts();
+    try {
+      const res = await fetch("/api/alerts/" + encodeURIComponent(id) + "/ack", {
+        method: "POST", headers: { ...authHeaders(), "Content-Type": "application/json" }, body: "{}",
+      });
+      const body = await res.json().catch(() => ({}));
+      if (res.ok) putAlert(body.event, false);
+      else if (res.status === 401) showLogin(t("badToken"));
+      else notice(t("ackFailed") + ": " + (body.detail || res.status));
+    } catch (e) {
+      notice(t("ackFailed"));
+    } finally {
+      state.acking.delete(id);
+      renderAlerts();
+    }
+  }
+
+  function renderAlerts() {
+    const open = [...state.alerts.values()].filter((a) => a.state !== "resolved")
+      .sort((a, b) => b.ts - a.ts);
+    while (state.alerts.size > MAX_ALERTS * 2) {  // forget the oldest resolved ones
+      const oldest = [...state.alerts.values()].filter((a) => a.state === "resolved")
+        .sort((a, b) => a.ts - b.ts)[0];
+      if (!oldest) break;
+      state.alerts.delete(oldest.alert_id);
+    }
+    $("alert-count-n").textContent = String(open.length);
+    $("alert-count").classList.toggle("has-alerts", open.length > 0);
+    $("alert-empty").hidden = open.length > 0;
+    const list = document.createDocumentFragment();
+    for (const a of open.slice(0, MAX_ALERTS)) {
+      const li = document.createElement("li");
+      li.className = "alert sev-" + a.severity + (a.state === "acknowledged" ? " is-acked" : "") + (a.fresh ? " is-new" : "");
+      li.dataset.alertId = a.alert_id;
+      const time = document.createElement("time");
+      time.dateTime = a.at;
+      time.textContent = new Date(a.at).toLocaleTimeString(state.lang === "vi" ? "vi-VN" : "en-GB");
+      const sev = document.createElement("span");
+      sev.className = "sev";
+      sev.textContent = t("severities")[a.severity] || a.severity;
+      const text = document.createElement("span");
+      text.className = "text";
+      text.textContent = state.lang === "vi" ? a.message_vi : a.message_en;
+      const st = document.createElement("span");
+      st.className = "state";
+      st.textContent = " · " + (t("states")[a.state] || a.state)
+        + (a.state === "acknowledged" && a.by ? " " + t("by") + " " + a.by : "");
+      text.appendChild(st);
+      li.append(time, sev, text);
+      if (canAck(a)) {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.className = "ack";
+        button.disabled = state.acking.has(a.alert_id);
+        button.textContent = button.disabled ? t("acking") : t("ack");
+        button.addEventListener("click", () => acknowledge(a.alert_id));
+        li.appendChild(button);
+      } else li.appendChild(document.createElement("span"));
+      list.appendChild(li);
+      a.fresh = false;
+    }
+    $("alert-list").replaceChildren(list);
   }
 
   async function loadUnits() {
@@ -146,7 +259,7 @@
     state.retry = 0;
     $("login").hidden = true;
     $("wall").hidden = false;
-    await loadUnits();
+    await Promise.all([loadUnits(), loadAlerts()]);
     if (ws.readyState !== WebSocket.OPEN) return;
     const channels = channelsFor();
     const resume = {};
@@ -164,6 +277,12 @@
     switch (msg.type) {
       case "auth_ok": onAuthOk(ws, msg); break;
       case "snapshot":
+        if (msg.channel === "alerts") {
+          for (const item of msg.items) putAlert(item, false);
+          state.seq[msg.channel] = msg.seq;
+          renderAlerts();
+          break;
+        }
         for (const key of [...state.items.keys()]) {
           if ("kpi:" + key.split("|")[1] === msg.channel) state.items.delete(key);
         }
@@ -174,6 +293,7 @@
         break;
       case "resumed": state.seq[msg.channel] = msg.seq; break;
       case "update": put(msg.item); state.seq[msg.channel] = msg.seq; touched(); break;
+      case "alert": putAlert(msg.item, msg.item.notify !== false); state.seq[msg.channel] = msg.seq; renderAlerts(); break;
       case "ping": ws.send(JSON.stringify({ type: "pong" })); if (state.ws === ws) setConn("on"); break;
       case "error":
         if (msg.code === "unauthorized" || msg.code === "token_expired") showLogin(t("badToken"));
@@ -301,6 +421,7 @@
     for (const el of document.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
     $("lang").textContent = state.lang === "vi" ? "EN" : "VI";
     render();
+    renderAlerts();
   }
 
   // --- start -----------------------------------------------------------------------------------

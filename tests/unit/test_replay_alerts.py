@@ -18,14 +18,27 @@ REGISTRY = load_registry(today=T0.date())
 
 
 def incident(event_id: str, incident_id: str, type_: str, minute: float, **fields: Any) -> dict[str, Any]:
-    value = {"schema": "ioc.incident.v1", "event_id": event_id, "incident_id": incident_id, "type": type_,
-             "occurred_at": (T0 + dt.timedelta(minutes=minute)).isoformat(), "agency_code": "000.00.16.H40", **fields}
+    value = {
+        "schema": "ioc.incident.v1",
+        "event_id": event_id,
+        "incident_id": incident_id,
+        "type": type_,
+        "occurred_at": (T0 + dt.timedelta(minutes=minute)).isoformat(),
+        "agency_code": "000.00.16.H40",
+        **fields,
+    }
     return {"topic": "ioc.cyber.incidents", "value": value}
 
 
 def water(event_id: str, minute: float, level: float) -> dict[str, Any]:
-    value = {"schema": "ioc.sensor.v1", "event_id": event_id, "station_id": "WL-NAMDAN", "kind": "water",
-             "observed_at": (T0 + dt.timedelta(minutes=minute)).isoformat(), "values": {"water_level_m": level}}
+    value = {
+        "schema": "ioc.sensor.v1",
+        "event_id": event_id,
+        "station_id": "WL-NAMDAN",
+        "kind": "water",
+        "observed_at": (T0 + dt.timedelta(minutes=minute)).isoformat(),
+        "values": {"water_level_m": level},
+    }
     return {"topic": "ioc.sensor.readings", "value": value}
 
 

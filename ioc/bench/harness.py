@@ -1,0 +1,273 @@
+"""`ioc bench`: set up the broker and the database, run the sections, print the table, write the JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+import platform
+import secrets
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psycopg
+from psycopg import sql
+
+from ioc.bench import live, pipeline
+from ioc.bench.clients import raise_fd_limit
+from ioc.bench.workload import produce_backlog, progress
+from ioc.settings import Settings
+
+SECTIONS = ("baseline", "throughput", "latency", "fanout", "sink")
+DEFAULT_EVENTS = 1_000_000
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run (``--quick`` shrinks them for a CI smoke test)."""
+
+    events: int
+    latency_rates: tuple[float, ...] = (1000.0, 5000.0, 10000.0)
+    emit_intervals: tuple[float, ...] = (1.0, 0.1)
+    latency_seconds: float = 20.0
+    fanout_clients: tuple[int, ...] = (1000, 5000, 10000)
+    sink_rows: int = 100_000
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls(
+            events=20_000,
+            latency_rates=(1000.0,),
+            emit_intervals=(0.1,),
+            latency_seconds=3.0,
+            fanout_clients=(50,),
+            sink_rows=5_000,
+        )
+
+
+@dataclass(frozen=True)
+class Goal:
+    name: str
+    target: str
+    measured: Callable[[dict[str, Any]], float | None]
+    met: Callable[[float], bool]
+    unit: str
+
+
+def _get(results: dict[str, Any], *path: str) -> Any:
+    node: Any = results
+    for p in path:
+        if not isinstance(node, dict) or p not in node:
+            return None
+        node = node[p]
+    return node
+
+
+def _ratio(r: dict[str, Any]) -> float | None:
+    got = _get(r, "throughput", "ratio_to_baseline")
+    return float(got) if got is not None else None
+
+
+GOALS = (
+    Goal("one worker, sustained", ">= 50,000 events/s", lambda r: _get(r, "throughput", "events_per_s"), lambda v: v >= 50_000, "events/s"),
+    Goal("one worker vs baseline", ">= 30 %", lambda r: None if _ratio(r) is None else 100 * (_ratio(r) or 0), lambda v: v >= 30, "%"),
+    Goal("event-to-screen p99 at 5,000/s (emit 1.0 s)", "<= 250 ms", lambda r: _get(r, "latency", "emit_interval_s", "1", "5000", "p99_ms"), lambda v: v <= 250, "ms"),
+    Goal("event-to-screen p99 at 5,000/s (emit 0.1 s)", "<= 250 ms", lambda r: _get(r, "latency", "emit_interval_s", "0.1", "5000", "p99_ms"), lambda v: v <= 250, "ms"),
+    Goal("10,000 clients: delivery p99", "<= 100 ms", lambda r: _get(r, "fanout", "clients", "10000", "delivery_p99_ms"), lambda v: v <= 100, "ms"),
+    Goal("10,000 clients: memory per client", "<= 20 KiB", lambda r: _get(r, "fanout", "clients", "10000", "rss_per_client_kib"), lambda v: v <= 20, "KiB"),
+    Goal("database writes", ">= 50,000 rows/s", lambda r: _get(r, "sink", "rows_per_s"), lambda v: v >= 50_000, "rows/s"),
+)  # fmt: skip
+
+
+def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each goal with its measured figure and ``pass``/``miss`` (``not run`` when its section was skipped)."""
+    out = []
+    for g in GOALS:
+        value = g.measured(results)
+        number = float(value) if isinstance(value, int | float) and value == value else None
+        verdict = "not run" if number is None else ("pass" if g.met(number) else "miss")
+        out.append({"goal": g.name, "target": g.target, "measured": number, "unit": g.unit, "verdict": verdict})
+    return out
+
+
+def table(results: dict[str, Any]) -> str:
+    """The figures and goals as plain-text tables."""
+    lines = [f"ioc bench — {results['machine']['cpus']} CPUs, {results['machine']['python']}", ""]
+    rows: list[tuple[str, str]] = []
+    if b := results.get("baseline"):
+        rows.append(("baseline: plain aiokafka consumer + msgspec decode", f"{b['events_per_s']:,.0f} events/s"))
+    if t := results.get("throughput"):
+        ratio = t.get("ratio_to_baseline")
+        rows.append(
+            ("pipeline: one worker (Ingest), validation → KPIs → database", f"{t['events_per_s']:,.0f} events/s")
+        )
+        if ratio is not None:
+            rows.append(("pipeline / baseline", f"{100 * ratio:.1f} %"))
+    if lat := results.get("latency"):
+        for interval, runs in lat["emit_interval_s"].items():
+            for rate, r in runs.items():
+                rows.append(
+                    (
+                        f"event-to-screen at {int(rate):,}/s, emit {interval} s (p50/p95/p99)",
+                        f"{r['p50_ms']} / {r['p95_ms']} / {r['p99_ms']} ms",
+                    )
+                )
+    if fo := results.get("fanout"):
+        for n, r in fo["clients"].items():
+            rows.append(
+                (
+                    f"fan-out {int(n):,} clients: delivery p50/p99, memory",
+                    f"{r['delivery_p50_ms']} / {r['delivery_p99_ms']} ms, {r['rss_per_client_kib']} KiB/client",
+                )
+            )
+    if s := results.get("sink"):
+        rows.append(
+            (
+                f"database sink: {s['rows']:,} dossier states (insert / update)",
+                f"{s['insert_rows_per_s']:,.0f} / {s['update_rows_per_s']:,.0f} rows/s",
+            )
+        )
+    width = max((len(a) for a, _ in rows), default=10)
+    lines += [f"{a:<{width}}  {b}" for a, b in rows]
+    lines += ["", "goals:"]
+    gw = max(len(g["goal"]) for g in results["goals"])
+    for g in results["goals"]:
+        shown = "—" if g["measured"] is None else f"{g['measured']:,.1f} {g['unit']}"
+        lines.append(f"  {g['goal']:<{gw}}  {g['target']:<20} {shown:<22} {g['verdict']}")
+    return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def services(settings: Settings) -> Iterator[tuple[str, str]]:
+    """(bootstrap, database admin URL): ``IOC_KAFKA_BOOTSTRAP``/``IOC_DATABASE_URL`` when set, else embedded ones."""
+    with contextlib.ExitStack() as stack:
+        bootstrap = os.environ.get("IOC_KAFKA_BOOTSTRAP")
+        database = os.environ.get("IOC_DATABASE_URL")
+        if not bootstrap:
+            from ioc.embedded.broker import EmbeddedBroker
+
+            progress("starting the embedded broker")
+            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
+        if not database:
+            from ioc.embedded.postgres import EmbeddedPostgres
+
+            progress("starting the embedded PostgreSQL")
+            database = stack.enter_context(EmbeddedPostgres()).url
+        yield bootstrap, database
+
+
+def fresh_database(url: str, name: str, own: bool) -> str:
+    """A migrated database for one section: a new one next to ``url`` when we own the server, else ``url``."""
+    from ioc.db.migrate import migrate
+
+    target = url
+    if own:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
+            conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        target = str(psycopg.conninfo.make_conninfo(url, dbname=name))
+    migrate(target)
+    return target
+
+
+def run(
+    *,
+    events: int | None = None,
+    quick: bool = False,
+    only: tuple[str, ...] = SECTIONS,
+    json_path: Path | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Run the chosen sections; returns the results and where their JSON was written."""
+    from ioc.embedded.broker import ensure_topics
+
+    plan = Plan.quick() if quick else Plan(events=DEFAULT_EVENTS)
+    if events is not None:
+        plan = Plan(**{**plan.__dict__, "events": events})
+    fds = raise_fd_limit()  # inherited by the API and client processes of the fan-out
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    results: dict[str, Any] = {
+        "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "command": " ".join(["ioc", *sys.argv[1:]]) if sys.argv and sys.argv[0].endswith("ioc") else "ioc bench",
+        "quick": quick,
+        "plan": {k: list(v) if isinstance(v, tuple) else v for k, v in plan.__dict__.items()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "fd_limit": fds,
+        },
+    }
+    own_db = not os.environ.get("IOC_DATABASE_URL")
+    run_id = secrets.token_hex(3)
+    with services(Settings()) as (bootstrap, admin_url):
+        results["broker"] = bootstrap
+
+        def settings_for(section: str, database: str, **extra: Any) -> Settings:
+            return Settings(
+                kafka_bootstrap=bootstrap,
+                database_url=database,
+                topic_prefix=f"bench{run_id}{section}.",
+                consumer_group=f"bench-{run_id}-{section}",
+                worker_metrics_port=0,
+                signing_key=secrets.token_urlsafe(40),
+                **extra,
+            )
+
+        if "baseline" in only or "throughput" in only:
+            database = fresh_database(admin_url, "bench_throughput", own_db)
+            s = settings_for("tp", database)
+            ensure_topics(s)
+            results["backlog"] = asyncio.run(produce_backlog(s, plan.events))
+            n = results["backlog"]["events"]
+            if "baseline" in only:
+                results["baseline"] = asyncio.run(pipeline.baseline(s, n))
+            if "throughput" in only:
+                tp = asyncio.run(pipeline.throughput(s, n))
+                base = results.get("baseline", {}).get("events_per_s")
+                tp["ratio_to_baseline"] = round(tp["events_per_s"] / base, 4) if base else None
+                results["throughput"] = tp
+        if "sink" in only:
+            database = fresh_database(admin_url, "bench_sink", own_db)
+            results["sink"] = asyncio.run(pipeline.sink_writes(settings_for("sink", database), plan.sink_rows))
+        if "latency" in only:
+
+            def latency_settings(interval: float) -> Settings:
+                name = f"lat{str(interval).replace('.', '_')}"
+                s = settings_for(name, fresh_database(admin_url, f"bench_{name}", own_db), api_port=live.free_port())
+                ensure_topics(s)
+                return s
+
+            results["latency"] = live.latency(
+                latency_settings, list(plan.latency_rates), list(plan.emit_intervals), plan.latency_seconds
+            )
+        if "fanout" in only:
+            database = fresh_database(admin_url, "bench_fanout", own_db)
+            s = settings_for("fan", database, api_port=live.free_port())
+            ensure_topics(s)
+            results["fanout"] = live.fanout(s, list(plan.fanout_clients))
+    results["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    results["goals"] = judge(results)
+    path = json_path or Path("artifacts") / f"bench-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(orjson.dumps(results, option=orjson.OPT_INDENT_2))
+    return results, path
+
+
+def main(events: int | None, quick: bool, only: str | None, json_path: Path | None) -> int:
+    """The CLI entry: run, print the table and the JSON path."""
+    chosen = tuple(s.strip() for s in only.split(",")) if only else SECTIONS
+    unknown = [s for s in chosen if s not in SECTIONS]
+    if unknown:
+        print(f"ioc bench: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    results, path = run(events=events, quick=quick, only=chosen, json_path=json_path)
+    print(table(results))
+    print(f"\nfigures: {path} ({time.monotonic() - started:.0f} s)")
+    return 0

@@ -1,0 +1,190 @@
+"""In-process measurements: the plain-consumer baseline, the worker's `Ingest` pipeline, and the database sink."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from typing import Any
+
+import msgspec
+import psycopg
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from ioc.bench.workload import DossierIntake, progress
+from ioc.registry import Registry, load_registry
+from ioc.settings import INPUT_TOPICS, TOPIC_DOSSIER, Settings
+
+PROGRESS_EVERY_S = 2.0
+
+
+def _registry(settings: Settings) -> Registry:
+    return load_registry(settings.units_file, settings.stations_file, settings.targets_file)
+
+
+async def baseline(settings: Settings, expected: int) -> dict[str, Any]:
+    """A plain aiokafka consumer reading every input partition from the start, decoding each value
+    (msgspec JSON) and counting it by topic: the ceiling of Python + aiokafka on this broker."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=settings.worker_batch_max,
+        fetch_max_bytes=64 << 20,
+        max_partition_fetch_bytes=8 << 20,
+    )
+    await consumer.start()
+    decode = msgspec.json.decode
+    counts: Counter[str] = Counter()
+    count = undecodable = 0
+    try:
+        partitions = [
+            TopicPartition(settings.topic(t), p)
+            for t in INPUT_TOPICS
+            for p in sorted(
+                consumer.partitions_for_topic(settings.topic(t)) or await _partitions(consumer, settings.topic(t))
+            )
+        ]
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        started = first = time.monotonic()
+        next_report = started + PROGRESS_EVERY_S
+        got_first = False
+        while count < expected:
+            batch = await consumer.getmany(timeout_ms=1000, max_records=settings.worker_batch_max)
+            if not batch:
+                if time.monotonic() - started > 120:
+                    break
+                continue
+            if not got_first:
+                first, got_first = time.monotonic(), True
+            for tp, records in batch.items():
+                for rec in records:
+                    try:
+                        decode(rec.value)
+                    except (msgspec.DecodeError, TypeError):
+                        undecodable += 1
+                counts[tp.topic] += len(records)
+                count += len(records)
+            now = time.monotonic()
+            if now >= next_report:
+                progress(f"baseline: {count:,}/{expected:,} consumed ({count / (now - first):,.0f}/s)")
+                next_report = now + PROGRESS_EVERY_S
+        elapsed = time.monotonic() - first
+    finally:
+        await consumer.stop()
+    rate = count / elapsed if elapsed > 0 else 0.0
+    progress(f"baseline: {count:,} in {elapsed:.2f} s = {rate:,.0f} events/s")
+    return {"events": count, "seconds": round(elapsed, 3), "events_per_s": round(rate, 1), "undecodable": undecodable}
+
+
+async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
+    for _ in range(50):
+        await consumer._client.force_metadata_update()
+        found = consumer.partitions_for_topic(topic)
+        if found:
+            return set(found)
+        await asyncio.sleep(0.1)
+    raise RuntimeError(f"topic {topic} has no partitions")
+
+
+async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
+    """`Ingest` driven as the worker drives it (``_gather`` + ``process``, ``emit`` on its timer,
+    ``drain`` at the end) over a backlog of ``expected`` records; events/s from the first batch
+    to the last batch durable, committed and published."""
+    from streams.worker import Ingest
+
+    ingest = Ingest(settings, _registry(settings))
+    await ingest.start()
+    timeout_ms = int(settings.worker_flush_interval_s * 1000)
+    emitted = 0
+
+    async def emitter() -> None:
+        nonlocal emitted
+        while True:
+            await asyncio.sleep(settings.emit_interval_s)
+            emitted += await ingest.emit()
+
+    timer = asyncio.create_task(emitter())
+    count = batches = 0
+    try:
+        waited = time.monotonic()
+        first = waited
+        next_report = waited + PROGRESS_EVERY_S
+        while count < expected:
+            batch = await ingest._gather(timeout_ms)
+            if not batch:
+                if count == 0 and time.monotonic() - waited > 120:
+                    raise RuntimeError("the worker received nothing within 120 s")
+                if count and time.monotonic() - next_report > 30:
+                    break  # the backlog is shorter than expected
+                continue
+            if count == 0:
+                first = time.monotonic()
+            await ingest.process(batch)
+            batches += 1
+            count += sum(len(r) for r in batch.values())
+            now = time.monotonic()
+            if now >= next_report:
+                progress(f"throughput: {count:,}/{expected:,} processed ({count / (now - first):,.0f}/s)")
+                next_report = now + PROGRESS_EVERY_S
+        processed = time.monotonic()
+        await ingest.drain()
+        durable = time.monotonic()
+        emitted += await ingest.emit()
+        done = time.monotonic()
+    finally:
+        timer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await timer
+        await ingest.stop()
+    elapsed = done - first
+    rate = count / elapsed if elapsed > 0 else 0.0
+    progress(f"throughput: {count:,} in {elapsed:.2f} s = {rate:,.0f} events/s")
+    return {
+        "events": count,
+        "batches": batches,
+        "seconds": round(elapsed, 3),
+        "events_per_s": round(rate, 1),
+        "processing_seconds": round(processed - first, 3),
+        "final_drain_seconds": round(durable - processed, 3),
+        "final_emit_seconds": round(done - durable, 3),
+        "snapshots_published": emitted,
+        "deadlettered": int(ingest.stats["deadlettered"]),
+        "dossiers_held": len(ingest.engine.dossiers.states),
+    }
+
+
+async def sink_writes(settings: Settings, rows: int) -> dict[str, Any]:
+    """`sink.write_changes` for ``rows`` dossier states: first as inserts, then the same rows again as updates."""
+    from streams import sink
+    from streams.engine import Engine
+    from streams.worker import now_us
+
+    engine = Engine(_registry(settings), now_us())
+    intake = DossierIntake(f"sink{int(time.time())}")
+    for _ in range(rows):
+        _, value = intake.next()
+        k, parsed = engine.parse(TOPIC_DOSSIER, value, None)
+        engine.apply(TOPIC_DOSSIER, k, parsed)
+    changes = sink.take_changes(engine)
+    async with await psycopg.AsyncConnection.connect(settings.database_url, autocommit=True) as conn:
+        t0 = time.monotonic()
+        written = await sink.write_changes(conn, changes)
+        t1 = time.monotonic()
+        await sink.write_changes(conn, changes)
+        t2 = time.monotonic()
+    insert_rate = written / (t1 - t0)
+    update_rate = written / (t2 - t1)
+    progress(f"sink: {written:,} rows inserted at {insert_rate:,.0f}/s, updated at {update_rate:,.0f}/s")
+    return {
+        "rows": written,
+        "insert_seconds": round(t1 - t0, 3),
+        "update_seconds": round(t2 - t1, 3),
+        "insert_rows_per_s": round(insert_rate, 1),
+        "update_rows_per_s": round(update_rate, 1),
+        "rows_per_s": round(min(insert_rate, update_rate), 1),
+        "write_path": "COPY into a temp staging table, then one INSERT ... SELECT ... ON CONFLICT DO UPDATE per table, one transaction",
+    }

@@ -1,0 +1,17 @@
+"""Percentiles without numpy (nearest rank)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+
+def percentiles(values: Sequence[float], points: Sequence[int] = (50, 95, 99)) -> dict[str, float]:
+    """``{"p50": ..., "p95": ..., "p99": ..., "max": ...}`` by nearest rank; NaN for no values."""
+    if not values:
+        return {**{f"p{p}": math.nan for p in points}, "max": math.nan}
+    ordered = sorted(values)
+    n = len(ordered)
+    out = {f"p{p}": round(ordered[min(n - 1, max(0, math.ceil(p / 100 * n) - 1))], 2) for p in points}
+    out["max"] = round(ordered[-1], 2)
+    return out
