@@ -358,7 +358,9 @@
     const water = get("water.alarm_level", s, "now");
     const lvl = water && water.value ? Math.round(water.value) : 0;
     setTile("water", water, {
-      sub: water ? (lvl ? t("level") + " " + ["", "I", "II", "III"][lvl] : t("noAlarm")) : "",
+      // No level known (no reading, or the gauge's lower alarm levels are not configured): say nothing.
+      sub: water && water.value !== null && water.value !== undefined
+        ? (lvl ? t("level") + " " + ["", "I", "II", "III"][lvl] : t("noAlarm")) : "",
       colour: lvl ? ["", "#facc15", "#fb923c", "#ef4444"][lvl] : null,
     });
     renderCommunes();

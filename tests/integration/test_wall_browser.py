@@ -94,3 +94,42 @@ async def test_wall_for_a_commune_token_shows_only_that_commune(system: Settings
             await page.screenshot(path=str(ARTIFACTS / "wall-commune.png"))
         finally:
             await browser.close()
+
+
+async def test_wall_shows_an_alert_when_one_fires_and_acknowledges_it(system: Settings) -> None:
+    import datetime as dt
+    import json
+
+    from aiokafka import AIOKafkaProducer
+    from playwright.async_api import async_playwright
+
+    from ioc.settings import TOPIC_CYBER
+
+    settings = system
+    token = create_token(settings, "operator", subject="truc.ban")
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1920, "height": 1080})
+            await page.goto(f"http://127.0.0.1:{settings.api_port}/wall#token={token}")
+            await page.wait_for_selector("#conn.conn-on", timeout=20_000)
+            assert await page.inner_text("#alert-count-n") == "0"
+            producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap)
+            await producer.start()
+            incident = {
+                "schema": "ioc.incident.v1", "event_id": "wall-e1", "incident_id": "SOC-WALL-1", "type": "detected",
+                "occurred_at": dt.datetime.now(dt.UTC).isoformat(), "severity": "critical", "category": "defacement",
+                "system": "nghean.gov.vn", "system_level": 3, "agency_code": "000.00.16.H40",
+            }  # fmt: skip
+            await producer.send_and_wait(settings.topic(TOPIC_CYBER), json.dumps(incident).encode(), key=b"SOC-WALL-1")
+            await producer.stop()
+            item = page.locator("#alert-list li.sev-critical").first
+            await item.wait_for(timeout=30_000)
+            assert await page.inner_text("#alert-count-n") == "1"
+            await item.locator("button.ack").click()
+            await page.wait_for_selector("#alert-list li.is-acked", timeout=15_000)
+            assert "truc.ban" in await page.inner_text("#alert-list li.is-acked")
+            ARTIFACTS.mkdir(exist_ok=True)
+            await page.screenshot(path=str(ARTIFACTS / "wall-alert.png"))
+        finally:
+            await browser.close()
