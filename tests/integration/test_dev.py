@@ -16,7 +16,7 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-READY_LINES = ("kafka", "database", "api", "wall", "token")
+READY_LINES = ("kafka", "database", "api", "wall", "token", "metrics")
 
 
 class Dev:
@@ -106,6 +106,19 @@ def test_two_dev_instances_side_by_side_restart_a_crashed_worker_and_stop_cleanl
             if any(i["value"] for i in r.json()["items"]):
                 break
             assert time.monotonic() < deadline, "no KPI within 60 s of ready"
+            time.sleep(0.5)
+        # Both components' Prometheus metrics are where `ioc dev` says, and move under the simulators.
+        api_metrics, worker_metrics = a.lines["metrics"].split()
+        assert "ioc_http_requests_total" in httpx.get(api_metrics).text
+
+        def records_in() -> float:
+            text = httpx.get(worker_metrics).text
+            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ioc_records_in_total{"))
+
+        before = records_in()
+        deadline = time.monotonic() + 30
+        while records_in() <= before:
+            assert time.monotonic() < deadline, "worker metrics do not move"
             time.sleep(0.5)
         # A crashed worker is restarted, and the restart is logged.
         worker_pid = int(a.wait_log(r"worker started \(pid (\d+)\)").group(1))
