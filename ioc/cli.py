@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = Settings()
         configure_logging(settings)
         return _dispatch(args, settings)
-    except IocError as exc:
+    except (IocError, OSError) as exc:  # bad configuration or input, a file that cannot be read
         print(f"ioc: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
