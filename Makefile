@@ -22,5 +22,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy ioc streams api alerts simulators
 
+# The performance harness (docs/performance.md): a table on stdout, the figures in artifacts/bench-*.json.
+bench: $(STAMP)
+	$(BIN)/ioc bench
+
 clean:
 	rm -rf $(VENV) .pytest_cache artifacts

@@ -437,6 +437,9 @@ def serve(settings: Settings | None = None) -> None:
         ws_max_size=limits.max_frame_bytes,
         ws_ping_interval=limits.ping_interval_s,
         ws_ping_timeout=limits.ping_interval_s,
+        # permessage-deflate keeps a compressor per connection (~80 KiB each, measured with
+        # `ioc bench --only fanout`): at thousands of wall and user clients memory matters more.
+        ws_per_message_deflate=False,
         log_config=None,
         proxy_headers=True,
         server_header=False,
