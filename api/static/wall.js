@@ -33,6 +33,18 @@
         silenced: "Tạm im lặng", resolved: "Đã xử lý" },
       by: "bởi",
       bands: ["Tốt", "Trung bình", "Kém", "Xấu", "Rất xấu", "Nguy hại"],
+      bySeverity: "Sự cố đang mở theo mức độ",
+      sevCritical: "Khẩn cấp", sevHigh: "Cao", sevMedium: "Trung bình", sevLow: "Thấp",
+      airTitle: "Chất lượng không khí theo trạm", airHint: "VN_AQI giờ (QĐ 1459/QĐ-TCMT), xấu nhất trước",
+      colAqiHour: "AQI giờ", colDominant: "Chất ô nhiễm chính", colPm25: "PM2.5 1 giờ (µg/m³)",
+      riversTitle: "Mực nước sông", riversHint: "Mức báo động theo QĐ 05/2020/QĐ-TTg",
+      gauge: "Trạm thủy văn", colLevel: "Mực nước", colGauge: "Báo động, so với BĐ I/II/III (m)",
+      noStations: "Không có trạm.", river: "Sông", offline: "Mất tín hiệu",
+      alarmNone: "Dưới BĐ I", alarmUnknown: "Chưa xác định",
+      alarmUnknownHint: "Chưa cấu hình đủ mức báo động thấp hơn",
+      levelNotShared: "Mực nước chi tiết chỉ hiển thị ở cấp tỉnh",
+      rainMax: "Mưa 24 giờ lớn nhất", rainAt: "tại",
+      pollutants: { pm25: "PM2.5", pm10: "PM10", o3: "O₃", no2: "NO₂", so2: "SO₂", co: "CO" },
     },
     en: {
       title: "Nghệ An Smart Operations Centre",
@@ -58,9 +70,25 @@
         silenced: "Silenced", resolved: "Resolved" },
       by: "by",
       bands: ["Good", "Moderate", "Poor", "Bad", "Very bad", "Hazardous"],
+      bySeverity: "Open incidents by severity",
+      sevCritical: "Critical", sevHigh: "High", sevMedium: "Medium", sevLow: "Low",
+      airTitle: "Air quality by station", airHint: "Hourly VN_AQI (Decision 1459/QĐ-TCMT), worst first",
+      colAqiHour: "Hourly AQI", colDominant: "Dominant pollutant", colPm25: "PM2.5 1 h (µg/m³)",
+      riversTitle: "Rivers", riversHint: "Flood alarm levels per Decision 05/2020/QĐ-TTg",
+      gauge: "River gauge", colLevel: "Level", colGauge: "Alarm, against BĐ I/II/III (m)",
+      noStations: "No stations.", river: "River", offline: "Offline",
+      alarmNone: "Below BĐ I", alarmUnknown: "Unknown",
+      alarmUnknownHint: "Lower alarm levels not configured",
+      levelNotShared: "Detailed levels are shown at province level only",
+      rainMax: "Wettest 24 h", rainAt: "at",
+      pollutants: { pm25: "PM2.5", pm10: "PM10", o3: "O₃", no2: "NO₂", so2: "SO₂", co: "CO" },
     },
   };
   // VN_AQI bands (Decision 1459/QĐ-TCMT): upper bound and colour.
+  const SEVERITIES = ["critical", "high", "medium", "low"];
+  const ROMAN = ["", "I", "II", "III"];
+  // Flood alarm level colours: 0 below BĐ I, then BĐ I, II, III.
+  const ALARM_COLOURS = ["#22c55e", "#facc15", "#fb923c", "#ef4444"];
   const AQI_BANDS = [[50, "rgb(0,228,0)"], [100, "rgb(255,255,0)"], [150, "rgb(255,126,0)"],
     [200, "rgb(255,0,0)"], [300, "rgb(143,63,151)"], [Infinity, "rgb(126,0,35)"]];
 
@@ -72,7 +100,7 @@
     alerts: new Map(),     // alert_id -> its latest known state (from GET /api/alerts and the alerts channel)
     acking: new Set(),     // alert ids with an acknowledgement in flight
     seq: {},               // channel -> last seq received (for resume)
-    units: [], unitNames: new Map(),
+    units: [], unitNames: new Map(), stations: [],
     lastMessageAt: 0, lastUpdateAt: null, retry: 0, retryTimer: null, renderQueued: false,
   };
   const t = (key) => TEXT[state.lang][key] ?? key;
@@ -139,11 +167,17 @@
     state.retryTimer = setTimeout(connect, delay);
   }
 
+  // Only channels the role may subscribe to (api/auth.py): a commune its own commune, security the
+  // province; operators and admins also every air station and water gauge.
   function channelsFor() {
     if (state.role === "commune") return ["kpi:commune:" + state.commune, "alerts"];
     if (state.role === "security") return ["kpi:province", "alerts"];
-    return ["kpi:province", "alerts"].concat(state.units.map((u) => "kpi:commune:" + u.code));
+    const stations = state.stations.filter((s) => s.kind === "air" || s.kind === "water")
+      .map((s) => "kpi:station:" + s.station_id);
+    return ["kpi:province", "alerts"].concat(state.units.map((u) => "kpi:commune:" + u.code), stations);
   }
+
+  const seesStations = () => state.role === "operator" || state.role === "admin";
 
   // --- alerts: the ticker --------------------------------------------------------------------------
   const authHeaders = () => ({ Authorization: "Bearer " + state.token });
@@ -253,13 +287,21 @@
     } catch (e) { /* the table stays empty; tiles still work */ }
   }
 
+  async function loadStations() {
+    if (state.stations.length) return;
+    try {
+      const res = await fetch("/api/stations", { headers: authHeaders() });
+      if (res.ok) state.stations = (await res.json()).items;
+    } catch (e) { /* the station panels stay empty */ }
+  }
+
   async function onAuthOk(ws, msg) {
     state.role = msg.role;
     state.commune = msg.commune;
     state.retry = 0;
     $("login").hidden = true;
     $("wall").hidden = false;
-    await Promise.all([loadUnits(), loadAlerts()]);
+    await Promise.all([loadUnits(), loadStations(), loadAlerts()]);
     if (ws.readyState !== WebSocket.OPEN) return;
     const channels = channelsFor();
     const resume = {};
@@ -267,6 +309,7 @@
     ws.send(JSON.stringify({ type: "subscribe", channels, resume }));
     setConn("on");
     $("communes").hidden = state.role === "security";
+    $("sensors").hidden = state.role === "security";
     render();
   }
 
@@ -349,11 +392,19 @@
     setTile("in_progress", get("dossier.in_progress", s, "now"));
     setTile("overdue", get("dossier.overdue", s, "now"));
     setTile("cyber_open", get("cyber.open", s, "now"));
+    for (const sev of SEVERITIES) {
+      const it = get("cyber.open." + sev, s, "now");
+      const li = document.querySelector(`[data-open-sev="${sev}"]`);
+      li.querySelector("b").textContent = fmt(it);
+      li.classList.toggle("nonzero", Boolean(it && it.value > 0));
+    }
     const aqi = get("env.aqi", s, "now");
     if (aqi && aqi.value !== null) {
       const band = aqiBand(aqi.value);
-      const where = aqi.extra && (aqi.extra.station || aqi.extra.station_id);
-      setTile("aqi", aqi, { sub: band.label + (where ? " · " + t("station") + " " + where : ""), colour: band.colour });
+      const id = aqi.extra && (aqi.extra.station || aqi.extra.station_id);
+      const named = id && state.stations.find((x) => x.station_id === id);
+      const where = (named && named.name) || id;
+      setTile("aqi", aqi, { sub: band.label + (where ? " · " + (named ? where : t("station") + " " + where) : ""), colour: band.colour });
     } else setTile("aqi", aqi);
     const water = get("water.alarm_level", s, "now");
     const lvl = water && water.value ? Math.round(water.value) : 0;
@@ -364,6 +415,8 @@
       colour: lvl ? ["", "#facc15", "#fb923c", "#ef4444"][lvl] : null,
     });
     renderCommunes();
+    renderAir();
+    renderRivers();
     $("last-update").textContent = state.lastUpdateAt
       ? state.lastUpdateAt.toLocaleTimeString(state.lang === "vi" ? "vi-VN" : "en-GB") : "—";
   }
@@ -416,11 +469,207 @@
     body.replaceChildren(rows);
   }
 
+  // --- station panels -------------------------------------------------------------------------
+  // Operators read each station's own channel; a commune may only read its commune's aggregates,
+  // which name the station they come from (extra.station), so a station shows what is known of it.
+  function visibleStations(kind) {
+    const all = state.stations.filter((st) => st.kind === kind);
+    return state.role === "commune" ? all.filter((st) => st.commune_code === state.commune) : all;
+  }
+
+  function stationItem(kpi, st, win) {
+    if (seesStations()) return get(kpi, "station:" + st.station_id, win);
+    const agg = get(kpi, "commune:" + st.commune_code, win);
+    return agg && agg.extra && agg.extra.station === st.station_id ? agg : undefined;
+  }
+
+  function offlineSet() {
+    const off = get("sensor.offline", mainScope(), "now");
+    return new Set((off && off.extra && off.extra.stations) || []);
+  }
+
+  const td = (text, cls) => {
+    const el = document.createElement("td");
+    el.textContent = text;
+    if (cls) el.className = cls;
+    return el;
+  };
+  const hasValue = (it) => Boolean(it) && it.value !== null && it.value !== undefined;
+  const pm1 = () => new Intl.NumberFormat(state.lang === "vi" ? "vi-VN" : "en-GB",
+    { minimumFractionDigits: 1, maximumFractionDigits: 1 });
+  const metres = (v) => (v === null || v === undefined) ? "—"
+    : new Intl.NumberFormat(state.lang === "vi" ? "vi-VN" : "en-GB",
+      { minimumFractionDigits: 2, maximumFractionDigits: 2 }).format(v);
+
+  function aqiBadge(value) {
+    const badge = document.createElement("span");
+    badge.className = "badge aqi-badge";
+    const band = aqiBand(value);
+    badge.textContent = String(Math.round(value));
+    badge.dataset.value = String(value);
+    badge.style.background = band.colour;
+    badge.style.color = band.index >= 4 ? "#fff" : "#000";
+    badge.title = band.label;
+    return { badge, band };
+  }
+
+  // The station's name, a muted line under it (river, commune), and a tag when it is silent.
+  function stationName(st, sub, offline) {
+    const cellEl = document.createElement("td");
+    cellEl.className = "st-name";
+    const main = document.createElement("span");
+    main.className = "st-main";
+    main.textContent = st.name || st.station_id;
+    main.title = st.station_id;
+    cellEl.appendChild(main);
+    if (offline) {
+      const tag = document.createElement("span");
+      tag.className = "tag";
+      tag.textContent = t("offline");
+      cellEl.append(" ", tag);
+    }
+    const line = document.createElement("span");
+    line.className = "st-sub";
+    line.textContent = sub;
+    cellEl.append(document.createElement("br"), line);
+    return cellEl;
+  }
+
+  function renderAir() {
+    const offline = offlineSet();
+    const rows = visibleStations("air").map((st) => {
+      const aqi = stationItem("env.aqi", st, "now");
+      return { st, aqi, v: hasValue(aqi) ? aqi.value : null };
+    });
+    rows.sort((a, b) => (b.v ?? -1) - (a.v ?? -1) || (a.st.name || "").localeCompare(b.st.name || "", "vi"));
+    const frag = document.createDocumentFragment();
+    for (const { st, aqi, v } of rows) {
+      const tr = document.createElement("tr");
+      tr.dataset.station = st.station_id;
+      tr.dataset.commune = st.commune_code;
+      const silent = offline.has(st.station_id);
+      tr.classList.toggle("offline", silent);
+      tr.appendChild(stationName(st, state.unitNames.get(st.commune_code) || st.commune_code || "", silent));
+      const aqiCell = td("", "aqi");
+      if (v !== null) {
+        const { badge, band } = aqiBadge(v);
+        const label = document.createElement("span");
+        label.className = "band";
+        label.textContent = band.label;
+        aqiCell.append(badge, " ", label);
+        tr.dataset.band = String(band.index);
+      } else aqiCell.textContent = "—";
+      const dom = aqi && aqi.extra && aqi.extra.dominant;
+      const pm = seesStations() ? get("env.pm25", "station:" + st.station_id, "1h") : undefined;
+      tr.append(aqiCell, td(dom ? (t("pollutants")[dom] || dom) : "—", "dominant"),
+        td(hasValue(pm) ? pm1().format(pm.value) : "—", "num pm25"));
+      frag.appendChild(tr);
+    }
+    $("air-rows").replaceChildren(frag);
+    $("air-empty").hidden = rows.length > 0;
+  }
+
+  // A bar from 0 m to a little above the highest of the level and the alarm levels, with a mark
+  // at each configured alarm level, filled to the level in the colour of the alarm level reached.
+  function levelBar(level, bds, alarm) {
+    const bar = document.createElement("div");
+    bar.className = "lvl-bar";
+    const known = bds.filter((x) => x !== null && x !== undefined);
+    const top = Math.max(...known, level ?? 0) * 1.08 || 1;
+    const pct = (x) => Math.max(0, Math.min(100, (x / top) * 100)) + "%";
+    if (level !== null && level !== undefined) {
+      const fill = document.createElement("div");
+      fill.className = "lvl-fill";
+      fill.style.width = pct(level);
+      fill.style.background = alarm === null || alarm === undefined ? "var(--muted)" : ALARM_COLOURS[alarm];
+      bar.appendChild(fill);
+    }
+    bds.forEach((x, i) => {
+      if (x === null || x === undefined) return;
+      const mark = document.createElement("span");
+      mark.className = "lvl-mark lvl-mark-" + (i + 1);
+      mark.style.left = pct(x);
+      mark.title = "BĐ " + ROMAN[i + 1] + ": " + metres(x) + " m";
+      const lab = document.createElement("span");
+      lab.className = "lvl-mark-label";
+      lab.textContent = ROMAN[i + 1];
+      mark.appendChild(lab);
+      bar.appendChild(mark);
+    });
+    return bar;
+  }
+
+  function renderRivers() {
+    const offline = offlineSet();
+    const frag = document.createDocumentFragment();
+    const gauges = visibleStations("water");
+    const rows = gauges.map((st) => {
+      const alarm = stationItem("water.alarm_level", st, "now");
+      const levelItem = seesStations() ? get("water.level_m", "station:" + st.station_id, "now") : undefined;
+      const a = hasValue(alarm) ? Math.round(alarm.value) : null;
+      return { st, a, level: hasValue(levelItem) ? levelItem.value : null };
+    });
+    rows.sort((x, y) => (y.a ?? -1) - (x.a ?? -1) || (x.st.name || "").localeCompare(y.st.name || "", "vi"));
+    for (const { st, a, level } of rows) {
+      const bds = [st.bd1_m, st.bd2_m, st.bd3_m];
+      const tr = document.createElement("tr");
+      tr.dataset.station = st.station_id;
+      tr.dataset.commune = st.commune_code;
+      tr.dataset.alarm = a === null ? "" : String(a);
+      const silent = offline.has(st.station_id);
+      tr.classList.toggle("offline", silent);
+      const sub = [st.river ? t("river") + " " + st.river : "", state.unitNames.get(st.commune_code) || ""]
+        .filter(Boolean).join(" · ");
+      tr.appendChild(stationName(st, sub, silent));
+      const lv = td(level === null ? "—" : metres(level) + " m", "num level");
+      if (level !== null) lv.dataset.value = String(level);
+      else if (!seesStations()) lv.title = t("levelNotShared");
+      tr.appendChild(lv);
+      // Alarm reached, the bar, and the alarm levels under it.
+      const cellEl = td("", "bar-col");
+      const chip = document.createElement("span");
+      chip.className = "alarm-chip " + (a === null ? "alarm-unknown" : "alarm-" + a);
+      chip.textContent = a === null ? t("alarmUnknown") : a === 0 ? t("alarmNone") : "BĐ " + ROMAN[a];
+      if (a === null && bds.some((x) => x !== null && x !== undefined)) chip.title = t("alarmUnknownHint");
+      const levels = document.createElement("div");
+      levels.className = "bd-levels";
+      bds.forEach((x, i) => {
+        const known = x !== null && x !== undefined;
+        const span = document.createElement("span");
+        span.className = "bd bd" + (i + 1) + (known ? "" : " bd-unknown");
+        const name = document.createElement("span");
+        name.className = "bd-name";
+        name.textContent = (i === 0 ? "BĐ " : "") + ROMAN[i + 1] + " ";
+        const val = document.createElement("b");
+        val.className = "bd-value";
+        val.textContent = known ? metres(x) : "—";
+        if (known) span.dataset.value = String(x);
+        span.append(name, val);
+        levels.appendChild(span);
+      });
+      // Without any configured alarm level there is nothing to draw the level against.
+      if (bds.some((x) => x !== null && x !== undefined)) cellEl.append(chip, levelBar(level, bds, a), levels);
+      else cellEl.append(chip, levels);
+      tr.appendChild(cellEl);
+      frag.appendChild(tr);
+    }
+    $("river-rows").replaceChildren(frag);
+    $("river-empty").hidden = gauges.length > 0;
+    const rain = get("rain.mm", mainScope(), "24h");
+    const where = rain && rain.extra && rain.extra.station;
+    const rainStation = where && state.stations.find((x) => x.station_id === where);
+    $("rain-line").textContent = hasValue(rain)
+      ? t("rainMax") + ": " + nf().format(rain.value) + " mm"
+        + (where ? " " + t("rainAt") + " " + ((rainStation && rainStation.name) || where) : "")
+      : "";
+  }
+
   function applyLanguage() {
     document.documentElement.lang = state.lang;
     document.title = t("title");
     for (const el of document.querySelectorAll("[data-i18n]")) el.textContent = t(el.dataset.i18n);
     for (const el of document.querySelectorAll("[data-i18n-placeholder]")) el.placeholder = t(el.dataset.i18nPlaceholder);
+    for (const el of document.querySelectorAll("[data-i18n-label]")) el.setAttribute("aria-label", t(el.dataset.i18nLabel));
     $("lang").textContent = state.lang === "vi" ? "EN" : "VI";
     render();
     renderAlerts();
