@@ -113,7 +113,9 @@ def test_two_dev_instances_side_by_side_restart_a_crashed_worker_and_stop_cleanl
 
         def records_in() -> float:
             text = httpx.get(worker_metrics).text
-            return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ioc_records_in_total{"))
+            return sum(
+                float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("ioc_records_in_total{")
+            )
 
         before = records_in()
         deadline = time.monotonic() + 30
