@@ -25,7 +25,7 @@ import heapq
 import json
 import logging
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -434,6 +434,32 @@ class AlertEngine:
                         self._schedule("escalate", f"{rec.alert.fingerprint}|{u.id}", rec.alert.started_at + u.after)
         self._advance(now)
         return self._drain()
+
+    def restore(self, alerts: Iterable[Alert], now: dt.datetime) -> int:
+        """Adopt alerts that were open before a restart (the worker reads them from `alert_current`).
+
+        The same condition then does not fire them again under a new id, an operator's step on them
+        is applied, they still resolve when their condition clears, and an escalation not yet due
+        still happens on time. Alerts of rules that no longer exist are left alone."""
+        adopted = 0
+        for alert in alerts:
+            rule = self.rules.by_id.get(alert.rule)
+            if rule is None or alert.state is AlertState.RESOLVED or alert.fingerprint in self._alerts:
+                continue
+            labels = dict(alert.labels or {})
+            rec = _Record(
+                alert, rule, f"{rule.id}|{alert.scope}", {"rule": rule.id, "scope": alert.scope}, labels, None
+            )
+            rec.notified = True
+            rec.escalated = alert.state is AlertState.ESCALATED
+            self._alerts[alert.fingerprint] = rec
+            self._ids[alert.alert_id] = alert.fingerprint
+            if alert.state in (AlertState.FIRING, AlertState.SILENCED) and not rec.escalated:
+                for u in self._escalations.get(rule.id, ()):
+                    self._schedule("escalate", f"{alert.fingerprint}|{u.id}", alert.started_at + u.after)
+            adopted += 1
+        self._advance(now)
+        return adopted
 
     # --- queries ----------------------------------------------------------------------------
 

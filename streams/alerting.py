@@ -34,6 +34,7 @@ from streams.snapshot import Snapshot
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode
 _decode_event = msgspec.json.Decoder(AlertEvent).decode
+_decode_alert = msgspec.json.Decoder(Alert).decode
 #: The dead-letter rate is judged over this many seconds of input.
 DEADLETTER_WINDOW_S = 3600
 
@@ -95,6 +96,14 @@ class Alerting:
             total = sum(t for _, _, t in self._recent)
             self.pending.extend(self.engine.on_deadletters(dead, total, now))
         self.pending.extend(self.engine.tick(now))
+
+    async def restore(self, conn: psycopg.AsyncConnection[Any], now: dt.datetime) -> int:
+        """Adopt the alerts still open in `alert_current` (a restart must not fire them again)."""
+        cur = await conn.execute("SELECT alert::text FROM alert_current WHERE state <> 'resolved'")
+        alerts = [_decode_alert(row[0]) for row in await cur.fetchall()]
+        adopted = self.engine.restore(alerts, now)
+        self.pending.extend(self.engine.tick(now))
+        return adopted
 
     # --- silences -----------------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ class Ingest:
         for role in ("state", "snapshots"):
             self.conns[role] = await self._connect()
         counts = await sink.load_state(self.conns["state"], self.engine)
+        counts["open_alerts"] = await self.alerting.restore(self.conns["state"], _as_datetime(self.engine.now_us))
         log.info("state rebuilt from the database: %s", counts)
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap,

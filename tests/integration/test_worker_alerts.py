@@ -97,3 +97,40 @@ def test_critical_incident_fires_an_audited_alert_and_an_ack_from_the_api_reache
         ).fetchone()
     assert ("firing", "system") in rows
     assert current is not None and current[1] == fired.rule
+
+
+async def _second_lifetime(settings: Settings) -> tuple[int, list[str]]:
+    """A worker that starts after the first: it re-reads the incident (a new consumer group) and
+    restores the open alert from the database."""
+    ingest = Ingest(settings, load_registry())
+    await ingest.start()
+    try:
+        assert ingest.consumer is not None
+        while ingest.stats["records"] < 1:
+            batch = await ingest._gather(500)
+            if batch:
+                await ingest.process(batch)
+        await ingest.drain()
+        await ingest.emit()
+        return len(ingest.alerting.engine.active()), [e.state.value for e in ingest.alerting.take()]
+    finally:
+        await ingest.stop()
+
+
+def test_a_restarted_worker_restores_open_alerts_instead_of_firing_them_again(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings()
+    ensure_topics(settings)
+    seen, _ = asyncio.run(_scenario(settings))
+    firing = [e for e in seen if e.state is AlertState.FIRING and "SOC-TEST-1" in e.triggered_by]
+    assert len(firing) == 1
+    again = settings.model_copy(update={"consumer_group": settings.consumer_group + "-2"})
+    open_alerts, new_events = asyncio.run(_second_lifetime(again))
+    assert open_alerts >= 1
+    assert "firing" not in new_events
+    with psycopg.connect(settings.database_url) as conn:
+        fired = conn.execute(
+            "SELECT count(*) FROM alert_event WHERE state = 'firing' AND event->'triggered_by' ? 'SOC-TEST-1'"
+        ).fetchone()
+    assert fired == (1,)

@@ -571,3 +571,26 @@ def test_the_worse_level_at_a_station_inhibits_the_lesser_one_there_only(
         (narrower, "station:WL-1"): False, (wider, "station:WL-1"): True,
         (narrower, "station:WL-2"): False, (wider, "station:WL-2"): True,
     }  # fmt: skip
+
+
+def test_alerts_restored_after_a_restart_do_not_fire_again_and_still_escalate_and_take_an_ack() -> None:
+    first = engine()
+    t0 = at(0)
+    state = IncidentState(
+        "SOC-R", severity="critical", category="malware", system="x", agency_code="A",
+        detected=(int(t0.timestamp() * 1_000_000), "e1"),
+    )  # fmt: skip
+    fired = first.on_incident(state, t0)
+    assert [e.state.value for e in fired] == ["firing"]
+    open_before = first.active()
+    # A new worker: the same incident state comes again (replayed input), and the open alert is restored.
+    second = engine()
+    assert second.restore(open_before, at(5)) == 1
+    assert second.on_incident(state, at(5)) == []  # no second alert for the same incident
+    escalated = second.tick(at(15))
+    assert [(e.alert_id, e.state.value) for e in escalated] == [(fired[0].alert_id, "escalated")]
+    alert = second.get(fired[0].alert_id)
+    assert alert is not None
+    ack = operator_event(alert, AlertState.ACKNOWLEDGED, "soc", at(16))
+    assert second.apply_external(ack)
+    assert second.get(fired[0].alert_id).state is AlertState.ACKNOWLEDGED  # type: ignore[union-attr]
