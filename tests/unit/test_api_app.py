@@ -17,26 +17,10 @@ from api.broadcaster import Broadcaster
 from api.ws import WsLimits
 from ioc.settings import Settings
 from streams.snapshot import Snapshot
+from tests.factories import snap
 
 COMMUNE = "16681"
 OTHER = "16690"
-AS_OF = dt.datetime(2026, 11, 22, 8, 15, tzinfo=dt.timezone(dt.timedelta(hours=7)))
-
-
-def snap(kpi: str, scope: str, window: str = "today", value: float = 1.0, seq: int = 1) -> Snapshot:
-    return Snapshot(
-        kpi=kpi,
-        scope=scope,
-        window=window,
-        value=value,
-        unit="",
-        numerator=None,
-        denominator=None,
-        target=None,
-        status=None,
-        as_of=AS_OF,
-        seq=seq,
-    )
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from typing import Any
 
@@ -11,31 +10,7 @@ import pytest
 from api.auth import Principal
 from api.broadcaster import Broadcaster, Subscriber
 from api.live import LiveState, item_filter
-from streams.snapshot import Snapshot
-
-AS_OF = dt.datetime(2026, 11, 22, 8, 15, tzinfo=dt.timezone(dt.timedelta(hours=7)))
-
-
-def snap(
-    kpi: str = "dossier.received",
-    scope: str = "province",
-    window: str = "today",
-    value: float = 1.0,
-    seq: int = 1,
-) -> Snapshot:
-    return Snapshot(
-        kpi=kpi,
-        scope=scope,
-        window=window,
-        value=value,
-        unit="",
-        numerator=None,
-        denominator=None,
-        target=None,
-        status=None,
-        as_of=AS_OF,
-        seq=seq,
-    )
+from tests.factories import snap
 
 
 def frames(sub: Subscriber) -> list[dict[str, Any]]:
