@@ -379,9 +379,11 @@ async def test_wall_panels_for_a_commune_token_stay_in_that_commune(system: Sett
             )
             assert communes and set(communes) == {commune}
             badge = page.locator('#air-rows tr[data-station="AIR-17935"] .aqi-badge')
-            aqi = await badge.inner_text()
+            # Number and colour read together: the row is re-rendered as updates arrive, and a badge
+            # replaced between two reads has no computed style.
+            aqi, colour = await badge.evaluate("b => [b.textContent, b.style.backgroundColor]")
             assert aqi.isdigit()
-            assert await badge.evaluate("b => getComputedStyle(b).backgroundColor") == _band_colour(int(aqi))
+            assert colour == _band_colour(int(aqi))
             namdan = page.locator('#river-rows tr[data-station="WL-NAMDAN"]')
             assert [await namdan.locator(f".bd{i} .bd-value").inner_text() for i in (1, 2, 3)] == [
                 "5,40",
