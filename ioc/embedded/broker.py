@@ -5,21 +5,20 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
-import shutil
 import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Self, TypeVar
+from typing import Self, TypeVar
 
 from aiokafka import AIOKafkaClient
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
-from ioc.embedded import die_with_parent, free_port, log_tail, port_open
+from ioc.embedded import die_with_parent, free_port, port_open
+from ioc.embedded.process import EmbeddedProcess
 from ioc.errors import EmbeddedServiceError
 from ioc.settings import ALL_TOPICS, Settings
 
@@ -44,20 +43,19 @@ def run_sync(make: Callable[[], Awaitable[T]]) -> T:
         return pool.submit(asyncio.run, _main()).result()
 
 
-class EmbeddedBroker:
+class EmbeddedBroker(EmbeddedProcess):
     """A `tansu` broker on a free loopback port, memory storage, for one process's lifetime.
 
     >>> with EmbeddedBroker() as broker:
     ...     ensure_topics(Settings(kafka_bootstrap=broker.bootstrap))
     """
 
+    name = "embedded broker"
+    stop_signal = signal.SIGTERM
+    stop_timeout = 5.0
+
     def __init__(self, *, host: str = "127.0.0.1", start_timeout: float = 30.0) -> None:
-        self.host = host
-        self.start_timeout = start_timeout
-        self._port: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
-        self._tmp: Path | None = None
+        super().__init__(host=host, start_timeout=start_timeout)
 
     @property
     def log_path(self) -> Path:
@@ -73,10 +71,6 @@ class EmbeddedBroker:
             raise EmbeddedServiceError("the embedded broker is not started")
         return f"{self.host}:{self._port}"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self) -> Self:
         """Start the broker and wait until a Kafka client can fetch its metadata."""
         if self.running:
@@ -89,7 +83,7 @@ class EmbeddedBroker:
                 self._wait_ready(port)
             except EmbeddedServiceError:
                 exited = self._proc is not None and self._proc.poll() is not None
-                self._terminate()
+                self._end_process(self.stop_timeout)
                 # The port may have been taken between choosing and binding it: try another.
                 if exited and attempt < _START_ATTEMPTS:
                     log.warning("embedded broker exited on port %d; retrying on another port", port)
@@ -99,25 +93,6 @@ class EmbeddedBroker:
             log.info("embedded broker (tansu) ready on %s; log %s", self.bootstrap, self.log_path)
             return self
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Terminate the broker (kill it after ``timeout`` seconds) and remove its temp dir."""
-        self._terminate(timeout)
-        self._port = None
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def _spawn(self, binary: str, port: int) -> None:
         url = f"tcp://{self.host}:{port}"
@@ -152,26 +127,6 @@ class EmbeddedBroker:
             if time.monotonic() > deadline:
                 raise self._error(f"the embedded broker did not answer on {bootstrap} within {self.start_timeout:.0f}s")
             time.sleep(0.05)
-
-    def _error(self, message: str) -> EmbeddedServiceError:
-        tail = log_tail(self.log_path)
-        return EmbeddedServiceError(f"{message}; log {self.log_path}:\n{tail}" if tail else message)
-
-    def _terminate(self, timeout: float = 5.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    log.warning("embedded broker did not stop within %.0fs; killing it", timeout)
-                    proc.kill()
-                    proc.wait()
-            log.info("embedded broker stopped")
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
 
 
 def _broker_binary() -> str:

@@ -13,8 +13,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import IO, Any, Self
+from typing import Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -22,6 +21,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from ioc.embedded import die_with_parent, free_port, log_tail
+from ioc.embedded.process import EmbeddedProcess
 from ioc.errors import EmbeddedServiceError
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,7 @@ def drop_database(admin_url: str, name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(EmbeddedProcess):
     """A PostgreSQL cluster in a temp dir on a free loopback port, trust auth, durability off.
 
     As root the server runs as the ``postgres`` system user; otherwise as the current user.
@@ -92,14 +92,13 @@ class EmbeddedPostgres:
     ...     migrate(pg.url)
     """
 
+    name = "embedded PostgreSQL"
+    stop_signal = signal.SIGINT  # PostgreSQL's "fast shutdown"
+    stop_timeout = 10.0
+
     def __init__(self, *, host: str = "127.0.0.1", start_timeout: float = 60.0) -> None:
-        self.host = host
-        self.start_timeout = start_timeout
+        super().__init__(host=host, start_timeout=start_timeout)
         self.bindir = find_bindir()
-        self._port: int | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log_file: IO[bytes] | None = None
-        self._tmp: Path | None = None
         self._account = _service_account()
 
     @property
@@ -118,10 +117,6 @@ class EmbeddedPostgres:
         """The server log (gone after ``stop()``)."""
         return self._dir() / "postgres.log"
 
-    @property
-    def running(self) -> bool:
-        return self._proc is not None and self._proc.poll() is None
-
     def start(self) -> Self:
         """initdb, start the server, wait until it accepts connections, create database ``ioc``."""
         if self.running:
@@ -134,7 +129,7 @@ class EmbeddedPostgres:
                 self._wait_ready(port)
             except EmbeddedServiceError:
                 exited = self._proc is not None and self._proc.poll() is not None
-                self._shutdown()
+                self._end_process(self.stop_timeout)
                 # The port may have been taken between choosing and binding it: try another.
                 if exited and attempt < _START_ATTEMPTS:
                     log.warning("embedded PostgreSQL exited on port %d; retrying on another port", port)
@@ -148,25 +143,6 @@ class EmbeddedPostgres:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
         log.info("embedded PostgreSQL ready at %s (data %s)", self.url, self._dir())
         return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        """Fast shutdown (SIGINT; SIGKILL after ``timeout`` seconds) and remove the temp dir."""
-        self._shutdown(timeout)
-        self._port = None
-        if self._tmp is not None:
-            shutil.rmtree(self._tmp, ignore_errors=True)
-            self._tmp = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -252,26 +228,6 @@ class EmbeddedPostgres:
                         f"PostgreSQL did not accept connections within {self.start_timeout:.0f}s ({exc})"
                     ) from exc
             time.sleep(0.05)
-
-    def _error(self, message: str) -> EmbeddedServiceError:
-        tail = log_tail(self.log_path)
-        return EmbeddedServiceError(f"{message}; log {self.log_path}:\n{tail}" if tail else message)
-
-    def _shutdown(self, timeout: float = 10.0) -> None:
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
-                try:
-                    proc.wait(timeout)
-                except subprocess.TimeoutExpired:
-                    log.warning("PostgreSQL did not shut down within %.0fs; killing it", timeout)
-                    proc.kill()
-                    proc.wait()
-            log.info("embedded PostgreSQL stopped")
-        if self._log_file is not None:
-            self._log_file.close()
-            self._log_file = None
 
 
 def _service_account() -> tuple[int, int] | None:
