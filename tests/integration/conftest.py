@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -37,33 +38,55 @@ def env_for(settings: Settings) -> dict[str, str]:
     }
 
 
-@pytest.fixture
-def system(make_settings: Callable[..., Settings]) -> Iterator[Settings]:
-    """The worker and the API as separate processes, as `ioc dev` runs them."""
-    settings = make_settings(api_port=free_port())
-    ensure_topics(settings)
-    env = env_for(settings)
-    procs = [
-        subprocess.Popen([sys.executable, "-m", "ioc.cli", name], env=env, stdin=subprocess.DEVNULL)
-        for name in ("worker", "api")
-    ]
+def start_components(env: dict[str, str], names: tuple[str, ...], api_port: int) -> list[subprocess.Popen[bytes]]:
+    """`ioc <name>` processes, returned once the API answers /readyz (as `ioc dev` runs them)."""
+    procs = [subprocess.Popen([sys.executable, "-m", "ioc.cli", n], env=env, stdin=subprocess.DEVNULL) for n in names]
     try:
         deadline = time.monotonic() + 60
         while True:
             assert all(p.poll() is None for p in procs), "a component exited during start-up"
             try:
-                if httpx.get(f"http://127.0.0.1:{settings.api_port}/readyz", timeout=2).status_code == 200:
-                    break
+                if httpx.get(f"http://127.0.0.1:{api_port}/readyz", timeout=2).status_code == 200:
+                    return procs
             except httpx.HTTPError:
                 pass
             assert time.monotonic() < deadline, "API not ready in 60 s"
             time.sleep(0.3)
+    except BaseException:
+        stop_components(procs)
+        raise
+
+
+def stop_components(procs: list[subprocess.Popen[bytes]]) -> None:
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
+async def consume(ingest: Any, records: int) -> None:
+    """Drive an in-process worker as `ioc worker` does until it has read ``records`` and gone idle."""
+    idle = 0
+    while ingest.stats["records"] < records or idle < 2:
+        batch = await ingest._gather(500)
+        if batch:
+            await ingest.process(batch)
+            idle = 0
+        else:
+            idle += 1
+        await ingest.emit()
+
+
+@pytest.fixture
+def system(make_settings: Callable[..., Settings]) -> Iterator[Settings]:
+    """The worker and the API as separate processes, as `ioc dev` runs them."""
+    settings = make_settings(api_port=free_port())
+    ensure_topics(settings)
+    procs = start_components(env_for(settings), ("worker", "api"), settings.api_port)
+    try:
         yield settings
     finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop_components(procs)

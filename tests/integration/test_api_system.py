@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -22,7 +20,7 @@ from api.auth import create_token
 from ioc.embedded.broker import ensure_topics
 from ioc.settings import TOPIC_KPI, Settings
 from streams.snapshot import Snapshot, encode
-from tests.integration.conftest import env_for, free_port
+from tests.integration.conftest import env_for, free_port, start_components, stop_components
 
 pytestmark = pytest.mark.integration
 
@@ -46,25 +44,11 @@ def api(make_settings: Callable[..., Settings]) -> Iterator[Settings]:
         "IOC_SIGNING_KEYS_PREVIOUS": json.dumps({"k0": RETIRED_KEY}),
         "IOC_ALLOWED_ORIGINS": json.dumps(settings.allowed_origins),
     }
-    proc = subprocess.Popen([sys.executable, "-m", "ioc.cli", "api"], env=env, stdin=subprocess.DEVNULL)
+    procs = start_components(env, ("api",), settings.api_port)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, "the API exited during start-up"
-            try:
-                if httpx.get(f"http://127.0.0.1:{settings.api_port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "API not ready in 60 s"
-            time.sleep(0.3)
         yield settings
     finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_components(procs)
 
 
 def signed(key: str, kid: str, ttl_s: int = 600, **claims: Any) -> str:

@@ -21,6 +21,7 @@ from ioc.registry import load_registry
 from ioc.settings import Settings
 from simulators.stream import _write_lines, generate
 from streams.worker import Ingest
+from tests.integration.conftest import consume
 
 pytestmark = pytest.mark.integration
 VN = dt.timezone(dt.timedelta(hours=7))
@@ -42,16 +43,7 @@ async def _run_worker_until_caught_up(settings: Settings, expected: int) -> Inge
     ingest = Ingest(settings, load_registry())
     await ingest.start()
     try:
-        assert ingest.consumer is not None
-        idle = 0
-        while ingest.stats["records"] < expected or idle < 2:
-            batch = await ingest._gather(500)
-            if batch:
-                await ingest.process(batch)
-                idle = 0
-            else:
-                idle += 1
-            await ingest.emit()
+        await consume(ingest, expected)
         assert ingest.stats["records"] == expected
         await ingest.drain()
         await ingest.emit()

@@ -18,6 +18,7 @@ from ioc.settings import Settings
 from simulators.stream import _write_lines, generate
 from streams.replay import replay
 from streams.worker import Ingest
+from tests.integration.conftest import consume
 from tests.integration.test_replay_matches_worker import FIELDS, _produce
 
 pytestmark = pytest.mark.integration
@@ -34,15 +35,7 @@ async def _consume(ingest: Ingest, records: int, *, commit_after: int | None) ->
             await real_commit(offsets)
 
     ingest.consumer.commit = commit  # type: ignore[method-assign]
-    idle = 0
-    while ingest.stats["records"] < records or idle < 2:
-        batch = await ingest._gather(500)
-        if batch:
-            await ingest.process(batch)
-            idle = 0
-        else:
-            idle += 1
-        await ingest.emit()
+    await consume(ingest, records)
 
 
 async def _lifetimes(settings: Settings, total: int) -> tuple[dict[str, int], dict[str, int], int]:
