@@ -91,17 +91,27 @@ class Reading(msgspec.Struct, frozen=True):
 class StationState:
     """Recent readings of one station, keyed by observation time (µs)."""
 
-    __slots__ = ("last_seen", "readings", "station")
+    __slots__ = ("_times", "last_seen", "readings", "station")
 
     def __init__(self, station: Station) -> None:
         self.station = station
         self.readings: dict[int, Reading] = {}
         self.last_seen: int | None = None
+        self._times: list[int] | None = None
+
+    def times(self) -> list[int]:
+        """Observation times in order (sorted once per change, not once per pollutant and window)."""
+        if self._times is None:
+            self._times = sorted(self.readings)
+        return self._times
+
+    def changed(self) -> None:
+        self._times = None
 
     def hourly_means(self, pollutant: str, first_hour: int, last_hour: int, until: int) -> list[float | None]:
         """Hourly means for hours [first_hour, last_hour] (hour index = µs // 1h), newest first."""
         sums: dict[int, list[float]] = {}
-        for t in sorted(self.readings):
+        for t in self.times():
             if t > until:
                 break
             h = t // US_PER_HOUR
@@ -148,6 +158,7 @@ class SensorAggregator:
         for name, amount in _contributions(e.kind, new).items():
             self.counters.add(name, scopes, t, amount)
         state.readings[t] = new
+        state.changed()
         if state.last_seen is None or t > state.last_seen:
             state.last_seen = t
         self.dirty.add(station_id)
@@ -164,6 +175,8 @@ class SensorAggregator:
                 old.remove(max(old))
             for t in old:
                 del state.readings[t]
+            if old:
+                state.changed()
 
     # --- KPI values -------------------------------------------------------------------------
 
