@@ -47,6 +47,7 @@ WALL_HEADERS: Final = {
     "X-Content-Type-Options": "nosniff",
     "Cache-Control": "no-cache",
 }
+POOL_RECONNECT_TIMEOUT_S: Final = 10.0
 READY_TIMEOUT_S: Final = 2.0
 DESCRIPTION: Final = """\
 REST and WebSocket interface of Nghệ An's provincial smart operations centre (CONTRACT §7).
@@ -243,6 +244,12 @@ def create_app(
                 open=False,
                 kwargs={"autocommit": True, "connect_timeout": 5},
                 name="ioc-api",
+                # A connection broken while idle (database restarted, network cut) is replaced at
+                # checkout instead of failing a request.
+                check=AsyncConnectionPool.check_connection,
+                # The pool's reconnection backoff doubles up to this, then starts afresh: after an
+                # outage the API is back within seconds, not after a minute of backoff.
+                reconnect_timeout=POOL_RECONNECT_TIMEOUT_S,
             )
             await ctx.pool.open(wait=False)
             if ctx.alerts is None:

@@ -53,6 +53,10 @@ MAINTENANCE_INTERVAL_S = 600.0
 CONSUMER_SESSION_TIMEOUT_MS = 6000
 
 
+#: A dead-lettered record, its reason, and the broker's acknowledgement to wait for.
+DeadLetter = tuple[ConsumerRecord[Any, Any], InvalidEvent, "asyncio.Future[Any]"]
+
+
 def now_us() -> int:
     return time.time_ns() // 1000
 
@@ -86,6 +90,9 @@ class Ingest:
         self.committed: dict[TopicPartition, int] = {}
         #: The previous batch's flush (write, dead letters, commit), overlapping the next batch's processing.
         self._flushing: asyncio.Task[None] | None = None
+        #: Snapshots written to the database that the broker did not take: published with the next emission.
+        self._unpublished: dict[str, Any] = {}
+        self._unpublished_alerts: list[Any] = []
         self.ready = asyncio.Event()
         self._last_maintenance = 0.0
 
@@ -280,7 +287,7 @@ class Ingest:
             m.event_lag.labels(logical).set(max(0, wall - t) / US)
         # Pipelining: this batch's effects are taken now; the previous flush must finish (it commits
         # earlier offsets) before this one starts, and it overlaps the next batch's processing.
-        futures = [await self._dead_letter(rec, error) for rec, error in dead]
+        futures = [(rec, error, await self._dead_letter(rec, error)) for rec, error in dead]
         if engine.incidents.changed:
             incidents = [s for s in engine.incidents.changed.values() if isinstance(s, IncidentState)]
             self.alerting.on_incidents(incidents, _as_datetime(engine.now_us))
@@ -292,7 +299,7 @@ class Ingest:
     async def _flush(
         self,
         changes: sink.Changes,
-        futures: list[asyncio.Future[Any]],
+        dead: list[DeadLetter],
         offsets: dict[TopicPartition, int],
         started: float,
     ) -> None:
@@ -301,12 +308,33 @@ class Ingest:
         write_started = time.monotonic()
         await self._durably("state", "writing state", lambda conn: sink.write_changes(conn, changes))
         m.db_write_seconds.labels("state").observe(time.monotonic() - write_started)
-        if futures:
-            await asyncio.gather(*futures)
+        if dead:
+            await self._deliver_dead_letters(dead)
         assert self.consumer is not None
-        await self.consumer.commit(offsets)
+        try:
+            await self.consumer.commit(offsets)
+        except KafkaError as exc:
+            # The group moved on (a rebalance while the batch was in flight) or the coordinator is
+            # gone: these records will be delivered again, and counting them again changes nothing.
+            self.stats["commit_failures"] += 1
+            log.warning("committing offsets failed (%s); the records will be processed again", exc)
+            return
         self.committed.update(offsets)
         m.batch_seconds.observe(time.monotonic() - started)
+
+    async def _deliver_dead_letters(self, dead: list[DeadLetter]) -> None:
+        """Wait until the broker has every dead letter; send again what it failed to take."""
+        delay = 0.5
+        while dead:
+            results = await asyncio.gather(*(future for _, _, future in dead), return_exceptions=True)
+            failed = [(rec, error) for (rec, error, _), result in zip(dead, results, strict=True)
+                      if isinstance(result, BaseException)]  # fmt: skip
+            if not failed:
+                return
+            log.warning("%d dead letters not delivered; sending them again in %.1f s", len(failed), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+            dead = [(rec, error, await self._dead_letter(rec, error)) for rec, error in failed]
 
     async def _recall_forgotten(self, valid: list[tuple[ConsumerRecord[Any, Any], str, str, Any]]) -> None:
         """Load from the database the entities of old events that memory no longer holds (dropped
@@ -358,14 +386,23 @@ class Ingest:
             now = _as_datetime(self.engine.now_us)
             self._observe_lag()
             snapshots = self.engine.snapshots()
+            if self._unpublished:
+                # What the broker did not take last time goes out again (newer values replace it).
+                pending, self._unpublished = self._unpublished, {}
+                pending.update({s.key: s for s in snapshots})
+                snapshots = list(pending.values())
             assert self.producer is not None
             if snapshots:
                 # The database first: its seq is then never behind what subscribers have seen.
                 await self._durably("snapshots", "writing snapshots", lambda c: sink.write_snapshots(c, snapshots))
                 self.metrics.db_write_seconds.labels("snapshots").observe(time.monotonic() - started)
                 topic = self.settings.topic(cfg.TOPIC_KPI)
-                futures = [await self.producer.send(topic, value=encode(s), key=s.key.encode()) for s in snapshots]
-                await asyncio.gather(*futures)
+                try:
+                    futures = [await self.producer.send(topic, value=encode(s), key=s.key.encode()) for s in snapshots]
+                    await asyncio.gather(*futures)
+                except KafkaError:
+                    self._unpublished.update({s.key: s for s in snapshots})
+                    raise
                 self.stats["snapshots"] += len(snapshots)
                 self.metrics.snapshots.inc(len(snapshots))
                 self.metrics.emit_seconds.observe(time.monotonic() - started)
@@ -381,8 +418,15 @@ class Ingest:
         events = alerting.take()
         if events:
             await self._durably("snapshots", "writing alerts", lambda c: alerting.persist(c, events))
+        # Events recorded earlier that the broker did not take go out first, in order.
+        events, self._unpublished_alerts = [*self._unpublished_alerts, *events], []
+        if events:
             assert self.producer is not None
-            await alerting.publish(self.producer, events)
+            try:
+                await alerting.publish(self.producer, events)
+            except KafkaError:
+                self._unpublished_alerts = events
+                raise
             self.stats["alert_events"] += len(events)
 
     def _observe_lag(self) -> None:

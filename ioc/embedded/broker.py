@@ -54,8 +54,19 @@ class EmbeddedBroker(EmbeddedProcess):
     stop_signal = signal.SIGTERM
     stop_timeout = 5.0
 
-    def __init__(self, *, host: str = "127.0.0.1", start_timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        start_timeout: float = 30.0,
+        port: int | None = None,
+        advertised: str | None = None,
+    ) -> None:
+        """``port``: listen there instead of on a free port. ``advertised``: the ``HOST:PORT``
+        clients are told to connect to (a proxy in front of the broker), if not the listener."""
         super().__init__(host=host, start_timeout=start_timeout)
+        self.fixed_port = port
+        self.advertised = advertised
 
     @property
     def log_path(self) -> Path:
@@ -77,7 +88,7 @@ class EmbeddedBroker(EmbeddedProcess):
             return self
         binary = _broker_binary()
         for attempt in range(1, _START_ATTEMPTS + 1):
-            port = free_port(self.host)
+            port = self.fixed_port or free_port(self.host)
             self._spawn(binary, port)
             try:
                 self._wait_ready(port)
@@ -85,7 +96,7 @@ class EmbeddedBroker(EmbeddedProcess):
                 exited = self._proc is not None and self._proc.poll() is not None
                 self._end_process(self.stop_timeout)
                 # The port may have been taken between choosing and binding it: try another.
-                if exited and attempt < _START_ATTEMPTS:
+                if exited and attempt < _START_ATTEMPTS and self.fixed_port is None:
                     log.warning("embedded broker exited on port %d; retrying on another port", port)
                     continue
                 raise
@@ -99,7 +110,7 @@ class EmbeddedBroker(EmbeddedProcess):
         cmd = [
             binary, "broker",
             "--listener-url", url,
-            "--advertised-listener-url", url,
+            "--advertised-listener-url", f"tcp://{self.advertised}" if self.advertised else url,
             "--storage-engine", "memory://tansu/",
         ]  # fmt: skip
         self._log_file = self.log_path.open("ab")
