@@ -6,6 +6,8 @@ import datetime as dt
 import json
 import logging
 import sys
+import time
+from collections.abc import Callable
 
 from ioc.settings import Settings
 
@@ -29,8 +31,44 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, ensure_ascii=False)
 
 
+class RepeatFilter(logging.Filter):
+    """Lets one record per (logger, message template) through every ``window_s``; the next one to
+    pass says how many were held back. An unreachable broker makes aiokafka log the same line
+    hundreds of times a second; an outage should cost a line every few seconds, not the disk."""
+
+    def __init__(
+        self,
+        window_s: float = 10.0,
+        prefixes: tuple[str, ...] = ("aiokafka", "kafka", "psycopg"),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.clock = clock
+        self.window_s = window_s
+        self.prefixes = prefixes
+        self._seen: dict[tuple[str, object], tuple[float, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith(self.prefixes):
+            return True
+        key = (record.name, record.msg)
+        now = self.clock()
+        seen = self._seen.get(key)
+        since, held = seen if seen is not None else (now - self.window_s, 0)
+        if now - since < self.window_s:
+            self._seen[key] = (since, held + 1)
+            return False
+        if len(self._seen) > 1000:
+            self._seen.clear()
+        self._seen[key] = (now, 0)
+        if held:
+            record.msg = f"{record.msg} ({held} similar messages in the last {self.window_s:.0f} s not shown)"
+        return True
+
+
 def configure_logging(settings: Settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RepeatFilter())
     if settings.log_json:
         handler.setFormatter(JsonFormatter())
     else:
