@@ -159,7 +159,9 @@ async def run(
         bootstrap_servers=settings.kafka_bootstrap,
         linger_ms=5,
         max_batch_size=256 * 1024,
-        acks=1,
+        # As a real source system should: a record counts as sent once every in-sync replica has it
+        # (with min.insync.replicas=2 on a real cluster, a lone broker cannot acknowledge it).
+        acks="all",
         client_id="ioc-simulator",
     )
     await producer.start()
