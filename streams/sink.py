@@ -14,7 +14,6 @@ from typing import Any
 
 import msgspec
 import psycopg
-from psycopg.types.json import Jsonb
 
 from streams import cyber, dossier
 from streams.engine import ENTITY_HORIZON_US, Engine
@@ -27,23 +26,6 @@ US = 1_000_000
 _encode = msgspec.json.Encoder().encode
 _dossier_decoder = msgspec.json.Decoder(dossier.DossierState)
 _incident_decoder = msgspec.json.Decoder(cyber.IncidentState)
-
-UPSERT_LATEST = """
-INSERT INTO kpi_latest (kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra, updated_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, now())
-ON CONFLICT (kpi, scope, win) DO UPDATE
-SET value = EXCLUDED.value, unit = EXCLUDED.unit, numerator = EXCLUDED.numerator, denominator = EXCLUDED.denominator,
-    target = EXCLUDED.target, status = EXCLUDED.status, as_of = EXCLUDED.as_of, seq = EXCLUDED.seq,
-    extra = EXCLUDED.extra, updated_at = now()
-WHERE kpi_latest.seq <= EXCLUDED.seq
-"""
-UPSERT_HISTORY = """
-INSERT INTO kpi_history (as_of, kpi, scope, win, value, numerator, denominator, status, seq)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (kpi, scope, win, as_of) DO UPDATE
-SET value = EXCLUDED.value, numerator = EXCLUDED.numerator, denominator = EXCLUDED.denominator,
-    status = EXCLUDED.status, seq = EXCLUDED.seq
-"""
 
 
 def _ts(us: int) -> dt.datetime:
@@ -77,6 +59,28 @@ CREATE TEMP TABLE IF NOT EXISTS stage_dossier (id text, state jsonb, terminal bo
 CREATE TEMP TABLE IF NOT EXISTS stage_incident (id text, state jsonb, terminal boolean, last_us bigint) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_reading (station_id text, observed_us bigint, kind text, event_id text, vals jsonb)
     ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_kpi (kpi text, scope text, win text, value float8, unit text, numerator float8,
+    denominator float8, target float8, status text, as_of timestamptz, seq bigint, extra jsonb) ON COMMIT DELETE ROWS;
+"""
+#: Snapshots: one COPY into staging, then one set-based upsert into each table (the newest seq wins).
+MERGE_LATEST = """
+INSERT INTO kpi_latest (kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra, updated_at)
+SELECT DISTINCT ON (kpi, scope, win) kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq,
+    extra, now()
+FROM stage_kpi ORDER BY kpi, scope, win, seq DESC
+ON CONFLICT (kpi, scope, win) DO UPDATE
+SET value = EXCLUDED.value, unit = EXCLUDED.unit, numerator = EXCLUDED.numerator, denominator = EXCLUDED.denominator,
+    target = EXCLUDED.target, status = EXCLUDED.status, as_of = EXCLUDED.as_of, seq = EXCLUDED.seq,
+    extra = EXCLUDED.extra, updated_at = now()
+WHERE kpi_latest.seq <= EXCLUDED.seq
+"""
+MERGE_HISTORY = """
+INSERT INTO kpi_history (as_of, kpi, scope, win, value, numerator, denominator, status, seq)
+SELECT DISTINCT ON (kpi, scope, win, as_of) as_of, kpi, scope, win, value, numerator, denominator, status, seq
+FROM stage_kpi ORDER BY kpi, scope, win, as_of, seq DESC
+ON CONFLICT (kpi, scope, win, as_of) DO UPDATE
+SET value = EXCLUDED.value, numerator = EXCLUDED.numerator, denominator = EXCLUDED.denominator,
+    status = EXCLUDED.status, seq = EXCLUDED.seq
 """
 EPOCH_US = "(timestamptz 'epoch' + {} * interval '1 microsecond')"
 MERGE_ENTITY = (
@@ -146,37 +150,32 @@ async def write_changes(conn: psycopg.AsyncConnection[Any], changes: Changes) ->
     return len(changes)
 
 
+def _snapshot_rows(snapshots: Sequence[Snapshot]) -> bytes:
+    def num(v: float | None) -> str:
+        return "\\N" if v is None else repr(float(v))
+
+    def txt(v: str | None) -> str:
+        return "\\N" if v is None else _text(v)
+
+    encode = _encode
+    return "".join(
+        f"{_text(s.kpi)}\t{_text(s.scope)}\t{_text(s.window)}\t{num(s.value)}\t{_text(s.unit)}\t{num(s.numerator)}\t"
+        f"{num(s.denominator)}\t{num(s.target)}\t{txt(s.status)}\t{s.as_of.isoformat()}\t{s.seq}\t"
+        f"{txt(None if s.extra is None else encode(s.extra).decode())}\n"
+        for s in snapshots
+    ).encode()
+
+
 async def write_snapshots(conn: psycopg.AsyncConnection[Any], snapshots: Sequence[Snapshot]) -> None:
+    """`kpi_latest` and `kpi_history` in one transaction: COPY into staging, then one upsert each."""
     if not snapshots:
         return
     async with conn.transaction(), conn.cursor() as cur:
-        await cur.executemany(
-            UPSERT_LATEST,
-            [
-                (
-                    s.kpi,
-                    s.scope,
-                    s.window,
-                    s.value,
-                    s.unit,
-                    s.numerator,
-                    s.denominator,
-                    s.target,
-                    s.status,
-                    s.as_of,
-                    s.seq,
-                    Jsonb(s.extra) if s.extra is not None else None,
-                )
-                for s in snapshots
-            ],
-        )
-        await cur.executemany(
-            UPSERT_HISTORY,
-            [
-                (s.as_of, s.kpi, s.scope, s.window, s.value, s.numerator, s.denominator, s.status, s.seq)
-                for s in snapshots
-            ],
-        )
+        await cur.execute(STAGING)
+        async with cur.copy("COPY stage_kpi FROM STDIN") as copy:
+            await copy.write(_snapshot_rows(snapshots))
+        await cur.execute(MERGE_LATEST.encode())
+        await cur.execute(MERGE_HISTORY.encode())
 
 
 async def load_entities(conn: psycopg.AsyncConnection[Any], engine: Engine, topic: str, keys: set[str]) -> int:
