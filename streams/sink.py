@@ -104,26 +104,35 @@ SET event_id = EXCLUDED.event_id, "values" = EXCLUDED."values", kind = EXCLUDED.
 WHERE EXCLUDED.event_id < sensor_reading.event_id
 """
 )
+NULL = "\\N"  # COPY's text format
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
 def _text(value: str) -> str:
     """A value for COPY's text format (backslash, tab, newline and carriage return escaped)."""
-    return value.translate(_COPY_ESCAPES)
+    if "\\" in value or "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value  # the common case, and far cheaper than translate's per-character lookups
+
+
+def _json(value: bytes) -> str:
+    """JSON (as msgspec writes it) for COPY's text format: control characters inside strings are
+    already escaped by JSON, so only backslashes need doubling."""
+    text = value.decode()
+    return text.replace("\\", "\\\\") if "\\" in text else text
 
 
 def _entity_rows(states: dict[str, Any]) -> bytes:
     encode = _encode
     return "".join(
-        f"{_text(k)}\t{_text(encode(s).decode())}\t{'t' if s.terminal else 'f'}\t{s.last_event}\n"
-        for k, s in states.items()
+        f"{_text(k)}\t{_json(encode(s))}\t{'t' if s.terminal else 'f'}\t{s.last_event}\n" for k, s in states.items()
     ).encode()
 
 
 def _reading_rows(readings: dict[tuple[str, int], tuple[str, Reading]]) -> bytes:
     encode = _encode
     return "".join(
-        f"{_text(sid)}\t{t}\t{kind}\t{_text(r.event_id)}\t{_text(encode(r.values).decode())}\n"
+        f"{_text(sid)}\t{t}\t{kind}\t{_text(r.event_id)}\t{_json(encode(r.values))}\n"
         for (sid, t), (kind, r) in readings.items()
     ).encode()
 
@@ -152,16 +161,16 @@ async def write_changes(conn: psycopg.AsyncConnection[Any], changes: Changes) ->
 
 def _snapshot_rows(snapshots: Sequence[Snapshot]) -> bytes:
     def num(v: float | None) -> str:
-        return "\\N" if v is None else repr(float(v))
+        return NULL if v is None else repr(float(v))
 
     def txt(v: str | None) -> str:
-        return "\\N" if v is None else _text(v)
+        return NULL if v is None else _text(v)
 
     encode = _encode
     return "".join(
         f"{_text(s.kpi)}\t{_text(s.scope)}\t{_text(s.window)}\t{num(s.value)}\t{_text(s.unit)}\t{num(s.numerator)}\t"
         f"{num(s.denominator)}\t{num(s.target)}\t{txt(s.status)}\t{s.as_of.isoformat()}\t{s.seq}\t"
-        f"{txt(None if s.extra is None else encode(s.extra).decode())}\n"
+        f"{NULL if s.extra is None else _json(encode(s.extra))}\n"
         for s in snapshots
     ).encode()
 
