@@ -52,6 +52,10 @@ _BAD_SILENCE: Final = (
     "The silence cannot be created as given; the message says why.",
     {"detail": "give either ends_at or duration, not both"},
 )
+_BAD_BODY: Final = (
+    "The body could not be read (not JSON text in UTF-8).",
+    {"detail": "There was an error parsing the body"},
+)
 _ACT_FORBIDDEN: Final = (
     "The alert is visible but your role may not act on it (security: cyber alerts only).",
     {"detail": "role security may only act on cyber alerts"},
@@ -191,12 +195,18 @@ def alert_router(ctx: ApiContext) -> APIRouter:
     async def list_alerts(
         caller: Caller,
         state: Annotated[
-            str | None, Query(description="state(s), comma-separated; `active` = all but resolved")
+            str | None,
+            Query(pattern=schemas.NO_NUL, description="state(s), comma-separated; `active` = all but resolved"),
         ] = None,
-        severity: Annotated[str | None, Query(description="info, warning, high, critical; comma-separated")] = None,
-        scope: Annotated[str | None, Query(description="scope(s), comma-separated, e.g. commune:17935")] = None,
+        severity: Annotated[
+            str | None, Query(pattern=schemas.NO_NUL, description="info, warning, high, critical; comma-separated")
+        ] = None,
+        scope: Annotated[
+            str | None, Query(pattern=schemas.NO_NUL, description="scope(s), comma-separated, e.g. commune:17935")
+        ] = None,
         domain: Annotated[
-            str | None, Query(description="cyber, env, water, dossier, platform; comma-separated")
+            str | None,
+            Query(pattern=schemas.NO_NUL, description="cyber, env, water, dossier, platform; comma-separated"),
         ] = None,
         limit: Annotated[int, Query(ge=1, le=1000, description="at most this many")] = 100,
     ) -> dict[str, Any]:
@@ -217,7 +227,9 @@ def alert_router(ctx: ApiContext) -> APIRouter:
             **schemas.errors(401, 404, 422, 503, e404=_NO_ALERT),
         },
     )
-    async def get_alert(caller: Caller, alert_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+    async def get_alert(
+        caller: Caller, alert_id: Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)]
+    ) -> dict[str, Any]:
         """One alert and its audit trail: every lifecycle event, who caused it (`by`), when and why."""
         try:
             alert = await store().get(alert_id)
@@ -258,13 +270,13 @@ def alert_router(ctx: ApiContext) -> APIRouter:
 
     action_responses = {
         **schemas.ok(schemas.AlertActionResult, schemas.ALERT_ACTION_EXAMPLE),
-        **schemas.errors(401, 403, 404, 409, 422, 503, e403=_ACT_FORBIDDEN, e404=_NO_ALERT),
+        **schemas.errors(400, 401, 403, 404, 409, 422, 503, e400=_BAD_BODY, e403=_ACT_FORBIDDEN, e404=_NO_ALERT),
     }
 
     @router.post("/api/alerts/{alert_id}/ack", response_model=None, responses=action_responses)
     async def acknowledge(
         caller: Caller,
-        alert_id: Annotated[str, Path(max_length=64)],
+        alert_id: Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)],
         body: Annotated[schemas.AlertAction | None, Body()] = None,
     ) -> Any:
         """Acknowledge an alert: someone has taken it on; escalation and reminders stop.
@@ -277,7 +289,7 @@ def alert_router(ctx: ApiContext) -> APIRouter:
     @router.post("/api/alerts/{alert_id}/resolve", response_model=None, responses=action_responses)
     async def resolve(
         caller: Caller,
-        alert_id: Annotated[str, Path(max_length=64)],
+        alert_id: Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)],
         body: Annotated[schemas.AlertAction | None, Body()] = None,
     ) -> Any:
         """Resolve an alert by hand. If its condition still holds, no new alert opens until it has
@@ -322,6 +334,8 @@ def alert_router(ctx: ApiContext) -> APIRouter:
                 ends = starts + parse_duration(body.duration)
             except ValueError as exc:
                 raise HTTPException(400, str(exc)) from exc
+            except OverflowError as exc:
+                raise HTTPException(400, f"a silence lasts at most {MAX_SILENCE.days} days") from exc
         else:
             assert body.ends_at is not None
             ends = _local(body.ends_at)
@@ -373,7 +387,9 @@ def alert_router(ctx: ApiContext) -> APIRouter:
             **schemas.errors(401, 403, 404, 422, 503, e404=_NO_SILENCE),
         },
     )
-    async def expire_silence(caller: Caller, silence_id: Annotated[str, Path(max_length=64)]) -> dict[str, Any]:
+    async def expire_silence(
+        caller: Caller, silence_id: Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)]
+    ) -> dict[str, Any]:
         """Expire a silence now: alerts it held that still fire become `firing` again and notify.
         Who and when are kept (`expired_by`, `expired_at`); expiring it again changes nothing."""
         now = ctx.clock()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -13,6 +14,8 @@ from typing import Annotated, Any, Final
 
 import psycopg
 from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -132,7 +135,23 @@ class HttpMetrics:
             self.requests.labels(self._route(scope, request), str(status)).inc()
 
 
-def _context(request: Request) -> ApiContext:
+class ValidationErrorResponse(JSONResponse):
+    """A 422 body. It echoes the input, and a JSON body may carry unpaired surrogates (``"\\ud800"``), which
+    UTF-8 cannot encode: then every non-ASCII character is escaped instead."""
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode()
+
+
+async def _invalid_request(request: Request, exc: Exception) -> Response:
+    errors = exc.errors() if isinstance(exc, RequestValidationError) else [{"msg": str(exc)}]
+    return ValidationErrorResponse({"detail": jsonable_encoder(errors)}, status_code=422)
+
+
+async def _context(request: Request) -> ApiContext:  # a coroutine: no thread-pool hop (see current_principal)
     ctx: ApiContext = request.app.state.ioc
     return ctx
 
@@ -276,6 +295,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.ioc = ctx
+    app.add_exception_handler(RequestValidationError, _invalid_request)
     app.add_middleware(HttpMetrics, requests=metrics.http_requests, routes=app.router.routes)
 
     @app.get(
@@ -361,12 +381,24 @@ def create_app(
     )
     async def kpi_history(
         caller: Caller,
-        kpi: Annotated[str | None, Query(description="one KPI name, e.g. env.aqi (required)")] = None,
-        scope: Annotated[str | None, Query(description="one scope, e.g. province (required)")] = None,
-        window: Annotated[str | None, Query(description="one window: 1h, 24h, today, mtd, now (required)")] = None,
-        start: Annotated[str | None, Query(alias="from", description="ISO 8601; default: 24 h before `to`")] = None,
-        end: Annotated[str | None, Query(alias="to", description="ISO 8601; default: now")] = None,
-        bucket: Annotated[str | None, Query(description="1m, 5m, 1h, 1d ...; default: fits the range")] = None,
+        kpi: Annotated[
+            str | None, Query(pattern=schemas.NO_NUL, description="one KPI name, e.g. env.aqi (required)")
+        ] = None,
+        scope: Annotated[
+            str | None, Query(pattern=schemas.NO_NUL, description="one scope, e.g. province (required)")
+        ] = None,
+        window: Annotated[
+            str | None, Query(pattern=schemas.NO_NUL, description="one window: 1h, 24h, today, mtd, now (required)")
+        ] = None,
+        start: Annotated[
+            str | None, Query(alias="from", pattern=schemas.NO_NUL, description="ISO 8601; default: 24 h before `to`")
+        ] = None,
+        end: Annotated[
+            str | None, Query(alias="to", pattern=schemas.NO_NUL, description="ISO 8601; default: now")
+        ] = None,
+        bucket: Annotated[
+            str | None, Query(pattern=schemas.NO_NUL, description="1m, 5m, 1h, 1d ...; default: fits the range")
+        ] = None,
     ) -> dict[str, Any]:
         """A KPI's time series, one point per bucket (its last value, with min, max and mean).
 
@@ -430,24 +462,29 @@ def create_app(
     return app
 
 
+def server_options(settings: Settings, limits: WsLimits) -> dict[str, Any]:
+    """How ``ioc api`` runs under uvicorn: the keywords of ``uvicorn.run`` (and ``uvicorn.Config``, with which
+    tests start the same server in-process)."""
+    return {
+        "host": settings.api_host,
+        "port": settings.api_port,
+        "ws": "websockets-sansio",
+        "ws_max_size": limits.max_frame_bytes,
+        "ws_ping_interval": limits.ping_interval_s,
+        "ws_ping_timeout": limits.ping_interval_s,
+        # permessage-deflate keeps a compressor per connection (~80 KiB each, measured with
+        # `ioc bench --only fanout`): at thousands of wall and user clients memory matters more.
+        "ws_per_message_deflate": False,
+        "log_config": None,
+        "proxy_headers": True,
+        "server_header": False,
+    }
+
+
 def serve(settings: Settings | None = None) -> None:
     """Run the API with uvicorn (``ioc api``); blocks until interrupted."""
     import uvicorn
 
     settings = settings or Settings()
     limits = WsLimits()
-    uvicorn.run(
-        create_app(settings, ws_limits=limits),
-        host=settings.api_host,
-        port=settings.api_port,
-        ws="websockets-sansio",
-        ws_max_size=limits.max_frame_bytes,
-        ws_ping_interval=limits.ping_interval_s,
-        ws_ping_timeout=limits.ping_interval_s,
-        # permessage-deflate keeps a compressor per connection (~80 KiB each, measured with
-        # `ioc bench --only fanout`): at thousands of wall and user clients memory matters more.
-        ws_per_message_deflate=False,
-        log_config=None,
-        proxy_headers=True,
-        server_header=False,
-    )
+    uvicorn.run(create_app(settings, ws_limits=limits), **server_options(settings, limits))

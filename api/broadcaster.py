@@ -248,11 +248,19 @@ class Broadcaster:
                 self.metrics.ws_disconnected_slow.inc()
             log.warning("websocket client disconnected: %s", sub.closed)
         for name in sub.filters:
-            ch = self._channels.get(name)
-            if ch is not None:
-                ch.subscribers.discard(sub)
+            self._leave(sub, name)
         sub.filters.clear()
         self._subscribers.discard(sub)
+
+    def _leave(self, sub: Subscriber, name: str) -> None:
+        ch = self._channels.get(name)
+        if ch is None:
+            return
+        ch.subscribers.discard(sub)
+        if not ch.subscribers and not ch.history:
+            # nothing was ever published on it (clients can name any agency): forget it, or subscriptions
+            # to made-up names would grow the map for ever; its seq was still the origin, as it will be again
+            del self._channels[name]
 
     def _drop_closed(self, sub: Subscriber) -> None:
         if sub in self._subscribers:
@@ -317,9 +325,12 @@ class Broadcaster:
 
     def unsubscribe(self, sub: Subscriber, channel: str) -> None:
         sub.filters.pop(channel, None)
-        ch = self._channels.get(channel)
-        if ch is not None:
-            ch.subscribers.discard(sub)
+        self._leave(sub, channel)
+
+    @property
+    def channel_count(self) -> int:
+        """Channels held: those published on, and those someone is subscribed to."""
+        return len(self._channels)
 
     def history(self, channel: str) -> list[Published]:
         ch = self._channels.get(channel)

@@ -76,8 +76,13 @@ def build_query(
     if window not in WINDOWS:
         raise HistoryQueryError(f"window {window!r} is not one of {', '.join(WINDOWS)}")
     now = now or dt.datetime.now(dt.UTC)
-    t1 = parse_time(end, "to") if end else now
-    t0 = parse_time(start, "from") if start else t1 - DEFAULT_RANGE
+    try:
+        t1 = parse_time(end, "to") if end else now
+        t0 = parse_time(start, "from") if start else t1 - DEFAULT_RANGE
+        for t in (t0, t1):  # the answer shows both in local time, the database takes them in UTC
+            t.astimezone(dt.UTC).astimezone(LOCAL)
+    except OverflowError as exc:
+        raise HistoryQueryError("from and to must lie within the years 1 to 9999, in UTC and in local time") from exc
     if t0 >= t1:
         raise HistoryQueryError("from must be earlier than to")
     span = t1 - t0

@@ -8,9 +8,28 @@ than enforce them; ``tests/unit/test_api_openapi.py`` checks real responses agai
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+#: Query and path values that reach the database: PostgreSQL text cannot hold a NUL character, so one is a
+#: 422 like any other malformed parameter (percent-decoding never yields unpaired surrogates).
+NO_NUL: Final = r"^[^\x00]*$"
+
+
+def storable_text(value: str) -> str:
+    """Text PostgreSQL can store: no NUL character and no unpaired surrogate (JSON's ``\\ud800`` escapes
+    allow both); raised as a 422 by the body models."""
+    if "\x00" in value:
+        raise ValueError("text may not contain NUL characters")
+    try:
+        value.encode()
+    except UnicodeEncodeError as exc:
+        raise ValueError("text may not contain unpaired surrogates") from exc
+    return value
+
+
+StoredText = Annotated[str, AfterValidator(storable_text)]
 
 #: CONTRACT §4, verbatim.
 KPI_SNAPSHOT_EXAMPLE: Final[dict[str, Any]] = {
@@ -208,7 +227,7 @@ class AlertAction(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"reason": "Đã cử đội ứng trực"}]})
 
-    reason: str | None = Field(None, max_length=1000, description="Why; kept in the audit trail.")
+    reason: StoredText | None = Field(None, max_length=1000, description="Why; kept in the audit trail.")
 
 
 class SilenceRequest(BaseModel):
@@ -227,14 +246,14 @@ class SilenceRequest(BaseModel):
         },
     )
 
-    matchers: dict[str, str | list[str]] = Field(
+    matchers: dict[StoredText, StoredText | list[StoredText]] = Field(
         description="Label → glob or list of globs, all must match: `rule`, `scope`, `severity`, `domain`, "
         "`commune_code`, `state`, `kpi`, `window`, `station`, `incident`, `category`, `system`, `agency_code`."
     )
     starts_at: dt.datetime | None = Field(None, description="Default now; without an offset it is local time.")
     ends_at: dt.datetime | None = Field(None, description="Give `ends_at` or `duration`, not both.")
     duration: str | None = Field(None, description="`15m`, `2h`, `1h30m`, `1d`; at most 31 days.")
-    reason: str = Field(min_length=1, max_length=1000)
+    reason: StoredText = Field(min_length=1, max_length=1000)
 
 
 class SilenceModel(BaseModel):

@@ -2,9 +2,10 @@
 
 Close codes: 4401 authentication failed or token expired, 4403 Origin not allowed (refused
 before the handshake completes, i.e. HTTP 403), 4008 too slow (see ``api.broadcaster``),
-1008 message rate exceeded, 1009 frame too large. Errors that do not end the connection are
-``{"type": "error", "code": ..., "message": ...}`` frames (codes ``forbidden``,
-``unknown_channel``, ``bad_request``, ``too_many_channels``).
+1008 message rate exceeded, 1009 frame too large, 1011 a message the server failed to handle (a
+bug, logged). Errors that do not end the connection are ``{"type": "error", "code": ...,
+"message": ...}`` frames (codes ``forbidden``, ``unknown_channel``, ``bad_request``,
+``too_many_channels``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ CLOSE_UNAUTHORIZED: Final = 4401
 CLOSE_ORIGIN: Final = 4403
 CLOSE_POLICY: Final = 1008
 CLOSE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL: Final = 1011
 SUBPROTOCOL: Final = "bearer"
 #: How long a closed-for-slowness client's sender may take to flush the ``too_slow`` error
 #: before the connection is cut anyway (a client that stopped reading never lets it finish).
@@ -202,10 +204,12 @@ class Connection:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            raw = message.get("text")
+            raw, data = message.get("text"), message.get("bytes")
+            # the size as sent: decoding a binary frame with replacement can triple it
+            size = len(data) if raw is None and data is not None else len((raw or "").encode())
             if raw is None:
-                raw = (message.get("bytes") or b"").decode("utf-8", "replace")
-            if len(raw.encode()) > self.limits.max_frame_bytes:
+                raw = (data or b"").decode("utf-8", "replace")
+            if size > self.limits.max_frame_bytes:
                 self.metrics.ws_refused.labels("frame").inc()
                 self.sub.offer(error("too_large", f"frames are limited to {self.limits.max_frame_bytes} bytes"))
                 await asyncio.sleep(0.1)
@@ -217,7 +221,12 @@ class Connection:
                 await asyncio.sleep(0.1)
                 self._end(CLOSE_POLICY, "message rate exceeded")
                 return
-            self._handle(raw)
+            try:
+                self._handle(raw)
+            except Exception:  # a bug, not the client's fault: say so, rather than a silent normal close
+                log.exception("websocket message could not be handled")
+                self._end(CLOSE_INTERNAL, "internal error")
+                return
 
     def _handle(self, raw: str) -> None:
         try:
@@ -229,7 +238,11 @@ class Connection:
         if kind == "subscribe":
             self._subscribe(msg)
         elif kind == "unsubscribe":
-            for channel in msg.get("channels") or ():
+            channels = msg.get("channels")
+            if not isinstance(channels, list):
+                self.sub.offer(error("bad_request", "unsubscribe needs channels (a list)"))
+                return
+            for channel in channels:
                 if isinstance(channel, str):
                     self.ctx.broadcaster.unsubscribe(self.sub, channel)
         elif kind == "ping":
@@ -266,7 +279,8 @@ class Connection:
                 )
             )
             return
-        new = [c for c in dict.fromkeys(channels) if isinstance(c, str) and c not in self.sub.filters]
+        names = dict.fromkeys(c for c in channels if isinstance(c, str))  # other items are answered below
+        new = [c for c in names if c not in self.sub.filters]
         if len(self.sub.filters) + len(new) > self.limits.max_channels:
             self.sub.offer(
                 error(
