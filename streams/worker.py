@@ -31,6 +31,7 @@ from ioc import settings as cfg
 from ioc.db.migrate import Storage, drop_expired, ensure_partitions, refresh_rollups, storage_of
 from ioc.errors import InvalidEvent
 from ioc.metrics import WorkerMetrics
+from ioc.produce import BatchSender, CachingPartitioner
 from ioc.registry import Registry, load_registry
 from ioc.settings import Settings
 from streams import sink
@@ -105,14 +106,17 @@ class Ingest:
         counts = await sink.load_state(self.conns["state"], self.engine)
         counts["open_alerts"] = await self.alerting.restore(self.conns["state"], _as_datetime(self.engine.now_us))
         log.info("state rebuilt from the database: %s", counts)
+        partitioner = CachingPartitioner()  # the same keys (kpi|scope|window) are published again and again
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             acks="all",
             linger_ms=5,
             max_batch_size=1 << 20,
             enable_idempotence=False,
+            partitioner=partitioner,
         )
         await self.producer.start()
+        self.sender = BatchSender(self.producer, partitioner)
         await self.alerting.start_listening()
         await self.alerting.start_webhooks(self.producer)
         self.consumer = AIOKafkaConsumer(
@@ -398,8 +402,7 @@ class Ingest:
                 self.metrics.db_write_seconds.labels("snapshots").observe(time.monotonic() - started)
                 topic = self.settings.topic(cfg.TOPIC_KPI)
                 try:
-                    futures = [await self.producer.send(topic, value=encode(s), key=s.key.encode()) for s in snapshots]
-                    await asyncio.gather(*futures)
+                    await self.sender.send_and_wait((topic, s.key.encode(), encode(s)) for s in snapshots)
                 except KafkaError:
                     self._unpublished.update({s.key: s for s in snapshots})
                     raise

@@ -13,8 +13,8 @@ from typing import Any
 
 import orjson
 from aiokafka import AIOKafkaProducer
-from aiokafka.partitioner import DefaultPartitioner
 
+from ioc.produce import BatchSender
 from ioc.settings import TOPIC_DOSSIER, Settings
 
 #: Records per chunk passed from the generating process to the producer.
@@ -63,12 +63,11 @@ def backlog_chunks(n: int, seed: int = 348) -> Iterator[list[Record]]:
 
 
 class FastProducer:
-    """Writes records with per-partition batches (``create_batch``/``send_batch``), keyed like Kafka's default partitioner."""
+    """Writes records with per-partition batches (`ioc.produce.BatchSender`), keyed like Kafka's default partitioner."""
 
     def __init__(self, bootstrap: str) -> None:
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5, max_batch_size=1 << 20)
-        self.partitioner = DefaultPartitioner()
-        self.partitions: dict[str, list[int]] = {}
+        self.sender = BatchSender(self.producer)
 
     async def start(self) -> None:
         await self.producer.start()
@@ -76,33 +75,9 @@ class FastProducer:
     async def stop(self) -> None:
         await self.producer.stop()
 
-    async def _partitions(self, topic: str) -> list[int]:
-        found = self.partitions.get(topic)
-        if found is None:
-            found = sorted(await self.producer.partitions_for(topic))
-            self.partitions[topic] = found
-        return found
-
     async def send_all(self, records: list[Record]) -> None:
         """Send ``records`` (topic already prefixed) and wait until the broker has them."""
-        batches: dict[tuple[str, int], Any] = {}
-        pending = []
-        for topic, key, value in records:
-            parts = await self._partitions(topic)
-            p = self.partitioner(key, parts, parts)
-            batch = batches.get((topic, p))
-            if batch is None:
-                batch = batches[(topic, p)] = self.producer.create_batch()
-            if batch.append(key=key, value=value, timestamp=None) is None:
-                batch.close()
-                pending.append(await self.producer.send_batch(batch, topic, partition=p))
-                batch = batches[(topic, p)] = self.producer.create_batch()
-                batch.append(key=key, value=value, timestamp=None)
-        for (topic, p), batch in batches.items():
-            batch.close()
-            pending.append(await self.producer.send_batch(batch, topic, partition=p))
-        for future in pending:
-            await future
+        await self.sender.send_and_wait(records)
 
 
 async def produce_backlog(settings: Settings, n: int, *, label: str = "backlog") -> dict[str, Any]:
