@@ -1,4 +1,4 @@
-"""The `ioc` command: dev, worker, api, simulate, replay, db migrate, topics create, token create, bench."""
+"""The `ioc` command: dev, worker, api, simulate, replay, db migrate, topics create, token create, bench, soak."""
 
 from __future__ import annotations
 
@@ -96,6 +96,15 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--json", type=Path, default=None, help="where to write the figures (default artifacts/bench-<time>.json)"
     )
+    soak = sub.add_parser("soak", help="a steady stream through real worker and API processes: memory over time")
+    soak.add_argument("--rate", type=float, default=500.0, help="events per second (default 500)")
+    soak.add_argument("--duration", type=_duration, default=dt.timedelta(minutes=30), help="e.g. 90s, 30m, 1h")
+    soak.add_argument("--sample-every", type=_duration, default=dt.timedelta(seconds=30), help="default 30s")
+    soak.add_argument("--clients", type=int, default=50, help="WebSocket subscribers kept connected (default 50)")
+    soak.add_argument("--seed", type=int, default=348)
+    soak.add_argument(
+        "--json", type=Path, default=None, help="where to write the figures (default artifacts/soak-<time>.json)"
+    )
     return p
 
 
@@ -184,6 +193,18 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from ioc.bench.harness import main as bench
 
         return bench(args.events, args.quick, args.only, args.json)
+    if args.command == "soak":
+        from ioc.bench.soak import Plan
+        from ioc.bench.soak import main as soak
+
+        plan = Plan(
+            rate=args.rate,
+            duration_s=args.duration.total_seconds(),
+            sample_every_s=args.sample_every.total_seconds(),
+            clients=args.clients,
+            seed=args.seed,
+        )
+        return soak(plan, args.json)
     raise AssertionError(args.command)
 
 
