@@ -468,7 +468,9 @@ def server_options(settings: Settings, limits: WsLimits) -> dict[str, Any]:
     return {
         "host": settings.api_host,
         "port": settings.api_port,
-        "ws": "websockets-sansio",
+        # uvicorn's websockets-sansio protocol without what it keeps per connection and never reads
+        # again (handshake headers, an asyncio.Queue): ~6 KiB of ~36 per live-feed client
+        "ws": "api.ws_protocol:LeanWebSocketProtocol",
         "ws_max_size": limits.max_frame_bytes,
         "ws_ping_interval": limits.ping_interval_s,
         "ws_ping_timeout": limits.ping_interval_s,

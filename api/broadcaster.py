@@ -1,11 +1,13 @@
-"""The one WebSocket fan-out: serialise once, bounded coalescing queues, history for resume.
+"""The one WebSocket fan-out: serialise once, bounded coalescing queues, history for resume, heartbeat.
 
-Publishing never awaits a client. Each connection has a :class:`Subscriber` whose pending
-messages sit in an ordered map: a KPI update whose key is still pending replaces the older one
-and moves to the back (newest value per KPI wins, and a client still receives a channel's
-``seq`` in increasing order). A client that has more than ``max_queue`` messages pending, or
-has not taken anything for ``max_lag_s`` while messages wait, is closed with
-:data:`CLOSE_TOO_SLOW`; the others never notice.
+Publishing never awaits a client. Each connection has a :class:`Subscriber`; a frame goes straight
+to the connection's socket (the same ``str`` object for every client, written without a task
+switch) while the client keeps up. Only while a send cannot finish (the client is not reading) do
+frames wait, in an ordered map: a KPI update whose key is still pending replaces the older one
+and moves to the back (newest value per KPI wins, and a client still receives a channel's ``seq``
+in increasing order). A client that has more than ``max_queue`` messages pending, or has not
+taken anything for ``max_lag_s`` while messages wait, is closed with :data:`CLOSE_TOO_SLOW`; the
+others never notice. One heartbeat task pings every subscriber with one frame.
 
 Channel ``seq`` values start at the process's start time in microseconds, not at 1, so that a
 ``resume`` position issued by another API replica or an earlier process almost never falls
@@ -15,7 +17,7 @@ inside this process's history: it is then answered with a fresh snapshot (``reco
 from __future__ import annotations
 
 import asyncio
-import itertools
+import datetime as dt
 import logging
 import time
 from collections import OrderedDict, deque
@@ -73,8 +75,35 @@ def frame_type(text: str) -> str:
 DEFAULT_MAX_QUEUE = 20_000
 
 
+#: What a connection gives its subscriber to write a frame straight to the socket: True when it took the
+#: frame (sent, or now being sent), False while an earlier send is still in progress.
+Sink = Callable[[str], bool]
+
+
 class Subscriber:
-    """The send queue of one connection: bounded, coalescing, never awaited by the publisher."""
+    """The send path of one connection: straight to the socket while it keeps up, else a bounded coalescing queue.
+
+    With a :data:`Sink` attached, :meth:`offer` hands a frame to it at once (no task switch, the
+    same ``str`` for every client); only while the sink is busy (a send that could not finish, the
+    client is not reading) are frames queued here, for the connection to :meth:`drain`. Never awaited
+    by the publisher.
+    """
+
+    __slots__ = (
+        "_behind_since",
+        "_clock",
+        "_coalesced_total",
+        "_pending",
+        "_unique",
+        "closed",
+        "coalesced",
+        "filters",
+        "max_lag_s",
+        "max_queue",
+        "on_close",
+        "on_ping",
+        "sink",
+    )
 
     def __init__(
         self,
@@ -88,29 +117,39 @@ class Subscriber:
         self.max_lag_s = max_lag_s
         self._clock = clock
         self._coalesced_total = coalesced_total
-        self._pending: OrderedDict[Hashable, str] = OrderedDict()
-        self._unique = itertools.count()
+        # created on the first frame that has to wait: most clients keep up and never need one
+        self._pending: OrderedDict[Hashable, str] | None = None
+        self._unique = 0
         self._behind_since: float | None = None
-        self._wakeup = asyncio.Event()
-        self._closed = asyncio.Event()
         self.filters: dict[str, ItemFilter | None] = {}
         #: Why the broadcaster closed this subscriber (None while open).
         self.closed: str | None = None
         self.coalesced = 0
+        #: Writes a frame to the client now (see :data:`Sink`); None: every frame waits for :meth:`drain`.
+        self.sink: Sink | None = None
+        #: Called once, with the reason, when the broadcaster gives up on this subscriber.
+        self.on_close: Callable[[str], None] | None = None
+        #: Asked before each heartbeat ping whether to send it (False: the connection is ending).
+        self.on_ping: Callable[[dt.datetime], bool] | None = None
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending) if self._pending else 0
 
     @property
     def channels(self) -> frozenset[str]:
         return frozenset(self.filters)
 
     def offer(self, text: str, *, channel: str | None = None, key: str | None = None) -> bool:
-        """Queue a frame, replacing a pending one of the same channel and key; False once closed."""
+        """Send or queue a frame, replacing a queued one of the same channel and key; False once closed."""
         if self.closed is not None:
             return False
+        pending = self._pending
+        if not pending and self.sink is not None and self.sink(text):
+            return True
         now = self._clock()
-        if not self._pending:
+        if pending is None:
+            pending = self._pending = OrderedDict()
+        if not pending:
             self._behind_since = now
         elif self._behind_since is not None and now - self._behind_since > self.max_lag_s:
             self.close(f"no progress for {self.max_lag_s:g} s")
@@ -118,45 +157,33 @@ class Subscriber:
         slot: Hashable
         if key is not None:
             slot = (channel, key)
-            if self._pending.pop(slot, None) is not None:
+            if pending.pop(slot, None) is not None:
                 self.coalesced += 1
                 if self._coalesced_total is not None:
                     self._coalesced_total.inc()
         else:
-            slot = next(self._unique)
-        self._pending[slot] = text
-        if len(self._pending) > self.max_queue:
+            slot = self._unique = self._unique + 1
+        pending[slot] = text
+        if len(pending) > self.max_queue:
             self.close(f"more than {self.max_queue} messages behind")
             return False
-        self._wakeup.set()
         return True
 
     def drain(self) -> list[str]:
-        """Take every pending frame, oldest first."""
+        """Take every queued frame, oldest first (the connection calls this once its sink is free again)."""
+        if not self._pending:
+            return []
         frames = list(self._pending.values())
-        self._pending.clear()
+        self._pending = None
         self._behind_since = None
-        self._wakeup.clear()
         return frames
-
-    async def next_frames(self) -> list[str]:
-        """Wait for pending frames; an empty list means the subscriber was closed."""
-        while not self._pending and self.closed is None:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-        return [] if self.closed is not None else self.drain()
-
-    async def wait_closed(self) -> str:
-        """Wait until the subscriber is closed (even while its connection is stuck sending)."""
-        await self._closed.wait()
-        return self.closed or ""
 
     def close(self, reason: str) -> None:
         if self.closed is None:
             self.closed = reason
-            self._pending.clear()
-            self._wakeup.set()
-            self._closed.set()
+            self._pending = None
+            if self.on_close is not None:
+                self.on_close(reason)
 
 
 @dataclass(slots=True)
@@ -189,6 +216,7 @@ class Broadcaster:
         self._channels: dict[str, Channel] = {}
         self._subscribers: set[Subscriber] = set()
         self.disconnected_slow = 0
+        self._heartbeat: asyncio.Task[None] | None = None
 
     # -- channels -----------------------------------------------------------------------------
 
@@ -251,6 +279,42 @@ class Broadcaster:
             self._leave(sub, name)
         sub.filters.clear()
         self._subscribers.discard(sub)
+        if not self._subscribers and self._heartbeat is not None:
+            self._heartbeat.cancel()
+            self._heartbeat = None
+
+    # -- heartbeat ----------------------------------------------------------------------------
+
+    def ping(self, now: dt.datetime) -> int:
+        """Offer one ``ping`` frame, serialised once, to every subscriber whose ``on_ping`` agrees.
+
+        Returns how many were pinged.
+        """
+        frame = dumps({"type": "ping", "ts": now.isoformat()})
+        pinged = 0
+        for sub in tuple(self._subscribers):
+            if sub.on_ping is not None and not sub.on_ping(now):
+                continue
+            if sub.offer(frame):
+                pinged += 1
+            else:
+                self._drop_closed(sub)
+        return pinged
+
+    def start_heartbeat(self, interval_s: float) -> None:
+        """Ping every subscriber every ``interval_s`` from one task (not one per connection).
+
+        Idempotent; the task ends when the last subscriber leaves and starts again with the next.
+        """
+        task = self._heartbeat
+        if task is not None and not task.done() and task.get_loop() is asyncio.get_running_loop():
+            return
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat(interval_s), name="ws-heartbeat")
+
+    async def _beat(self, interval_s: float) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.ping(dt.datetime.now(dt.UTC))
 
     def _leave(self, sub: Subscriber, name: str) -> None:
         ch = self._channels.get(name)

@@ -13,14 +13,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import time
-from collections import Counter
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Coroutine, Generator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import orjson
+from prometheus_client import Counter as PromCounter
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from api.auth import Principal, verify_token
@@ -43,6 +44,9 @@ SUBPROTOCOL: Final = "bearer"
 #: How long a closed-for-slowness client's sender may take to flush the ``too_slow`` error
 #: before the connection is cut anyway (a client that stopped reading never lets it finish).
 SLOW_GRACE_S: Final = 1.0
+#: How long a connection ending for a reason it explains (rate, frame size, expired token) waits
+#: for that error frame to go out before closing.
+FLUSH_BEFORE_CLOSE_S: Final = 0.1
 #: Longest wait for a close frame to go out to a client that may not be reading.
 CLOSE_TIMEOUT_S: Final = 5.0
 
@@ -117,90 +121,230 @@ def auth_ok(principal: Principal) -> str:
 async def send_counted(ws: WebSocket, metrics: ApiMetrics, text: str) -> None:
     """Send one frame straight to the socket (before a Connection exists), counting it by type."""
     await ws.send_text(text)
-    metrics.ws_messages.labels(frame_type(text)).inc()
+    message_tally(metrics.ws_messages).add(frame_type(text))
+
+
+class MessageTally:
+    """``ioc_ws_messages_total`` counted in bulk: a fan-out of one update to 10,000 clients adds
+    10,000 to a plain dict and increments the Prometheus counter once per type, on the next loop turn
+    (``labels().inc()`` per frame per client is a measurable share of a fan-out)."""
+
+    __slots__ = ("family", "pending")
+
+    def __init__(self, family: PromCounter) -> None:
+        self.family = family
+        self.pending: dict[str, int] = {}
+
+    def add(self, kind: str) -> None:
+        pending = self.pending
+        if kind in pending:
+            pending[kind] += 1
+            return
+        if not pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop running (never so in the server): count at once
+                self.family.labels(kind).inc()
+                return
+        pending[kind] = 1
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, {}
+        for kind, n in pending.items():
+            self.family.labels(kind).inc(n)
+
+
+@functools.lru_cache(maxsize=64)
+def message_tally(family: PromCounter) -> MessageTally:
+    """The tally of one app's ``ioc_ws_messages_total`` (one per metrics registry)."""
+    return MessageTally(family)
+
+
+class _Resume:
+    """Await the rest of a coroutine that was started by hand and stopped at ``waiting``.
+
+    ``waiting`` is what the coroutine yielded (a future it waits on, or None for a bare yield);
+    yielding it again from a task makes the task wait exactly as if it had run the coroutine from
+    the start, so a send that could not finish at once is finished by a task, without sending twice.
+    """
+
+    __slots__ = ("coro", "waiting")
+
+    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
+        self.coro = coro
+        self.waiting = waiting
+
+    def __await__(self) -> Generator[Any, None, None]:
+        waiting = self.waiting
+        while True:
+            try:
+                yield waiting
+            except BaseException as exc:  # the task was cancelled: let the coroutine see it
+                try:
+                    waiting = self.coro.throw(exc)
+                except StopIteration:
+                    return
+                continue
+            try:
+                waiting = self.coro.send(None)
+            except StopIteration:
+                return
 
 
 class Connection:
-    """One authenticated client: its subscriber queue, and the loops that read, write and ping."""
+    """One authenticated client: its subscriber, the loop that reads its messages, and its sends.
+
+    Whoever produces a frame (the broadcaster, the shared heartbeat, this connection's answers)
+    writes it through :meth:`_write`, which sends it at once when the socket takes it (nearly
+    always: the same ``str`` for every client, no task switch). Only when a send cannot finish (the
+    client is not reading) does a flush task exist: it finishes that send, then the frames the
+    subscriber queued and coalesced meanwhile, and ends when the client has caught up. So a
+    connection costs no task of its own beyond the one the server runs the endpoint in.
+    """
+
+    __slots__ = ("_ending", "_flushing", "_task", "close_code", "close_reason", "ctx", "principal", "rate", "sub", "ws")
 
     def __init__(self, ctx: ApiContext, ws: WebSocket, principal: Principal) -> None:
         self.ctx = ctx
         self.ws = ws
         self.principal = principal
-        self.metrics: ApiMetrics = ctx.metrics
-        self.limits: WsLimits = ctx.ws_limits
-        self.sub: Subscriber = ctx.broadcaster.connect()
-        self.rate = RateLimit(self.limits.rate_per_s, self.limits.burst)
+        limits: WsLimits = ctx.ws_limits
+        self.rate = RateLimit(limits.rate_per_s, limits.burst)
         self.close_code = 1000
         self.close_reason = ""
+        self._task: asyncio.Task[Any] | None = None
+        self._flushing: asyncio.Task[None] | None = None
+        #: Set once the connection is ending: nothing more is written, the receive loop stops.
+        self._ending = False
+        self.sub: Subscriber = ctx.broadcaster.connect()
+        self.sub.sink = self._write
+        self.sub.on_close = self._too_slow
+        self.sub.on_ping = self._before_ping
 
     async def run(self) -> None:
-        tasks = [
-            asyncio.create_task(self._send_loop(), name="ws-send"),
-            asyncio.create_task(self._receive_loop(), name="ws-receive"),
-            asyncio.create_task(self._ping_loop(), name="ws-ping"),
-            asyncio.create_task(self._watch_slow(), name="ws-slow"),
-        ]
-        clients = self.metrics.ws_clients.labels(self.principal.role)
+        task = self._task = asyncio.current_task()
+        broadcaster = self.ctx.broadcaster
+        broadcaster.start_heartbeat(self.ctx.ws_limits.ping_interval_s)
+        clients = self.ctx.metrics.ws_clients.labels(self.principal.role)
         clients.inc()
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            await self._receive_loop()
+        except asyncio.CancelledError:
+            # ``_stop`` cancels the wait for the client's next message; anything else is the server's
+            if not self._ending or task is None or task.uncancel() > 0:
+                raise
         finally:
             clients.dec()
-            for t in tasks:
-                t.cancel()
-            for t in tasks:
+            self._ending = True
+            flushing = self._flushing
+            if flushing is not None:
+                flushing.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-            self.ctx.broadcaster.disconnect(self.sub)
+                    await flushing
+            broadcaster.disconnect(self.sub)
+            self.sub.sink = self.sub.on_close = self.sub.on_ping = None  # no cycle keeps the connection alive
             await self._close(self.close_code, self.close_reason)
 
     def _end(self, code: int, reason: str) -> None:
         self.close_code, self.close_reason = code, reason
+
+    def _stop(self) -> None:
+        """End the connection from outside the receive loop, which is waiting for the client."""
+        if self._ending:
+            return
+        self._ending = True
+        task = self._task
+        # the loop itself notices ``_ending``; a task cannot take back a cancellation of itself (3.11)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
 
     async def _close(self, code: int, reason: str) -> None:
         if self.ws.application_state is WebSocketState.CONNECTED and self.ws.client_state is WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.ws.close(code, reason), CLOSE_TIMEOUT_S)
 
-    async def _watch_slow(self) -> None:
-        """End the connection once the broadcaster gave up on it, even if a send is stuck."""
-        reason = await self.sub.wait_closed()
-        await asyncio.sleep(SLOW_GRACE_S)  # normally the send loop ends first, after telling the client
-        self._end(CLOSE_TOO_SLOW, "too slow")
-        log.info("websocket cut while stuck sending: %s", reason)
+    # -- sending --------------------------------------------------------------------------------
 
-    async def _send_loop(self) -> None:
-        messages = self.metrics.ws_messages
-        while True:
-            frames = await self.sub.next_frames()
-            if not frames:
-                self._end(CLOSE_TOO_SLOW, "too slow")
-                with contextlib.suppress(Exception):
-                    await send_counted(self.ws, self.metrics, error("too_slow", self.sub.closed or "too slow"))
-                return
-            sent: Counter[str] = Counter()
-            try:
+    def _count(self, text: str) -> None:
+        message_tally(self.ctx.metrics.ws_messages).add(frame_type(text))
+
+    def _write(self, text: str) -> bool:
+        """The subscriber's sink: send ``text`` now; False while an earlier send is still going."""
+        if self._flushing is not None:
+            return False
+        if self._ending:
+            return True  # dropped: the connection is closing
+        send = self.ws.send_text(text)
+        try:
+            waiting = send.send(None)
+        except StopIteration:
+            self._count(text)
+            return True
+        except Exception:  # the client is gone
+            self._stop()
+            return True
+        self._flushing = asyncio.get_running_loop().create_task(self._flush(_Resume(send, waiting), text))
+        return True
+
+    async def _flush(self, started: _Resume | None = None, text: str = "") -> None:
+        """Finish a send that could not complete at once, then what was queued meanwhile, until caught up."""
+        sub = self.sub
+        try:
+            if started is not None:
+                await started
+                self._count(text)
+            while sub.closed is None:
+                frames = sub.drain()
+                if not frames:
+                    return
                 for frame in frames:
                     await self.ws.send_text(frame)
-                    sent[frame_type(frame)] += 1
-            finally:
-                for kind, n in sent.items():
-                    messages.labels(kind).inc(n)
+                    self._count(frame)
+            # the broadcaster gave up on this client: tell it why, then end
+            await send_counted(self.ws, self.ctx.metrics, error("too_slow", sub.closed))
+            self._stop()
+        except Exception:
+            self._stop()
+        finally:
+            self._flushing = None
 
-    async def _ping_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.limits.ping_interval_s)
-            expires = self.principal.expires_at
-            if expires is not None and expires <= dt.datetime.now(dt.UTC):
-                self.sub.offer(error("token_expired", "the token has expired; authenticate again"))
-                await asyncio.sleep(0.1)  # let the sender flush the error first
-                self._end(CLOSE_UNAUTHORIZED, "token expired")
-                return
-            self.sub.offer(dumps({"type": "ping", "ts": dt.datetime.now(dt.UTC).isoformat()}))
+    def _too_slow(self, reason: str) -> None:
+        """The broadcaster gave up on this client: say so after what is being sent, and end."""
+        self._end(CLOSE_TOO_SLOW, "too slow")
+        loop = asyncio.get_running_loop()
+        # a client that stopped reading never lets the error out: cut it after a grace period anyway
+        loop.call_later(SLOW_GRACE_S, self._cut, reason)
+        if self._flushing is None and not self._ending:
+            self._flushing = loop.create_task(self._flush())
+
+    def _cut(self, reason: str) -> None:
+        if not self._ending:
+            log.info("websocket cut while stuck sending: %s", reason)
+            self._stop()
+
+    def _before_ping(self, now: dt.datetime) -> bool:
+        """Asked by the heartbeat before each ping: an expired token ends the connection instead."""
+        if self._ending:
+            return False
+        expires = self.principal.expires_at
+        if expires is None or expires > now:
+            return True
+        self.sub.offer(error("token_expired", "the token has expired; authenticate again"))
+        self._end(CLOSE_UNAUTHORIZED, "token expired")
+        asyncio.get_running_loop().call_later(FLUSH_BEFORE_CLOSE_S, self._stop)  # let the error go out first
+        return False
+
+    async def _settle(self) -> None:
+        """Give a frame just queued (the error that explains a close) a moment to go out."""
+        flushing = self._flushing
+        if flushing is not None:
+            await asyncio.wait({flushing}, timeout=FLUSH_BEFORE_CLOSE_S)
+
+    # -- receiving ------------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
-        while True:
+        limits, metrics = self.ctx.ws_limits, self.ctx.metrics
+        while not self._ending:
             message = await self.ws.receive()
             if message["type"] == "websocket.disconnect":
                 return
@@ -209,16 +353,16 @@ class Connection:
             size = len(data) if raw is None and data is not None else len((raw or "").encode())
             if raw is None:
                 raw = (data or b"").decode("utf-8", "replace")
-            if size > self.limits.max_frame_bytes:
-                self.metrics.ws_refused.labels("frame").inc()
-                self.sub.offer(error("too_large", f"frames are limited to {self.limits.max_frame_bytes} bytes"))
-                await asyncio.sleep(0.1)
+            if size > limits.max_frame_bytes:
+                metrics.ws_refused.labels("frame").inc()
+                self.sub.offer(error("too_large", f"frames are limited to {limits.max_frame_bytes} bytes"))
+                await self._settle()
                 self._end(CLOSE_TOO_BIG, "frame too large")
                 return
             if not self.rate.allow():
-                self.metrics.ws_refused.labels("rate").inc()
-                self.sub.offer(error("rate_limited", f"at most {self.limits.rate_per_s:g} messages per second"))
-                await asyncio.sleep(0.1)
+                metrics.ws_refused.labels("rate").inc()
+                self.sub.offer(error("rate_limited", f"at most {limits.rate_per_s:g} messages per second"))
+                await self._settle()
                 self._end(CLOSE_POLICY, "message rate exceeded")
                 return
             try:
@@ -259,11 +403,11 @@ class Connection:
         try:
             fresh = verify_token(self.ctx.settings, token if isinstance(token, str) else None)
         except AuthError as exc:
-            self.metrics.ws_refused.labels("auth").inc()
+            self.ctx.metrics.ws_refused.labels("auth").inc()
             self.sub.offer(error("unauthorized", str(exc)))
             return
         if (fresh.role, fresh.commune) != (self.principal.role, self.principal.commune):
-            self.metrics.ws_refused.labels("forbidden").inc()
+            self.ctx.metrics.ws_refused.labels("forbidden").inc()
             self.sub.offer(error("forbidden", "a new token must carry the same role and commune"))
             return
         self.principal = fresh
@@ -281,11 +425,11 @@ class Connection:
             return
         names = dict.fromkeys(c for c in channels if isinstance(c, str))  # other items are answered below
         new = [c for c in names if c not in self.sub.filters]
-        if len(self.sub.filters) + len(new) > self.limits.max_channels:
+        if len(self.sub.filters) + len(new) > self.ctx.ws_limits.max_channels:
             self.sub.offer(
                 error(
                     "too_many_channels",
-                    f"at most {self.limits.max_channels} channels per connection",
+                    f"at most {self.ctx.ws_limits.max_channels} channels per connection",
                 )
             )
             return
@@ -295,7 +439,7 @@ class Connection:
                 self.sub.offer(error("bad_request", "channel names are strings"))
                 continue
             if not self.principal.can_subscribe(channel):
-                self.metrics.ws_refused.labels("forbidden").inc()
+                self.ctx.metrics.ws_refused.labels("forbidden").inc()
                 self.sub.offer(error("forbidden", "outside your rights", channel=channel))
                 continue
             if not channel_exists(channel, registry.units, registry.stations):

@@ -3,16 +3,26 @@
 Connects ``N`` clients subscribed to ``kpi:province``, prints ``{"ready": n, "failed": f}`` on
 stdout, then records, for every ``bench.probe`` update, the delay from the probe's send time
 (its ``value``, wall-clock seconds) to its arrival. When stdin closes it prints the delays (ms).
+
+The clients run on the same cores as the API, so what a client spends per frame is charged to
+the delivery figure. By default each client is a bare :class:`WallClient` (an asyncio protocol
+speaking just enough RFC 6455: the handshake a browser sends, with the token as subprotocol and
+a permessage-deflate offer; masked frames out; pong to pings) that times a probe when its bytes
+arrive. ``IOC_BENCH_WS_CLIENT=websockets`` uses the ``websockets`` library's client instead, as
+earlier runs did (about ten times the client CPU per frame).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import os
 import resource
 import sys
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -20,6 +30,9 @@ from websockets.typing import Subprotocol
 
 PROBE_KPI = "bench.probe"
 CONNECT_CONCURRENCY = 100
+SUBSCRIBE = b'{"type":"subscribe","channels":["kpi:province"]}'
+_PROBE = f'"{PROBE_KPI}"'.encode()
+_OP_TEXT, _OP_CLOSE, _OP_PING, _OP_PONG = 0x1, 0x8, 0x9, 0xA
 
 
 def raise_fd_limit() -> int:
@@ -30,7 +43,135 @@ def raise_fd_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-async def _client(url: str, token: str, gate: asyncio.Semaphore, delays: list[float], ready: list[int]) -> None:
+def client_frame(opcode: int, payload: bytes) -> bytes:
+    """A masked, unfragmented client frame (payloads under 126 bytes: all this client sends)."""
+    assert len(payload) < 126
+    mask = os.urandom(4)
+    masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked
+
+
+def probe_delay_ms(payload: bytes, now: float) -> float | None:
+    """The delay of a ``bench.probe`` update frame (its value is its send time), else None."""
+    if _PROBE not in payload:
+        return None
+    msg = orjson.loads(payload)
+    item: Any = msg.get("item")
+    if msg.get("type") == "update" and item and item.get("kpi") == PROBE_KPI:
+        return (now - float(item["value"])) * 1000
+    return None
+
+
+class WallClient(asyncio.Protocol):
+    """One subscribed client: handshake, subscribe, answer pings, time probe updates on arrival."""
+
+    def __init__(self, request: bytes, delays: list[float]) -> None:
+        self.request = request
+        self.delays = delays
+        self.buffer = bytearray()
+        self.open = False
+        self.subscribed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(self.request)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.subscribed.done():
+            self.subscribed.set_exception(ConnectionError(f"closed before the snapshot: {exc}"))
+
+    def data_received(self, data: bytes) -> None:
+        now = time.time()
+        buf = self.buffer
+        buf += data
+        if not self.open:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            if not buf.startswith(b"HTTP/1.1 101"):
+                self._fail(f"handshake refused: {bytes(buf[:end])!r}")
+                return
+            del buf[: end + 4]
+            self.open = True
+            self._send(_OP_TEXT, SUBSCRIBE)
+        while len(buf) >= 2:
+            opcode, size, start = buf[0] & 0x0F, buf[1] & 0x7F, 2
+            if size == 126:
+                if len(buf) < 4:
+                    return
+                size, start = int.from_bytes(buf[2:4], "big"), 4
+            elif size == 127:
+                if len(buf) < 10:
+                    return
+                size, start = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < start + size:
+                return
+            payload = bytes(buf[start : start + size])
+            del buf[: start + size]
+            self._frame(opcode, payload, now)
+
+    def _frame(self, opcode: int, payload: bytes, now: float) -> None:
+        if opcode == _OP_TEXT:
+            if not self.subscribed.done():
+                if payload.startswith(b'{"type":"snapshot"'):
+                    self.subscribed.set_result(None)
+                return
+            delay = probe_delay_ms(payload, now)
+            if delay is not None:
+                self.delays.append(delay)
+        elif opcode == _OP_PING:
+            self._send(_OP_PONG, payload)
+        elif opcode == _OP_CLOSE:
+            self._send(_OP_CLOSE, payload[:2])
+            self._fail("closed by the server")
+
+    def _send(self, opcode: int, payload: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(client_frame(opcode, payload))
+
+    def _fail(self, why: str) -> None:
+        if not self.subscribed.done():
+            self.subscribed.set_exception(ConnectionError(why))
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        self._send(_OP_CLOSE, (1000).to_bytes(2, "big"))
+        if self.transport is not None:
+            self.transport.close()
+
+
+def handshake(url: str, token: str) -> tuple[str, int, bytes]:
+    """Host, port and the upgrade request a browser sends (token as subprotocol, deflate offered)."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 80
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET {parts.path or '/'} HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: bearer, {token}\r\n"
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\nUser-Agent: ioc-bench\r\n\r\n"
+    )
+    return host, port, request.encode()
+
+
+async def _wall_client(url: str, token: str, gate: asyncio.Semaphore, delays: list[float], ready: list[int]) -> None:
+    host, port, request = handshake(url, token)
+    loop = asyncio.get_running_loop()
+    async with gate:
+        _, client = await asyncio.wait_for(loop.create_connection(lambda: WallClient(request, delays), host, port), 60)
+        await asyncio.wait_for(client.subscribed, 60)
+    ready[0] += 1
+    try:
+        await asyncio.Event().wait()  # until cancelled; frames are handled by the protocol
+    finally:
+        client.close()
+
+
+async def _websockets_client(
+    url: str, token: str, gate: asyncio.Semaphore, delays: list[float], ready: list[int]
+) -> None:
     async with gate:
         ws: ClientConnection = await connect(
             url,
@@ -48,10 +189,9 @@ async def _client(url: str, token: str, gate: asyncio.Semaphore, delays: list[fl
     try:
         async for frame in ws:
             now = time.time()
-            msg = orjson.loads(frame)
-            item: Any = msg.get("item")
-            if msg.get("type") == "update" and item and item.get("kpi") == PROBE_KPI:
-                delays.append((now - float(item["value"])) * 1000)
+            delay = probe_delay_ms(frame.encode() if isinstance(frame, str) else frame, now)
+            if delay is not None:
+                delays.append(delay)
     finally:
         await ws.close()
 
@@ -61,7 +201,8 @@ async def main(url: str, token: str, n: int) -> None:
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
     delays: list[float] = []
     ready = [0]
-    tasks = [asyncio.create_task(_client(url, token, gate, delays, ready)) for _ in range(n)]
+    client = _websockets_client if os.environ.get("IOC_BENCH_WS_CLIENT") == "websockets" else _wall_client
+    tasks = [asyncio.create_task(client(url, token, gate, delays, ready)) for _ in range(n)]
     while ready[0] + sum(t.done() for t in tasks) < n:
         await asyncio.sleep(0.1)
     failed = sum(1 for t in tasks if t.done() and t.exception() is not None)

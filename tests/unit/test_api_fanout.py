@@ -1,0 +1,228 @@
+"""The fan-out path of the live feed: one frame for every client, written at once, one heartbeat, lean sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from starlette.websockets import WebSocketState
+from websockets.frames import Frame, Opcode
+
+from api.app import ApiContext, create_app
+from api.auth import create_token, verify_token
+from api.broadcaster import Broadcaster
+from api.ws import CLOSE_UNAUTHORIZED, Connection, MessageTally, WsLimits, _Resume
+from api.ws_protocol import FrameCache, ReceiveQueue
+from ioc.settings import Settings
+from tests.factories import snap
+
+SUBSCRIBE = {"type": "websocket.receive", "text": '{"type": "subscribe", "channels": ["kpi:province"]}'}
+
+
+@pytest.fixture
+def settings(make_settings: Callable[..., Settings]) -> Settings:
+    return make_settings(kafka_bootstrap="127.0.0.1:1", database_url="postgresql://nobody@127.0.0.1:1/none")
+
+
+def context(settings: Settings, **limits: Any) -> ApiContext:
+    app = create_app(settings, connect=False, broadcaster=Broadcaster(seq_origin=0), ws_limits=WsLimits(**limits))
+    ctx: ApiContext = app.state.ioc
+    return ctx
+
+
+class Socket:
+    """The part of a Starlette WebSocket a Connection uses; keeps the very objects it was given."""
+
+    def __init__(self, *, stuck: bool = False) -> None:
+        self.texts: list[str] = []
+        self.gate = asyncio.Event()
+        if not stuck:
+            self.gate.set()
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.application_state = WebSocketState.CONNECTED
+        self.client_state = WebSocketState.CONNECTED
+        self.close_code: int | None = None
+
+    async def send_text(self, text: str) -> None:
+        await self.gate.wait()
+        self.texts.append(text)
+
+    async def receive(self) -> dict[str, Any]:
+        return await self.inbox.get()
+
+    async def close(self, code: int = 1000, reason: str | None = None) -> None:
+        self.close_code = code
+        self.application_state = WebSocketState.DISCONNECTED
+
+    def of_type(self, kind: str) -> list[str]:
+        return [t for t in self.texts if json.loads(t)["type"] == kind]
+
+
+async def connected(
+    ctx: ApiContext, settings: Settings, n: int, **kw: Any
+) -> tuple[list[Socket], list[asyncio.Task[None]]]:
+    principal = verify_token(settings, create_token(settings, "operator", subject="wall"))
+    sockets = [Socket(**kw) for _ in range(n)]
+    runs = []
+    for ws in sockets:
+        ws.inbox.put_nowait(SUBSCRIBE)
+        runs.append(asyncio.create_task(Connection(ctx, ws, principal).run()))  # type: ignore[arg-type]
+    await asyncio.sleep(0.01)
+    return sockets, runs
+
+
+async def hang_up(sockets: list[Socket], runs: list[asyncio.Task[None]]) -> None:
+    for ws in sockets:
+        ws.inbox.put_nowait({"type": "websocket.disconnect"})
+    await asyncio.wait_for(asyncio.gather(*runs), 5)
+
+
+async def test_an_update_is_written_to_every_client_during_publish_as_one_shared_str(settings: Settings) -> None:
+    ctx = context(settings)
+    sockets, runs = await connected(ctx, settings, 3)
+    ctx.live.apply_snapshot(snap("dossier.received", "province", value=7, seq=1))
+    # no await in between: written by the publisher itself, not by a task per client woken later
+    updates = [ws.of_type("update") for ws in sockets]
+    assert [len(u) for u in updates] == [1, 1, 1]
+    assert updates[0][0] is updates[1][0] is updates[2][0]  # encoded once, the same object for all
+    await hang_up(sockets, runs)
+
+
+async def test_connections_run_no_task_of_their_own_and_share_one_heartbeat(settings: Settings) -> None:
+    ctx = context(settings)
+    before = len(asyncio.all_tasks())
+    sockets, runs = await connected(ctx, settings, 5)
+    ctx.live.apply_snapshot(snap("dossier.received", "province", value=7, seq=1))
+    extra = {t.get_name() for t in asyncio.all_tasks()} - {r.get_name() for r in runs}
+    assert len(asyncio.all_tasks()) - before == len(runs) + 1
+    assert "ws-heartbeat" in extra
+    await hang_up(sockets, runs)
+    await asyncio.sleep(0)
+    assert not [t for t in asyncio.all_tasks() if t.get_name() == "ws-heartbeat" and not t.done()]
+
+
+async def test_the_heartbeat_pings_every_client_with_one_frame(settings: Settings) -> None:
+    ctx = context(settings, ping_interval_s=0.02)
+    sockets, runs = await connected(ctx, settings, 3)
+    await asyncio.sleep(0.07)
+    pings = [ws.of_type("ping") for ws in sockets]
+    assert all(len(p) >= 2 for p in pings)
+    assert pings[0][0] is pings[1][0] is pings[2][0]
+    await hang_up(sockets, runs)
+
+
+async def test_the_heartbeat_ends_a_connection_whose_token_expired(settings: Settings) -> None:
+    ctx = context(settings)
+    expired = verify_token(settings, create_token(settings, "operator", subject="wall"))
+    fresh = verify_token(settings, create_token(settings, "operator", subject="wall", ttl=dt.timedelta(days=2)))
+    old, new = Socket(), Socket()
+    runs = [
+        asyncio.create_task(Connection(ctx, ws, p).run())  # type: ignore[arg-type]
+        for ws, p in ((old, expired), (new, fresh))
+    ]
+    await asyncio.sleep(0.01)
+    assert expired.expires_at is not None
+    assert ctx.broadcaster.ping(expired.expires_at + dt.timedelta(seconds=1)) == 1
+    await asyncio.wait_for(runs[0], 5)
+    assert old.close_code == CLOSE_UNAUTHORIZED
+    assert json.loads(old.texts[-1])["code"] == "token_expired" and old.of_type("ping") == []
+    assert len(new.of_type("ping")) == 1 and not runs[1].done()
+    await hang_up([new], runs[1:])
+
+
+async def test_a_stuck_client_gets_a_flush_task_only_while_it_lags(settings: Settings) -> None:
+    ctx = context(settings)
+    (slow,), runs = await connected(ctx, settings, 1, stuck=True)
+    base = len(asyncio.all_tasks())
+    for v in range(1, 4):
+        ctx.live.apply_snapshot(snap("dossier.received", "province", value=v, seq=v))
+    assert len(asyncio.all_tasks()) == base  # the snapshot's send is already the one waiting
+    slow.gate.set()
+    await asyncio.sleep(0.01)
+    assert [json.loads(t)["item"]["value"] for t in slow.of_type("update")] == [3]  # coalesced
+    flushing = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Connection._flush"]  # type: ignore[union-attr]
+    assert flushing == []
+    ctx.live.apply_snapshot(snap("dossier.received", "province", value=4, seq=4))
+    assert json.loads(slow.texts[-1])["item"]["value"] == 4  # caught up: written at once again
+    await hang_up([slow], runs)
+
+
+async def finish(resume: _Resume) -> None:
+    await resume
+
+
+@pytest.mark.parametrize("cancel", [False, True])
+async def test_a_send_started_by_hand_is_finished_by_a_task_once(cancel: bool) -> None:
+    gate: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    steps: list[str] = []
+
+    async def send() -> None:
+        steps.append("start")
+        try:
+            await gate
+            steps.append("sent")
+        except asyncio.CancelledError:
+            steps.append("cancelled")
+            raise
+
+    coro = send()
+    task = asyncio.create_task(finish(_Resume(coro, coro.send(None))))
+    await asyncio.sleep(0)
+    if cancel:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert steps == ["start", "cancelled"]
+    else:
+        gate.set_result(None)
+        await task
+        assert steps == ["start", "sent"]
+
+
+async def test_receive_queue_hands_out_messages_in_order_and_waits_when_empty() -> None:
+    queue = ReceiveQueue()
+    assert queue.empty()
+    queue.put_nowait(1)
+    queue.put_nowait(2)
+    assert not queue.empty()
+    assert [await queue.get(), await queue.get()] == [1, 2]
+    waiting = asyncio.create_task(queue.get())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    queue.put_nowait(3)
+    assert await asyncio.wait_for(waiting, 1) == 3
+    assert queue.empty()
+
+
+def test_a_text_frame_is_framed_once_for_every_connection_sent_the_same_str() -> None:
+    cache = FrameCache()
+    text = json.dumps({"type": "update", "channel": "kpi:province", "item": {"v": "Nghệ An"}, "seq": 1})
+    first = cache.text_frame(text)
+    assert cache.text_frame(text) is first
+    assert first == Frame(Opcode.TEXT, text.encode()).serialize(mask=False)
+    other = cache.text_frame(text.replace("1}", "2}"))
+    assert other is not first and other.endswith(b'"seq": 2}')
+
+
+def test_message_counts_reach_prometheus_once_per_loop_turn(settings: Settings) -> None:
+    metrics = context(settings).metrics
+    tally = MessageTally(metrics.ws_messages)
+
+    def sent(kind: str) -> float | None:
+        return metrics.registry.get_sample_value("ioc_ws_messages_total", {"type": kind})
+
+    async def fan_out() -> None:
+        for _ in range(1000):
+            tally.add("update")
+        tally.add("ping")
+        assert sent("update") is None  # not yet: one increment per type after this turn
+        await asyncio.sleep(0)
+
+    asyncio.run(fan_out())
+    assert (sent("update"), sent("ping")) == (1000, 1)
+    tally.add("pong")  # outside an event loop: at once
+    assert sent("pong") == 1
