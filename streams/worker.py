@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -531,4 +532,8 @@ def run(settings: Settings) -> None:
     """`ioc worker`: run until SIGINT/SIGTERM."""
     app, _ = create_app(settings)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, override_logging=False)
+    if not sys.stdout.isatty():
+        # Faust's progress spinner writes terminal codes ("show cursor") to stdout at exit even
+        # when stdout is a pipe: they landed in the output of `ioc bench` and `ioc soak`.
+        worker.spinner = None
     worker.execute_from_commandline()

@@ -64,3 +64,49 @@ def test_production_mode_refuses_the_development_key(make_settings: Callable[...
     out = ioc(env, "token", "create", "--role", "operator")
     assert out.returncode != 0 and "IOC_SIGNING_KEY" in out.stderr
     assert out.stdout == ""
+
+
+def test_worker_writes_no_terminal_codes_to_a_piped_stdout(make_settings: Callable[..., Settings]) -> None:
+    """`ioc worker` under a supervisor or `ioc bench`: stdout is a pipe, so nothing meant for a terminal."""
+    import asyncio
+    import datetime as dt
+    import signal
+    import time
+
+    import httpx
+
+    from ioc.embedded.broker import ensure_topics
+    from simulators.stream import generate
+    from tests.integration import checks
+    from tests.integration.conftest import free_port
+
+    settings = make_settings()
+    ensure_topics(settings)
+    now = dt.datetime.now(dt.UTC)
+    asyncio.run(checks.produce(settings, list(generate(3, now - dt.timedelta(seconds=30), 1.0, None, until=now))))
+    port = free_port()
+    # At WARNING (as `ioc bench` runs it) Faust keeps its spinner; below WARNING it drops it itself.
+    env = {**env_for(settings), "IOC_WORKER_METRICS_PORT": str(port), "IOC_LOG_LEVEL": "WARNING"}
+    worker = subprocess.Popen([sys.executable, "-m", "ioc.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # started and consuming (the spinner's end is written when start-up ends)
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+                if any(line.startswith("ioc_records_in_total{") and not line.endswith(" 0.0")
+                       for line in text.splitlines()):  # fmt: skip
+                    break
+            except httpx.HTTPError:
+                pass
+            assert worker.poll() is None and time.monotonic() < deadline, "the worker did not start"
+            time.sleep(0.3)
+        time.sleep(2)
+        worker.send_signal(signal.SIGTERM)
+        out, _ = worker.communicate(timeout=30)
+        assert worker.stdout is not None
+        worker.stdout.close()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert b"\x1b[" not in out, out[:200]
