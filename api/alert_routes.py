@@ -212,10 +212,7 @@ def alert_router(ctx: ApiContext) -> APIRouter:
     ) -> dict[str, Any]:
         """Alerts the caller may see, newest first (by when they started), with their current state."""
         query = build_query(caller, stations, state, severity, scope, domain)
-        try:
-            found = await store().list_alerts(query, lambda a: sees(caller, a), limit)
-        except (PoolTimeout, psycopg.OperationalError) as exc:
-            raise HTTPException(503, "the database is unreachable") from exc
+        found = await store().list_alerts(query, lambda a: sees(caller, a), limit)
         items = [_json(a) for a in found]
         return {"items": items, "count": len(items)}
 
@@ -231,13 +228,10 @@ def alert_router(ctx: ApiContext) -> APIRouter:
         caller: Caller, alert_id: Annotated[str, Path(max_length=64, pattern=schemas.NO_NUL)]
     ) -> dict[str, Any]:
         """One alert and its audit trail: every lifecycle event, who caused it (`by`), when and why."""
-        try:
-            alert = await store().get(alert_id)
-            if alert is None or not sees(caller, alert):
-                raise HTTPException(404, f"no alert {alert_id!r}")
-            events = await store().events(alert_id)
-        except (PoolTimeout, psycopg.OperationalError) as exc:
-            raise HTTPException(503, "the database is unreachable") from exc
+        alert = await store().get(alert_id)
+        if alert is None or not sees(caller, alert):
+            raise HTTPException(404, f"no alert {alert_id!r}")
+        events = await store().events(alert_id)
         return {"alert": _json(alert), "events": [_json(e) for e in events]}
 
     async def act(caller: Principal, alert_id: str, state: AlertState, body: schemas.AlertAction | None) -> Any:
@@ -353,10 +347,7 @@ def alert_router(ctx: ApiContext) -> APIRouter:
             created_by=caller.subject,
             reason=reason,
         )
-        try:
-            stored, created = await store().add_silence(silence)
-        except (PoolTimeout, psycopg.OperationalError) as exc:
-            raise HTTPException(503, "the database is unreachable") from exc
+        stored, created = await store().add_silence(silence)
         if created:
             log.info("silence %s created by %s until %s", stored.id, caller.subject, stored.ends_at.isoformat())
         else:
@@ -372,10 +363,7 @@ def alert_router(ctx: ApiContext) -> APIRouter:
         """Silences that are active or yet to start, and those over in the last 24 hours (newest first).
         Security staff see the cyber ones, commune users those restricted to their commune."""
         now = ctx.clock()
-        try:
-            found = await store().silences(now - RECENT_SILENCES)
-        except (PoolTimeout, psycopg.OperationalError) as exc:
-            raise HTTPException(503, "the database is unreachable") from exc
+        found = await store().silences(now - RECENT_SILENCES)
         items = [silence_json(s, now) for s in found if may_see_silence(caller, s)]
         return {"items": items, "count": len(items)}
 
@@ -393,20 +381,17 @@ def alert_router(ctx: ApiContext) -> APIRouter:
         """Expire a silence now: alerts it held that still fire become `firing` again and notify.
         Who and when are kept (`expired_by`, `expired_at`); expiring it again changes nothing."""
         now = ctx.clock()
-        try:
-            silence = await store().get_silence(silence_id)
-            if silence is None or not may_see_silence(caller, silence):
+        silence = await store().get_silence(silence_id)
+        if silence is None or not may_see_silence(caller, silence):
+            raise HTTPException(404, f"no silence {silence_id!r}")
+        if not may_expire_silence(caller, silence):
+            raise HTTPException(403, f"role {caller.role} may not expire this silence")
+        if not silence_over(silence, now):
+            expired = await store().expire_silence(silence_id, caller.subject, now)
+            if expired is None:
                 raise HTTPException(404, f"no silence {silence_id!r}")
-            if not may_expire_silence(caller, silence):
-                raise HTTPException(403, f"role {caller.role} may not expire this silence")
-            if not silence_over(silence, now):
-                expired = await store().expire_silence(silence_id, caller.subject, now)
-                if expired is None:
-                    raise HTTPException(404, f"no silence {silence_id!r}")
-                silence = expired
-                log.info("silence %s expired by %s", silence_id, caller.subject)
-        except (PoolTimeout, psycopg.OperationalError) as exc:
-            raise HTTPException(503, "the database is unreachable") from exc
+            silence = expired
+            log.info("silence %s expired by %s", silence_id, caller.subject)
         return silence_json(silence, now)
 
     return router

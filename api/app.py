@@ -151,6 +151,11 @@ async def _invalid_request(request: Request, exc: Exception) -> Response:
     return ValidationErrorResponse({"detail": jsonable_encoder(errors)}, status_code=422)
 
 
+async def _database_unreachable(request: Request, exc: Exception) -> Response:
+    log.warning("%s %s: database unreachable (%s)", request.method, request.url.path, type(exc).__name__)
+    return JSONResponse({"detail": "the database is unreachable"}, status_code=503)
+
+
 async def _context(request: Request) -> ApiContext:  # a coroutine: no thread-pool hop (see current_principal)
     ctx: ApiContext = request.app.state.ioc
     return ctx
@@ -296,6 +301,9 @@ def create_app(
     )
     app.state.ioc = ctx
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    # Any route: the database unreachable or not answering is a 503 with a reason, never a 500.
+    app.add_exception_handler(PoolTimeout, _database_unreachable)
+    app.add_exception_handler(psycopg.OperationalError, _database_unreachable)
     app.add_middleware(HttpMetrics, requests=metrics.http_requests, routes=app.router.routes)
 
     @app.get(
@@ -413,13 +421,10 @@ def create_app(
             raise HTTPException(403, f"{q.kpi} at {q.scope} is outside your rights")
         if ctx.pool is None:
             raise HTTPException(503, "the database is not connected")
-        try:
-            async with ctx.pool.connection(timeout=5) as conn:
-                storage = await _storage(ctx, conn)
-                cur = await conn.execute(history.sql_for(storage), history.sql_params(q))
-                rows = await cur.fetchall()
-        except (PoolTimeout, psycopg.OperationalError) as exc:
-            raise HTTPException(503, "the database is unreachable") from exc
+        async with ctx.pool.connection(timeout=5) as conn:
+            storage = await _storage(ctx, conn)
+            cur = await conn.execute(history.sql_for(storage), history.sql_params(q))
+            rows = await cur.fetchall()
         return {
             "kpi": q.kpi,
             "scope": q.scope,

@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 
+from ioc.bench.live import child_env
 from ioc.embedded.broker import ensure_topics
 from ioc.settings import Settings
 
@@ -24,18 +25,9 @@ def free_port() -> int:
 
 
 def env_for(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "IOC_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "IOC_DATABASE_URL": settings.database_url,
-        "IOC_TOPIC_PREFIX": settings.topic_prefix,
-        "IOC_TOPIC_PARTITIONS": str(settings.topic_partitions),
-        "IOC_CONSUMER_GROUP": settings.consumer_group,
-        "IOC_SIGNING_KEY": settings.signing_key.get_secret_value(),
-        "IOC_API_PORT": str(settings.api_port),
-        "IOC_EMIT_INTERVAL_S": "0.5",
-        "IOC_WORKER_METRICS_PORT": "0",
-    }
+    """The environment of `ioc` child processes for these settings (as `ioc bench` builds it), at the
+    caller's log level and with a short emit interval."""
+    return child_env(settings, IOC_EMIT_INTERVAL_S="0.5", IOC_LOG_LEVEL=os.environ.get("IOC_LOG_LEVEL", "INFO"))
 
 
 def start_components(env: dict[str, str], names: tuple[str, ...], api_port: int) -> list[subprocess.Popen[bytes]]:

@@ -10,33 +10,20 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from ioc.embedded.broker import ensure_topics
 from ioc.registry import load_registry
 from ioc.settings import Settings
 from simulators.stream import _write_lines, generate
 from streams.worker import Ingest
+from tests.integration import checks
 from tests.integration.conftest import consume
 
 pytestmark = pytest.mark.integration
 VN = dt.timezone(dt.timedelta(hours=7))
-FIELDS = ("value", "numerator", "denominator", "target", "status", "unit", "extra")
-
-
-async def _produce(settings: Settings, records: list[Any]) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5)
-    await producer.start()
-    try:
-        for r in records:
-            await producer.send(settings.topic(r.topic), value=r.value, key=r.key)
-        await producer.flush()
-    finally:
-        await producer.stop()
+FIELDS = checks.FIELDS
 
 
 async def _run_worker_until_caught_up(settings: Settings, expected: int) -> Ingest:
@@ -50,15 +37,6 @@ async def _run_worker_until_caught_up(settings: Settings, expected: int) -> Inge
     finally:
         await ingest.stop()
     return ingest
-
-
-def _latest(url: str) -> tuple[dt.datetime, dict[tuple[str, str, str], dict[str, Any]]]:
-    with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            "SELECT kpi, scope, win, value, numerator, denominator, target, status, unit, extra, as_of FROM kpi_latest"
-        ).fetchall()
-    as_of = max(r[10] for r in rows)
-    return as_of, {(r[0], r[1], r[2]): dict(zip(FIELDS, r[3:10], strict=True)) for r in rows}
 
 
 def test_worker_snapshots_equal_replay_of_the_same_input(
@@ -75,11 +53,11 @@ def test_worker_snapshots_equal_replay_of_the_same_input(
     path = tmp_path / "day.jsonl"
     with path.open("w", encoding="utf-8") as fh:
         _write_lines(fh, iter(records))
-    asyncio.run(_produce(settings, records))
+    asyncio.run(checks.produce(settings, records))
     ingest = asyncio.run(_run_worker_until_caught_up(settings, len(records)))
     assert ingest.stats["deadlettered"] == sum(r.malformed for r in records)
 
-    as_of, worker = _latest(settings.database_url)
+    as_of, worker = checks.database_latest(settings.database_url)
     out = subprocess.run(
         [sys.executable, "-m", "ioc.cli", "replay", str(path), "--until", as_of.isoformat(), "--no-progress"],
         capture_output=True,

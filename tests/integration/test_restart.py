@@ -18,8 +18,9 @@ from ioc.settings import Settings
 from simulators.stream import _write_lines, generate
 from streams.replay import replay
 from streams.worker import Ingest
+from tests.integration import checks
+from tests.integration.checks import FIELDS
 from tests.integration.conftest import consume
-from tests.integration.test_replay_matches_worker import FIELDS, _produce
 
 pytestmark = pytest.mark.integration
 VN = dt.timezone(dt.timedelta(hours=7))
@@ -75,7 +76,7 @@ def test_restart_after_uncommitted_batches_counts_nothing_twice(
     path = tmp_path / "input.jsonl"
     with path.open("w", encoding="utf-8") as fh:
         _write_lines(fh, iter(records))
-    asyncio.run(_produce(settings, records))
+    asyncio.run(checks.produce(settings, records))
     before, after, redelivered = asyncio.run(_lifetimes(settings, len(records)))
     assert redelivered >= len(records) - len(records) // 3 - 1000  # the uncommitted part came again
 

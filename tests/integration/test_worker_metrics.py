@@ -14,7 +14,7 @@ from ioc.registry import load_registry
 from ioc.settings import Settings
 from simulators.stream import generate
 from streams.worker import Ingest
-from tests.integration.test_replay_matches_worker import _produce
+from tests.integration import checks
 
 pytestmark = pytest.mark.integration
 VN = dt.timezone(dt.timedelta(hours=7))
@@ -50,7 +50,7 @@ def test_metrics_count_records_dead_letters_and_snapshots(make_settings: Callabl
     ensure_topics(settings)
     now = dt.datetime.now(VN)
     records = list(generate(3, now - dt.timedelta(minutes=5), 30.0, None, 0.05, 0.0, 0.05, until=now))
-    asyncio.run(_produce(settings, records))
+    asyncio.run(checks.produce(settings, records))
     text = asyncio.run(_run(settings, len(records)))
     by_topic = {t: sum(1 for r in records if r.topic == t) for t in {r.topic for r in records}}
     for topic, count in by_topic.items():
