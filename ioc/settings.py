@@ -120,6 +120,12 @@ class Settings(BaseSettings):
     worker_flush_interval_s: float = Field(
         0.25, gt=0, description="Longest time a batch is held before its effects are written and committed."
     )
+    worker_db_writers: int = Field(
+        2,
+        ge=1,
+        le=8,
+        description="Database connections a large batch of state changes is split over and written by concurrently.",
+    )
     worker_metrics_port: int = Field(
         9108, ge=0, le=65535, description="Port of the worker's Prometheus `/metrics` (0 = a free port, logged)."
     )

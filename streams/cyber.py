@@ -31,7 +31,7 @@ Category = Literal[
 STEPS = ("detected", "acknowledged", "contained", "resolved", "false_positive")
 
 
-class IncidentEvent(msgspec.Struct, frozen=True):
+class IncidentEvent(msgspec.Struct, frozen=True, gc=False):
     schema: Literal["ioc.incident.v1"]
     event_id: str
     incident_id: str
@@ -50,12 +50,12 @@ class IncidentEvent(msgspec.Struct, frozen=True):
 _decoder = events.decoder(IncidentEvent)
 
 
-class Parsed(msgspec.Struct, frozen=True):
+class Parsed(msgspec.Struct, frozen=True, gc=False):
     event: IncidentEvent
     t: int
 
 
-def parse(raw: bytes, registry: Registry, produced_at: dt.datetime | None = None) -> tuple[str, Parsed]:
+def parse(raw: bytes, registry: Registry, produced_us: int | None = None) -> tuple[str, Parsed]:
     """Decode and validate one record; raises `InvalidEvent` with the reason."""
     e = events.decode(_decoder, raw)
     for name in ("event_id", "incident_id"):
@@ -76,11 +76,14 @@ def parse(raw: bytes, registry: Registry, produced_at: dt.datetime | None = None
         except ValueError:
             raise InvalidEvent(f"not an IPv4/IPv6 address: {e.source_ip[:60]!r}", field="source_ip") from None
     events.check_commune(e.commune_code, registry.units)
-    return e.incident_id, Parsed(e, events.to_us(e.occurred_at, "occurred_at", produced_at))
+    return e.incident_id, Parsed(e, events.to_us(e.occurred_at, "occurred_at", produced_us))
 
 
-class IncidentState(msgspec.Struct):
+class IncidentState(msgspec.Struct, gc=False, array_like=True):
+    """What is known of one incident, merged from its events; stored like `DossierState`."""
+
     incident_id: str
+    last_event: int = 0
     severity: str | None = None
     category: str | None = None
     system: str | None = None
@@ -95,7 +98,6 @@ class IncidentState(msgspec.Struct):
     contained: tuple[int, str] | None = None
     resolved: tuple[int, str] | None = None
     false_positive: tuple[int, str] | None = None
-    last_event: int = 0
 
     def merge(self, p: Parsed) -> bool:
         e, key = p.event, (p.t, p.event.event_id)

@@ -176,9 +176,10 @@ class Engine:
 
     # --- input ------------------------------------------------------------------------------
 
-    def parse(self, topic: str, raw: bytes, produced_at: dt.datetime | None = None) -> tuple[str, Any]:
-        """Validate one record of a (logical) input topic; raises `InvalidEvent`."""
-        return KINDS[topic].parse(raw, self.registry, produced_at)
+    def parse(self, topic: str, raw: bytes, produced_us: int | None = None) -> tuple[str, Any]:
+        """Validate one record of a (logical) input topic (produced at ``produced_us``, µs since the
+        epoch, when known); raises `InvalidEvent`."""
+        return KINDS[topic].parse(raw, self.registry, produced_us)
 
     def apply(self, topic: str, key: str, parsed: Any, *, record: bool = True) -> bool:
         """Fold one validated event in; False when it changed nothing (a duplicate)."""

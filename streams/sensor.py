@@ -44,7 +44,7 @@ LIMITS: dict[str, dict[str, tuple[float, float]]] = {
 }
 
 
-class SensorEvent(msgspec.Struct, frozen=True):
+class SensorEvent(msgspec.Struct, frozen=True, gc=False):
     schema: Literal["ioc.sensor.v1"]
     event_id: str
     station_id: str
@@ -56,12 +56,12 @@ class SensorEvent(msgspec.Struct, frozen=True):
 _decoder = events.decoder(SensorEvent)
 
 
-class Parsed(msgspec.Struct, frozen=True):
+class Parsed(msgspec.Struct, frozen=True, gc=False):
     event: SensorEvent
     t: int
 
 
-def parse(raw: bytes, registry: Registry, produced_at: dt.datetime | None = None) -> tuple[str, Parsed]:
+def parse(raw: bytes, registry: Registry, produced_us: int | None = None) -> tuple[str, Parsed]:
     """Decode and validate one reading against the station registry; raises `InvalidEvent`."""
     e = events.decode(_decoder, raw)
     if not e.event_id or len(e.event_id) > 200:
@@ -80,10 +80,10 @@ def parse(raw: bytes, registry: Registry, produced_at: dt.datetime | None = None
         lo, hi = limits[name]
         if not math.isfinite(value) or not lo <= value <= hi:
             raise InvalidEvent(f"{name}={value!r} outside [{lo}, {hi}]", field=f"values.{name}")
-    return e.station_id, Parsed(e, events.to_us(e.observed_at, "observed_at", produced_at))
+    return e.station_id, Parsed(e, events.to_us(e.observed_at, "observed_at", produced_us))
 
 
-class Reading(msgspec.Struct, frozen=True):
+class Reading(msgspec.Struct, frozen=True, gc=False):
     event_id: str
     values: dict[str, float]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import msgspec
 import psycopg
@@ -24,8 +24,29 @@ log = logging.getLogger(__name__)
 US = 1_000_000
 
 _encode = msgspec.json.Encoder().encode
-_dossier_decoder = msgspec.json.Decoder(dossier.DossierState)
-_incident_decoder = msgspec.json.Decoder(cyber.IncidentState)
+S = TypeVar("S", dossier.DossierState, cyber.IncidentState)
+
+
+class StateDecoder(Generic[S]):
+    """Reads a stored entity state: a JSON array in field order (what `write_changes` writes), or the
+    JSON object with named fields that earlier builds wrote (rows not rewritten since)."""
+
+    def __init__(self, cls: type[S]) -> None:
+        self.cls: type[S] = cls
+        self._array: msgspec.json.Decoder[S] = msgspec.json.Decoder(cls)
+        fields = [(f.name, f.type, f.default) for f in msgspec.structs.fields(cls)]
+        self._object: msgspec.json.Decoder[Any] = msgspec.json.Decoder(
+            msgspec.defstruct(f"Legacy{cls.__name__}", fields)
+        )
+
+    def decode(self, text: str | bytes) -> S:
+        if text[:1] in ("[", b"["):
+            return self._array.decode(text)
+        return self.cls(**msgspec.structs.asdict(self._object.decode(text)))
+
+
+_dossier_decoder = StateDecoder(dossier.DossierState)
+_incident_decoder = StateDecoder(cyber.IncidentState)
 
 
 def _ts(us: int) -> dt.datetime:
@@ -37,19 +58,42 @@ class Changes:
 
     __slots__ = ("dossiers", "incidents", "readings")
 
-    def __init__(self, engine: Engine) -> None:
-        self.dossiers = engine.dossiers.changed
-        self.incidents = engine.incidents.changed
-        self.readings = engine.sensors.changed
-        engine.dossiers.changed, engine.incidents.changed, engine.sensors.changed = {}, {}, {}
+    def __init__(
+        self,
+        dossiers: dict[str, Any],
+        incidents: dict[str, Any],
+        readings: dict[tuple[str, int], tuple[str, Reading]],
+    ) -> None:
+        self.dossiers = dossiers
+        self.incidents = incidents
+        self.readings = readings
 
     def __len__(self) -> int:
         return len(self.dossiers) + len(self.incidents) + len(self.readings)
 
+    def split(self, parts: int) -> list[Changes]:
+        """Up to ``parts`` disjoint shares (dossiers dealt out in turn; incidents and readings, which
+        are few, in the first), to be written by concurrent transactions: the keys differ, so they
+        never wait for each other, and each is an idempotent upsert, so a share written twice after a
+        failure, or one written and one not, still ends in the same rows once every share is written."""
+        if parts <= 1 or len(self.dossiers) < 2 * SPLIT_MIN_ROWS:
+            return [self]
+        parts = min(parts, len(self.dossiers) // SPLIT_MIN_ROWS)
+        items = list(self.dossiers.items())
+        shares = [Changes(dict(items[i::parts]), {}, {}) for i in range(parts)]
+        shares[0].incidents, shares[0].readings = self.incidents, self.readings
+        return shares
+
+
+#: Below this many dossier rows per share a flush is not split (a transaction has its own cost).
+SPLIT_MIN_ROWS = 2000
+
 
 def take_changes(engine: Engine) -> Changes:
     """Take (and clear) what the engine changed; the rows are encoded when written."""
-    return Changes(engine)
+    changes = Changes(engine.dossiers.changed, engine.incidents.changed, engine.sensors.changed)
+    engine.dossiers.changed, engine.incidents.changed, engine.sensors.changed = {}, {}, {}
+    return changes
 
 
 #: Staging tables, one per connection, emptied at each commit: rows are COPYed in, then merged
@@ -137,25 +181,29 @@ def _reading_rows(readings: dict[tuple[str, int], tuple[str, Reading]]) -> bytes
     ).encode()
 
 
-async def write_changes(conn: psycopg.AsyncConnection[Any], changes: Changes) -> int:
+def write_changes(conn: psycopg.Connection[Any], changes: Changes) -> int:
     """Write the changes in one transaction (COPY into staging, then one upsert per table); safe to
-    call again with the same changes after a failure."""
+    call again with the same changes after a failure.
+
+    Synchronous, for a writer thread: libpq sends and waits without the GIL, so the write goes on
+    while the event loop folds the next batch (an async connection only makes progress when the
+    loop is free, which a loop busy folding rarely is)."""
     if not len(changes):
         return 0
-    async with conn.transaction(), conn.cursor() as cur:
-        await cur.execute(STAGING)
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute(STAGING)
         for kind, table, key, states in (
             ("dossier", "dossier_state", "dossier_id", changes.dossiers),
             ("incident", "incident_state", "incident_id", changes.incidents),
         ):
             if states:
-                async with cur.copy(f"COPY stage_{kind} (id, state, terminal, last_us) FROM STDIN") as copy:
-                    await copy.write(_entity_rows(states))
-                await cur.execute(MERGE_ENTITY.format(table=table, key=key, kind=kind).encode())
+                with cur.copy(f"COPY stage_{kind} (id, state, terminal, last_us) FROM STDIN") as copy:
+                    copy.write(_entity_rows(states))
+                cur.execute(MERGE_ENTITY.format(table=table, key=key, kind=kind).encode())
         if changes.readings:
-            async with cur.copy("COPY stage_reading FROM STDIN") as copy:
-                await copy.write(_reading_rows(changes.readings))
-            await cur.execute(MERGE_READING.encode())
+            with cur.copy("COPY stage_reading FROM STDIN") as copy:
+                copy.write(_reading_rows(changes.readings))
+            cur.execute(MERGE_READING.encode())
     return len(changes)
 
 

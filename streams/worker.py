@@ -38,7 +38,7 @@ from ioc.settings import Settings
 from streams import sink
 from streams.alerting import Alerting
 from streams.cyber import IncidentState
-from streams.engine import Engine
+from streams.engine import KINDS, Engine
 from streams.snapshot import encode
 from streams.windows import TZ
 
@@ -83,8 +83,9 @@ class Ingest:
         self.alerting = Alerting(settings, registry)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
-        #: One connection per writer: batches (state) and the emit timer (snapshots) run concurrently.
-        self.conns: dict[str, psycopg.AsyncConnection[Any]] = {}
+        #: One connection per role: reads and maintenance (state), the emit timer (snapshots), and the
+        #: state writers ("write0"...), synchronous connections used from threads (`sink.write_changes`).
+        self.conns: dict[str, Any] = {}
         self.emit_lock = asyncio.Lock()
         self.stats: Counter[str] = Counter()
         self.metrics = WorkerMetrics()
@@ -102,8 +103,8 @@ class Ingest:
 
     async def start(self) -> None:
         self._serve_metrics()
-        for role in ("state", "snapshots"):
-            self.conns[role] = await self._connect()
+        for role in ("state", "snapshots", *self._writers()):
+            self.conns[role] = await self._connect(role)
         counts = await sink.load_state(self.conns["state"], self.engine)
         counts["open_alerts"] = await self.alerting.restore(self.conns["state"], _as_datetime(self.engine.now_us))
         log.info("state rebuilt from the database: %s", counts)
@@ -135,6 +136,10 @@ class Ingest:
         )
         await self.consumer.start()
         self.ready.set()
+
+    def _writers(self) -> list[str]:
+        """Connection roles that write state changes, concurrently, each from its own thread."""
+        return [f"write{i}" for i in range(self.settings.worker_db_writers)]
 
     def _serve_metrics(self) -> None:
         """Prometheus `/metrics` on IOC_WORKER_METRICS_PORT; a port in use is logged, not fatal."""
@@ -170,13 +175,20 @@ class Ingest:
                 except Exception:  # shutting down anyway
                     log.exception("error while stopping %r", closer)
         for conn in self.conns.values():
-            await conn.close()
+            if isinstance(conn, psycopg.AsyncConnection):
+                await conn.close()
+            else:
+                conn.close()
 
-    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+    async def _connect(self, role: str) -> Any:
+        """A connection for ``role``: synchronous for the writers (used from threads), else async."""
         delay = 0.5
+        url = self.settings.database_url
         while True:
             try:
-                return await psycopg.AsyncConnection.connect(self.settings.database_url, autocommit=True)
+                if role.startswith("write"):
+                    return await asyncio.to_thread(psycopg.connect, url, autocommit=True)
+                return await psycopg.AsyncConnection.connect(url, autocommit=True)
             except psycopg.OperationalError as exc:
                 log.warning("database unreachable (%s); retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
@@ -196,7 +208,7 @@ class Ingest:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
                 if conn.closed or conn.broken:
-                    self.conns[role] = await self._connect()
+                    self.conns[role] = await self._connect(role)
 
     # --- the hot path -----------------------------------------------------------------------
 
@@ -235,54 +247,75 @@ class Ingest:
         started = time.monotonic()
         engine = self.engine
         m = self.metrics
-        parse, apply = engine.parse, engine.apply
+        registry, apply = engine.registry, engine.apply
         dead: list[tuple[ConsumerRecord[Any, Any], InvalidEvent]] = []
-        valid: list[tuple[ConsumerRecord[Any, Any], str, str, Any]] = []
         offsets: dict[TopicPartition, int] = {}
+        newest: dict[str, int] = {}
+        late_before = engine.now_us - 86400 * US
+        #: Events of entities memory does not hold, older than the horizon: maybe dropped before a
+        #: restart, so looked up in the database before they (and later events of theirs) are applied.
+        deferred: list[tuple[ConsumerRecord[Any, Any], str, str, Any]] = []
+        deferred_keys: set[str] = set()
         n = 0
+        # One pass: validate and fold each record (a merge is order-independent and idempotent).
         for tp, records in batch.items():
             logical = self.logical[tp.topic]
+            parse = KINDS[logical].parse
+            entities = engine.entities.get(logical)
+            newest_t = newest.get(logical, 0)
+            late = duplicates = 0
             for rec in records:
-                n += 1
+                value = rec.value
                 try:
-                    if rec.value is None:
+                    if value is None:
                         raise InvalidEvent("empty record (no value)", stage="decode")
-                    produced = (
-                        dt.datetime.fromtimestamp(rec.timestamp / 1000, dt.UTC)
-                        if rec.timestamp and rec.timestamp > 0
-                        else None
-                    )
-                    key, parsed = parse(logical, rec.value, produced)
-                    valid.append((rec, logical, key, parsed))
+                    ts = rec.timestamp
+                    key, parsed = parse(value, registry, ts * 1000 if ts and ts > 0 else None)
                 except InvalidEvent as exc:
                     dead.append((rec, exc))
+                    continue
                 except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
                     log.exception(
                         "validation failed at %s[%d]@%d", rec.topic, rec.partition, rec.offset, extra=_where(rec)
                     )
                     dead.append((rec, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="validate")))
+                    continue
+                t = parsed.t
+                if t > newest_t:
+                    newest_t = t
+                if t < late_before:
+                    late += 1
+                    if entities is not None and (
+                        key in deferred_keys or entities.unknown_and_old(key, t, engine.now_us)
+                    ):
+                        deferred.append((rec, logical, key, parsed))
+                        deferred_keys.add(key)
+                        continue
+                elif deferred_keys and key in deferred_keys:
+                    deferred.append((rec, logical, key, parsed))
+                    continue
+                try:
+                    if not apply(logical, key, parsed):
+                        duplicates += 1
+                except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
+                    self._failed(rec, parsed, exc, dead)
+            n += len(records)
             offsets[tp] = records[-1].offset + 1
+            if newest_t:
+                newest[logical] = newest_t
             m.records_in.labels(logical).inc(len(records))
-        await self._recall_forgotten(valid)
-        late_before = engine.now_us - 86400 * US
-        newest: dict[str, int] = {}
-        for rec, logical, key, parsed in valid:
-            if parsed.t > newest.get(logical, 0):
-                newest[logical] = parsed.t
-            if parsed.t < late_before:
-                m.late_events.labels(logical).inc()
-            try:
-                if not apply(logical, key, parsed):
-                    m.duplicates.labels(logical).inc()
-            except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
-                log.exception(
-                    "processing failed at %s[%d]@%d",
-                    rec.topic,
-                    rec.partition,
-                    rec.offset,
-                    extra={**_where(rec), "event_id": parsed.event.event_id},
-                )
-                dead.append((rec, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="process")))
+            if late:
+                m.late_events.labels(logical).inc(late)
+            if duplicates:
+                m.duplicates.labels(logical).inc(duplicates)
+        if deferred:
+            await self._recall(deferred)
+            for rec, logical, key, parsed in deferred:
+                try:
+                    if not apply(logical, key, parsed):
+                        m.duplicates.labels(logical).inc()
+                except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
+                    self._failed(rec, parsed, exc, dead)
         self.stats["records"] += n
         self.stats["deadlettered"] += len(dead)
         for rec, error in dead:
@@ -311,7 +344,15 @@ class Ingest:
         """Make one batch durable, then commit its offsets (never the other way round)."""
         m = self.metrics
         write_started = time.monotonic()
-        await self._durably("state", "writing state", lambda conn: sink.write_changes(conn, changes))
+        shares = changes.split(self.settings.worker_db_writers)
+        await asyncio.gather(
+            *(
+                self._durably(
+                    role, "writing state", lambda conn, c=share: asyncio.to_thread(sink.write_changes, conn, c)
+                )
+                for role, share in zip(self._writers(), shares, strict=False)
+            )
+        )
         m.db_write_seconds.labels("state").observe(time.monotonic() - write_started)
         if dead:
             await self._deliver_dead_letters(dead)
@@ -341,14 +382,12 @@ class Ingest:
             delay = min(delay * 2, 10.0)
             dead = [(rec, error, await self._dead_letter(rec, error)) for rec, error in failed]
 
-    async def _recall_forgotten(self, valid: list[tuple[ConsumerRecord[Any, Any], str, str, Any]]) -> None:
+    async def _recall(self, deferred: list[tuple[ConsumerRecord[Any, Any], str, str, Any]]) -> None:
         """Load from the database the entities of old events that memory no longer holds (dropped
         before a restart), so a re-sent event of a long-finished dossier changes nothing."""
         wanted: dict[str, set[str]] = {}
-        for _, logical, key, parsed in valid:
-            agg = self.engine.entities.get(logical)
-            if agg is not None and agg.unknown_and_old(key, parsed.t, self.engine.now_us):
-                wanted.setdefault(logical, set()).add(key)
+        for _, logical, key, _ in deferred:
+            wanted.setdefault(logical, set()).add(key)
         for logical, keys in wanted.items():
             found = await self._durably(
                 "state",
@@ -356,6 +395,22 @@ class Ingest:
                 lambda conn, lg=logical, ks=keys: sink.load_entities(conn, self.engine, lg, ks),
             )
             self.stats["recalled"] += found
+
+    def _failed(
+        self,
+        rec: ConsumerRecord[Any, Any],
+        parsed: Any,
+        exc: Exception,
+        dead: list[tuple[ConsumerRecord[Any, Any], InvalidEvent]],
+    ) -> None:
+        log.exception(
+            "processing failed at %s[%d]@%d",
+            rec.topic,
+            rec.partition,
+            rec.offset,
+            extra={**_where(rec), "event_id": parsed.event.event_id},
+        )
+        dead.append((rec, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="process")))
 
     async def _dead_letter(self, rec: ConsumerRecord[Any, Any], exc: InvalidEvent) -> asyncio.Future[Any]:
         assert self.producer is not None

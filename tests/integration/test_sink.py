@@ -29,8 +29,9 @@ def _snapshot(value: float | None, seq: int, extra: dict[str, Any] | None) -> Sn
 
 
 async def _write(url: str, engine: Engine, snapshots: list[Snapshot]) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        sink.write_changes(conn, sink.take_changes(engine))
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        await sink.write_changes(conn, sink.take_changes(engine))
         await sink.write_snapshots(conn, snapshots)
 
 
@@ -53,3 +54,42 @@ def test_copy_round_trips_awkward_values_and_keeps_the_newest_seq(database_url: 
     assert sink._dossier_decoder.decode(row[1]) == state
     assert latest == [(f"agency:{AWKWARD}", 1.5, "hồ sơ", 0.1 + 0.2, None, math.inf, None, AS_OF, 2, extra)]
     assert history == [(1, 99.0)]  # history is per as_of: the later write of the same instant replaces it
+
+
+def test_states_are_stored_as_arrays_and_rows_written_as_objects_by_earlier_builds_still_load(
+    database_url: str,
+) -> None:
+    now = 1_795_000_000_000_000
+    writer = Engine(load_registry(), now)
+    state = DossierState(dossier_id="D-1", last_event=now - 5, agency_code="000.00.14.H40", scope_rank=(0, now - 9, "e1"),
+                         received=(now - 9, "e1"), channel="online", full_online=True, due=now + 10**9)  # fmt: skip
+    writer.dossiers.changed["D-1"] = state
+    asyncio.run(_write(database_url, writer, []))
+    legacy = (
+        '{"dossier_id": "D-2", "commune_code": null, "agency_code": "000.00.14.H40", "procedure_code": "1.2",'
+        f' "scope_rank": [0, {now - 7}, "e2"], "received": [{now - 7}, "e2"], "channel": "in_person",'
+        f' "full_online": false, "due": {now + 10**9}, "outcome": null, "outcome_src": null,'
+        f' "paid_online": null, "digitized": null, "result_digital": null, "last_event": {now - 7}}}'
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        stored = conn.execute("SELECT jsonb_typeof(state), state->>0 FROM dossier_state").fetchone()
+        conn.execute(
+            "INSERT INTO dossier_state (dossier_id, state, terminal, last_event_at) VALUES ('D-2', %s, false, now())",
+            (legacy,),
+        )
+    assert stored == ("array", "D-1")
+
+    async def load() -> Engine:
+        engine = Engine(load_registry(), now)
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await sink.load_state(conn, engine)
+        return engine
+
+    loaded = asyncio.run(load()).dossiers.states
+    assert loaded["D-1"] == state
+    assert loaded["D-2"] == DossierState(
+        dossier_id="D-2", last_event=now - 7, agency_code="000.00.14.H40", procedure_code="1.2",
+        scope_rank=(0, now - 7, "e2"), received=(now - 7, "e2"), channel="in_person", full_online=False,
+        due=now + 10**9,
+    )  # fmt: skip
+    assert isinstance(loaded["D-2"].received, tuple)  # compared with tuples when events merge

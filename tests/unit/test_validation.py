@@ -109,4 +109,4 @@ def test_invalid_records_are_refused_with_a_reason(topic: str, doc: Any, needle:
 def test_events_later_than_a_day_after_production_are_refused() -> None:
     produced = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
     with pytest.raises(InvalidEvent, match="more than a day"):
-        ENGINE.parse("ioc.dossier.events", json.dumps(DOSSIER).encode(), produced)
+        ENGINE.parse("ioc.dossier.events", json.dumps(DOSSIER).encode(), int(produced.timestamp()) * 1_000_000)
