@@ -32,6 +32,7 @@ from api.broadcaster import Broadcaster
 from api.feed import Feed
 from api.live import LiveState, snapshot_item
 from api.ws import WsLimits, websocket_endpoint
+from api.ws_protocol import DirectWebSocketRoute
 from ioc.metrics import ApiMetrics
 from ioc.registry import Registry, load_registry
 from ioc.settings import Settings
@@ -462,7 +463,8 @@ def create_app(
     async def wall() -> FileResponse:
         return FileResponse(STATIC_DIR / "wall.html", media_type="text/html", headers=WALL_HEADERS)
 
-    app.add_api_websocket_route("/ws", websocket_endpoint)
+    # served by api.ws_protocol straight from the socket, without the middleware and router above it (see there)
+    app.router.routes.append(DirectWebSocketRoute("/ws", websocket_endpoint))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 

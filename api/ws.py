@@ -22,11 +22,13 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from prometheus_client import Counter as PromCounter
+from starlette.types import Message
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
 from api.auth import Principal, verify_token
 from api.broadcaster import CLOSE_TOO_SLOW, Subscriber, dumps, frame_type
 from api.live import channel_exists, item_filter
+from api.ws_protocol import LEAN_SOCKET, LeanWebSocketProtocol
 from ioc.errors import AuthError
 from ioc.metrics import ApiMetrics
 
@@ -66,6 +68,8 @@ class WsLimits:
 
 class RateLimit:
     """A token bucket: ``burst`` messages at once, refilled at ``rate_per_s``."""
+
+    __slots__ = ("at", "burst", "clock", "rate", "tokens")
 
     def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.rate = rate_per_s
@@ -202,11 +206,25 @@ class Connection:
     connection costs no task of its own beyond the one the server runs the endpoint in.
     """
 
-    __slots__ = ("_ending", "_flushing", "_task", "close_code", "close_reason", "ctx", "principal", "rate", "sub", "ws")
+    __slots__ = (
+        "_ending",
+        "_flushing",
+        "_socket",
+        "_task",
+        "close_code",
+        "close_reason",
+        "ctx",
+        "principal",
+        "rate",
+        "sub",
+        "ws",
+    )
 
     def __init__(self, ctx: ApiContext, ws: WebSocket, principal: Principal) -> None:
         self.ctx = ctx
         self.ws = ws
+        #: The server's connection when it writes frames by a plain call (our uvicorn protocol), else None.
+        self._socket = lean_socket(ws)
         self.principal = principal
         limits: WsLimits = ctx.ws_limits
         self.rate = RateLimit(limits.rate_per_s, limits.burst)
@@ -274,6 +292,10 @@ class Connection:
             return False
         if self._ending:
             return True  # dropped: the connection is closing
+        socket = self._socket
+        if socket is not None and socket.write_text(text):
+            self._count(text)
+            return True
         send = self.ws.send_text(text)
         try:
             waiting = send.send(None)
@@ -343,34 +365,39 @@ class Connection:
     # -- receiving ------------------------------------------------------------------------------
 
     async def _receive_loop(self) -> None:
+        # the message is handled in a frame of its own: the last one is not held while waiting for the next
+        while not self._ending and await self._take(await self.ws.receive()):
+            pass
+
+    async def _take(self, message: Message) -> bool:
+        """Handle one message from the client; False when the connection is to end."""
+        if message["type"] == "websocket.disconnect":
+            return False
         limits, metrics = self.ctx.ws_limits, self.ctx.metrics
-        while not self._ending:
-            message = await self.ws.receive()
-            if message["type"] == "websocket.disconnect":
-                return
-            raw, data = message.get("text"), message.get("bytes")
-            # the size as sent: decoding a binary frame with replacement can triple it
-            size = len(data) if raw is None and data is not None else len((raw or "").encode())
-            if raw is None:
-                raw = (data or b"").decode("utf-8", "replace")
-            if size > limits.max_frame_bytes:
-                metrics.ws_refused.labels("frame").inc()
-                self.sub.offer(error("too_large", f"frames are limited to {limits.max_frame_bytes} bytes"))
-                await self._settle()
-                self._end(CLOSE_TOO_BIG, "frame too large")
-                return
-            if not self.rate.allow():
-                metrics.ws_refused.labels("rate").inc()
-                self.sub.offer(error("rate_limited", f"at most {limits.rate_per_s:g} messages per second"))
-                await self._settle()
-                self._end(CLOSE_POLICY, "message rate exceeded")
-                return
-            try:
-                self._handle(raw)
-            except Exception:  # a bug, not the client's fault: say so, rather than a silent normal close
-                log.exception("websocket message could not be handled")
-                self._end(CLOSE_INTERNAL, "internal error")
-                return
+        raw, data = message.get("text"), message.get("bytes")
+        # the size as sent: decoding a binary frame with replacement can triple it
+        size = len(data) if raw is None and data is not None else len((raw or "").encode())
+        if raw is None:
+            raw = (data or b"").decode("utf-8", "replace")
+        if size > limits.max_frame_bytes:
+            metrics.ws_refused.labels("frame").inc()
+            self.sub.offer(error("too_large", f"frames are limited to {limits.max_frame_bytes} bytes"))
+            await self._settle()
+            self._end(CLOSE_TOO_BIG, "frame too large")
+            return False
+        if not self.rate.allow():
+            metrics.ws_refused.labels("rate").inc()
+            self.sub.offer(error("rate_limited", f"at most {limits.rate_per_s:g} messages per second"))
+            await self._settle()
+            self._end(CLOSE_POLICY, "message rate exceeded")
+            return False
+        try:
+            self._handle(raw)
+        except Exception:  # a bug, not the client's fault: say so, rather than a silent normal close
+            log.exception("websocket message could not be handled")
+            self._end(CLOSE_INTERNAL, "internal error")
+            return False
+        return True
 
     def _handle(self, raw: str) -> None:
         try:
@@ -455,14 +482,40 @@ class Connection:
             )
 
 
+def lean_socket(ws: WebSocket) -> LeanWebSocketProtocol | None:
+    """The connection behind ``ws`` when :class:`api.ws_protocol.LeanWebSocketProtocol` serves it."""
+    scope = getattr(ws, "scope", None)
+    extensions = scope.get("extensions") if isinstance(scope, dict) else None
+    socket = extensions.get(LEAN_SOCKET) if isinstance(extensions, dict) else None
+    return socket if isinstance(socket, LeanWebSocketProtocol) else None
+
+
+def forget_handshake(ws: WebSocket) -> None:
+    """Drop the request headers and offered subprotocols (the token) once authentication is done:
+    nothing reads them later, and the scope lives as long as the connection (~1.7 KiB each)."""
+    scope = ws.scope
+    for key in ("headers", "subprotocols"):
+        held = scope.get(key)
+        if isinstance(held, list):
+            held.clear()  # in place: a Headers object the WebSocket cached refers to the same list
+
+
 async def websocket_endpoint(ws: WebSocket) -> None:
     """``WS /ws``: check the Origin, authenticate, then serve subscriptions until the end."""
     ctx: ApiContext = ws.app.state.ioc
+    principal = await _open(ctx, ws)
+    if principal is not None:
+        # in a frame of its own: what authentication used (the token) is not held for the connection's life
+        await Connection(ctx, ws, principal).run()
+
+
+async def _open(ctx: ApiContext, ws: WebSocket) -> Principal | None:
+    """Refuse a foreign Origin, accept, authenticate; the principal, or None once refused and closed."""
     if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), ctx.settings.allowed_origins):
         log.info("websocket refused: origin not allowed")
         ctx.metrics.ws_refused.labels("origin").inc()
         await ws.close(CLOSE_ORIGIN)
-        return
+        return None
     token = bearer_subprotocol(list(ws.scope.get("subprotocols") or ()))
     if token is not None:
         await ws.accept(subprotocol=SUBPROTOCOL)
@@ -476,10 +529,11 @@ async def websocket_endpoint(ws: WebSocket) -> None:
         with contextlib.suppress(Exception):
             await send_counted(ws, ctx.metrics, error("unauthorized", str(exc)))
             await ws.close(CLOSE_UNAUTHORIZED, "unauthorized")
-        return
+        return None
+    forget_handshake(ws)
     await send_counted(ws, ctx.metrics, auth_ok(principal))
     log.debug("websocket open: %s (%s)", principal.subject, principal.role)
-    await Connection(ctx, ws, principal).run()
+    return principal
 
 
 async def _first_message_token(ws: WebSocket, limits: WsLimits) -> str | None:

@@ -6,20 +6,40 @@ whole life, and an ``asyncio.Queue`` (four deques, ~2.4 KiB) for messages from a
 the live feed, sends almost nothing. This subclass forgets the handshake once it is done (and empties the request's headers, which
 the ``websockets`` parser keeps referenced for the connection's life) and
 queues incoming messages in a deque that exists only while messages wait. A text frame is
-encoded and framed once for all the clients it goes to (:class:`FrameCache`). Everything else
-(handshake, receiving, pings, closing, back-pressure) is uvicorn's.
+encoded and framed once for all the clients it goes to (:class:`FrameCache`), and written by
+:meth:`LeanWebSocketProtocol.write_text`, a plain call (no coroutine per client and frame; the
+app finds it through the scope extension :data:`LEAN_SOCKET`). Reads go into one buffer shared
+by the process's connections (``asyncio.BufferedProtocol``): a plain protocol has asyncio allocate
+256 KiB per read. A :class:`DirectWebSocketRoute` is served straight from the protocol, without
+the app's middleware and router, whose suspended frames (FastAPI's and Starlette's wrappers,
+exit stacks) would otherwise be held for every connection's life. Everything else (handshake,
+receiving, pings, closing, back-pressure) is uvicorn's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
+from urllib.parse import unquote
 
+from starlette.applications import Starlette
+from starlette.routing import WebSocketRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.websockets import WebSocket
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
+
+#: The scope extension under which a connection served by :class:`LeanWebSocketProtocol` is
+#: found by the app, for :meth:`LeanWebSocketProtocol.write_text`.
+LEAN_SOCKET: Final = "ioc.lean_socket"
+
+#: Where every connection of the process reads into (one event loop: one read at a time).
+_READ_BUFFER: Final = memoryview(bytearray(64 * 1024))
 
 
 class ReceiveQueue:
@@ -55,6 +75,84 @@ class ReceiveQueue:
         return item
 
 
+class WriteGate:
+    """What uvicorn's protocol uses of ``asyncio.Event`` for back-pressure, lighter (no deque per connection)."""
+
+    __slots__ = ("_open", "_waiters")
+
+    def __init__(self) -> None:
+        self._open = True
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    def is_set(self) -> bool:
+        return self._open
+
+    def set(self) -> None:
+        self._open = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._open = False
+
+    async def wait(self) -> bool:
+        while not self._open:
+            waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if self._waiters is not None and waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        return True
+
+
+class DirectWebSocketRoute(WebSocketRoute):
+    """A WebSocket route (``endpoint(websocket)``, no path parameters) that :class:`LeanWebSocketProtocol`
+    runs directly, without the app's middleware and router in between (other servers, and the test
+    client, go through the app as usual). Only for an endpoint that needs none of them: it is given
+    ``scope["app"]``, nothing else the router or a middleware would add.
+    """
+
+    def __init__(self, path: str, endpoint: Callable[[WebSocket], Awaitable[None]], *, name: str | None = None) -> None:
+        super().__init__(path, endpoint, name=name)
+        if self.param_convertors:
+            raise ValueError("a direct WebSocket route has no path parameters")
+        self.direct = _DirectApp(endpoint)
+
+
+class _DirectApp:
+    __slots__ = ("app", "endpoint")
+
+    def __init__(self, endpoint: Callable[[WebSocket], Awaitable[None]]) -> None:
+        self.app: Starlette | None = None
+        self.endpoint = endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        scope["app"] = self.app
+        await self.endpoint(WebSocket(scope, receive=receive, send=send))
+
+
+@functools.lru_cache(maxsize=16)
+def direct_routes(app: ASGIApp) -> Mapping[str, ASGIApp]:
+    """Path → ASGI app of the :class:`DirectWebSocketRoute` s of the Starlette app ``app`` is or wraps."""
+    inner: Any = app
+    while not isinstance(inner, Starlette):
+        inner = getattr(inner, "app", None)  # uvicorn's and Starlette's middleware keep the next app there
+        if inner is None:
+            return {}
+    routes: dict[str, ASGIApp] = {}
+    for route in inner.router.routes:
+        if isinstance(route, DirectWebSocketRoute):
+            route.direct.app = inner
+            routes.setdefault(route.path, route.direct)
+    return routes
+
+
 class FrameCache:
     """The wire bytes of the last text frame sent, for the next connection sent the same ``str``.
 
@@ -76,8 +174,51 @@ class FrameCache:
         return self.data
 
 
-class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
+class LeanWebSocketProtocol(WebSocketsSansIOProtocol, asyncio.BufferedProtocol):
     """``ws="api.ws_protocol:LeanWebSocketProtocol"`` for uvicorn (see :func:`api.app.server_options`)."""
+
+    # Every attribute uvicorn 0.54's protocol sets, as slots: its 37 attributes overflow the shared-key
+    # instance dict (30 keys at most), which then becomes a 1.6 KiB table per connection. One it adds
+    # in a later version simply lands in the instance dict again.
+    __slots__ = (
+        "app",
+        "app_state",
+        "asgi_version",
+        "client",
+        "close_sent",
+        "close_timeout",
+        "close_timer",
+        "config",
+        "conn",
+        "connections",
+        "curr_msg_data_type",
+        "default_headers",
+        "disconnected",
+        "frames",
+        "handshake_complete",
+        "handshake_initiated",
+        "initial_response",
+        "last_ping_rtt",
+        "logger",
+        "loop",
+        "pending_ping_payload",
+        "ping_interval",
+        "ping_sent_at",
+        "ping_timeout",
+        "ping_timer",
+        "pong_timer",
+        "queue",
+        "read_paused",
+        "request",
+        "response",
+        "root_path",
+        "scheme",
+        "scope",
+        "server",
+        "tasks",
+        "transport",
+        "writable",
+    )
 
     #: Shared by the connections of a process (one event loop: no two sends interleave).
     frame_cache = FrameCache()
@@ -85,19 +226,40 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.queue = ReceiveQueue()  # type: ignore[assignment]
+        self.writable = WriteGate()  # type: ignore[assignment]
+
+    # -- reading: into the shared buffer, then as uvicorn does ----------------------------------
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(bytes(_READ_BUFFER[:nbytes]))
 
     def handle_connect(self, event: Request) -> None:
+        if not self.root_path:
+            direct = direct_routes(self.app).get(unquote(event.path.partition("?")[0]))
+            if direct is not None:
+                self.app = direct  # this connection's app: the route's endpoint, without the stack above it
         super().handle_connect(event)
         # the scope holds what the app needs of the request; uvicorn never reads it again, but the
         # websockets parser keeps the request object alive in its generator frame: empty its headers
         del self.request
         event.headers.clear()
+        scope: Any = getattr(self, "scope", None)
+        if scope is not None:
+            scope["extensions"][LEAN_SOCKET] = self
 
-    async def send(self, message: Any) -> None:
-        text = message.get("text") if message["type"] == "websocket.send" else None
+    # -- sending --------------------------------------------------------------------------------
+
+    def write_text(self, text: str) -> bool:
+        """Write a text frame now if the connection is open and not pushing back; False: use ``send``.
+
+        What uvicorn's ``send`` and websockets' ``send_text`` would do, minus a coroutine per call,
+        and the encoding and framing per client (:class:`FrameCache`).
+        """
         if (
-            text is not None
-            and self.handshake_complete
+            self.handshake_complete
             and not self.close_sent
             and self.initial_response is None
             and not self.disconnected
@@ -106,8 +268,13 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol):
             and not self.conn.extensions
             and not self.conn.expect_continuation_frame
         ):
-            # what uvicorn's send and websockets' send_text would do, minus encoding and framing per client
             self.transport.write(self.frame_cache.text_frame(text))
+            return True
+        return False
+
+    async def send(self, message: Any) -> None:
+        text = message.get("text") if message["type"] == "websocket.send" else None
+        if text is not None and self.write_text(text):
             return
         accepting = message["type"] == "websocket.accept" and not self.handshake_complete
         await super().send(message)

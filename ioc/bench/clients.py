@@ -5,11 +5,12 @@ stdout, then records, for every ``bench.probe`` update, the delay from the probe
 (its ``value``, wall-clock seconds) to its arrival. When stdin closes it prints the delays (ms).
 
 The clients run on the same cores as the API, so what a client spends per frame is charged to
-the delivery figure. By default each client is a bare :class:`WallClient` (an asyncio protocol
-speaking just enough RFC 6455: the handshake a browser sends, with the token as subprotocol and
-a permessage-deflate offer; masked frames out; pong to pings) that times a probe when its bytes
-arrive. ``IOC_BENCH_WS_CLIENT=websockets`` uses the ``websockets`` library's client instead, as
-earlier runs did (about ten times the client CPU per frame).
+the delivery figure. By default each client is a bare :class:`WallClient` (an asyncio buffered
+protocol, reading into one buffer shared by the process's clients, speaking just enough RFC 6455:
+the handshake a browser sends, with the token as subprotocol and a permessage-deflate offer;
+masked frames out; pong to pings) that times a probe when its bytes arrive.
+``IOC_BENCH_WS_CLIENT=websockets`` uses the ``websockets`` library's client instead, as earlier
+runs did (about ten times the client CPU per frame).
 """
 
 from __future__ import annotations
@@ -62,7 +63,13 @@ def probe_delay_ms(payload: bytes, now: float) -> float | None:
     return None
 
 
-class WallClient(asyncio.Protocol):
+#: Where every client of the process receives (one event loop: one read at a time). A plain
+#: ``asyncio.Protocol`` has asyncio allocate a 256 KiB ``bytes`` per read (``sock.recv(256 KiB)``):
+#: ~16 µs per read on this machine, most of a client's CPU per frame, which the delivery figure paid.
+_READ_BUFFER = memoryview(bytearray(64 * 1024))
+
+
+class WallClient(asyncio.BufferedProtocol):
     """One subscribed client: handshake, subscribe, answer pings, time probe updates on arrival."""
 
     def __init__(self, request: bytes, delays: list[float]) -> None:
@@ -82,7 +89,13 @@ class WallClient(asyncio.Protocol):
         if not self.subscribed.done():
             self.subscribed.set_exception(ConnectionError(f"closed before the snapshot: {exc}"))
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_READ_BUFFER[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         now = time.time()
         buf = self.buffer
         buf += data

@@ -9,14 +9,24 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+import uvicorn
 from starlette.websockets import WebSocketState
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
+from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
-from api.app import ApiContext, create_app
+from api.app import ApiContext, create_app, server_options
 from api.auth import create_token, verify_token
 from api.broadcaster import Broadcaster
 from api.ws import CLOSE_UNAUTHORIZED, Connection, MessageTally, WsLimits, _Resume
-from api.ws_protocol import FrameCache, ReceiveQueue
+from api.ws_protocol import (
+    DirectWebSocketRoute,
+    FrameCache,
+    LeanWebSocketProtocol,
+    ReceiveQueue,
+    WriteGate,
+    direct_routes,
+)
 from ioc.settings import Settings
 from tests.factories import snap
 
@@ -226,3 +236,39 @@ def test_message_counts_reach_prometheus_once_per_loop_turn(settings: Settings) 
     assert (sent("update"), sent("ping")) == (1000, 1)
     tally.add("pong")  # outside an event loop: at once
     assert sent("pong") == 1
+
+
+def test_the_live_feed_is_found_as_a_direct_route_behind_uvicorns_middleware(settings: Settings) -> None:
+    app = create_app(settings, connect=False)
+    routes = direct_routes(ProxyHeadersMiddleware(app))  # what uvicorn serves with proxy_headers on
+    assert set(routes) == {"/ws"}
+    assert direct_routes(object()) == {}  # not a Starlette app: everything goes through the app
+
+
+def test_a_direct_route_takes_no_path_parameters() -> None:
+    async def endpoint(ws: Any) -> None:
+        pass
+
+    with pytest.raises(ValueError, match="path parameters"):
+        DirectWebSocketRoute("/ws/{name}", endpoint)
+
+
+async def test_the_lean_protocol_keeps_uvicorns_state_in_slots_not_a_dict(settings: Settings) -> None:
+    config = uvicorn.Config(create_app(settings, connect=False), **server_options(settings, WsLimits()))
+    config.load()
+    protocol = LeanWebSocketProtocol(
+        config=config, server_state=ServerState(), app_state={}, _loop=asyncio.get_running_loop()
+    )
+    assert vars(protocol) == {}  # an attribute uvicorn added (an upgrade) would land here: add it to __slots__
+    assert isinstance(protocol, asyncio.BufferedProtocol)  # reads into the shared buffer, no 256 KiB per read
+
+
+async def test_the_write_gate_holds_senders_while_the_transport_pushes_back() -> None:
+    gate = WriteGate()
+    assert gate.is_set() and await gate.wait()
+    gate.clear()
+    waiters = [asyncio.create_task(gate.wait()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert not gate.is_set() and not any(w.done() for w in waiters)
+    gate.set()
+    assert await asyncio.wait_for(asyncio.gather(*waiters), 1) == [True, True]
