@@ -208,9 +208,17 @@ class Engine:
 
     # --- output -----------------------------------------------------------------------------
 
-    def restore_published(self, key: str, seq: int, last: tuple[Any, ...]) -> None:
-        self.seq[key] = seq
-        self.last[key] = last
+    def restore_published(self, seqs: dict[str, int]) -> None:
+        """Continue every series after a restart from the ``seq`` the database holds for it.
+
+        The worker may publish an emission before writing it to the database (never a series'
+        first snapshot), and writes it before publishing the next (`streams.worker.Ingest.emit`),
+        so subscribers may have seen one seq more than the database holds. Every series continues
+        two past the database, newer than anything seen; and since the value last published is not
+        known for sure, the first emission after a restart publishes every series (subscribers then
+        hold what the database holds).
+        """
+        self.seq = {key: seq + 1 for key, seq in seqs.items()}
 
     def snapshots(self, *, changed_only: bool = True) -> list[Snapshot]:
         """Snapshots as of the clock: only the changed ones (the worker), or all (replay)."""

@@ -286,10 +286,10 @@ async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine) -> dict
             t = (delta.days * 86400 + delta.seconds) * US + delta.microseconds
             engine.sensors.apply(sid, Parsed(event, t), record=False)
             counts["readings"] += 1
-        await cur.execute("SELECT kpi, scope, win, seq, value, numerator, denominator, status, extra FROM kpi_latest")
-        async for kpi, scope, win, seq, value, num, den, status, extra in cur:
-            engine.restore_published(f"{kpi}|{scope}|{win}", seq, (value, num, den, status, extra))
-            counts["series"] += 1
+        await cur.execute("SELECT kpi || '|' || scope || '|' || win, seq FROM kpi_latest")
+        seqs = {key: seq async for key, seq in cur}
+        engine.restore_published(seqs)
+        counts["series"] = len(seqs)
     return counts
 
 

@@ -31,6 +31,7 @@ from prometheus_client import start_http_server
 from ioc import settings as cfg
 from ioc.db.migrate import Storage, drop_expired, ensure_partitions, refresh_rollups, storage_of
 from ioc.errors import InvalidEvent
+from ioc.loop import install as install_loop
 from ioc.metrics import WorkerMetrics
 from ioc.produce import BatchSender, CachingPartitioner
 from ioc.registry import Registry, load_registry
@@ -53,6 +54,7 @@ DEADLETTER_HEADERS = (
 )
 MAINTENANCE_INTERVAL_S = 600.0
 CONSUMER_SESSION_TIMEOUT_MS = 6000
+FETCH_MAX_WAIT_MS = 20
 
 
 #: A dead-lettered record, its reason, and the broker's acknowledgement to wait for.
@@ -130,6 +132,10 @@ class Ingest:
             max_poll_records=self.settings.worker_batch_max,
             fetch_max_bytes=64 << 20,
             max_partition_fetch_bytes=8 << 20,
+            # How long the broker may hold a fetch with nothing to return (aiokafka: 500 ms). Kafka
+            # answers as soon as a record arrives; the embedded broker answers on its own schedule
+            # within the wait, which delayed events by up to that much (see api/feed.py).
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
             # Kafka's minimum session timeout: a restarted worker rejoins (and its partitions move) quickly.
             session_timeout_ms=CONSUMER_SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=CONSUMER_SESSION_TIMEOUT_MS // 3,
@@ -453,20 +459,35 @@ class Ingest:
                 snapshots = list(pending.values())
             assert self.producer is not None
             if snapshots:
-                # The database first: its seq is then never behind what subscribers have seen.
-                await self._durably("snapshots", "writing snapshots", lambda c: sink.write_snapshots(c, snapshots))
-                self.metrics.db_write_seconds.labels("snapshots").observe(time.monotonic() - started)
+                # Subscribers first (the database write is then not on the way to the screens), then
+                # the database, before the next emission publishes anything: subscribers are at most
+                # one seq ahead of the database, which a restart allows for (Engine.restore_published).
+                # A series' first snapshot (seq 1) is written first: a restart could not tell it was
+                # published (after startup and for new scopes only: rare).
+                first = any(s.seq == 1 for s in snapshots)
+                if first:
+                    await self._write_snapshots(snapshots)
                 topic = self.settings.topic(cfg.TOPIC_KPI)
+                refused: KafkaError | None = None
                 try:
                     await self.sender.send_and_wait((topic, s.key.encode(), encode(s)) for s in snapshots)
-                except KafkaError:
+                except KafkaError as exc:
                     self._unpublished.update({s.key: s for s in snapshots})
-                    raise
+                    refused = exc
+                if not first:
+                    await self._write_snapshots(snapshots)
+                if refused is not None:
+                    raise refused
                 self.stats["snapshots"] += len(snapshots)
                 self.metrics.snapshots.inc(len(snapshots))
                 self.metrics.emit_seconds.observe(time.monotonic() - started)
             await self._alert(snapshots, now)
             return len(snapshots)
+
+    async def _write_snapshots(self, snapshots: list[Any]) -> None:
+        started = time.monotonic()
+        await self._durably("snapshots", "writing snapshots", lambda c: sink.write_snapshots(c, snapshots))
+        self.metrics.db_write_seconds.labels("snapshots").observe(time.monotonic() - started)
 
     async def _alert(self, snapshots: list[Any], now: dt.datetime) -> None:
         """Alert rules over the new snapshots and the clock; the audit trail first, then `ioc.alerts`."""
@@ -585,6 +606,7 @@ def create_app(settings: Settings, registry: Registry | None = None) -> tuple[fa
 
 def run(settings: Settings) -> None:
     """`ioc worker`: run until SIGINT/SIGTERM."""
+    log.info("event loop: %s", install_loop())
     app, _ = create_app(settings)
     worker = faust.Worker(app, loglevel=settings.log_level, quiet=True, override_logging=False)
     if not sys.stdout.isatty():

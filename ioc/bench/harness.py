@@ -98,7 +98,8 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def table(results: dict[str, Any]) -> str:
     """The figures and goals as plain-text tables."""
-    lines = [f"ioc bench — {results['machine']['cpus']} CPUs, {results['machine']['python']}", ""]
+    machine = results["machine"]
+    lines = [f"ioc bench — {machine['cpus']} CPUs, {machine['python']}, {machine.get('event_loop', 'asyncio')}", ""]
     rows: list[tuple[str, str]] = []
     if b := results.get("baseline"):
         rows.append(("baseline: plain aiokafka consumer + msgspec decode", f"{b['events_per_s']:,.0f} events/s"))
@@ -185,11 +186,13 @@ def run(
 ) -> tuple[dict[str, Any], Path]:
     """Run the chosen sections; returns the results and where their JSON was written."""
     from ioc.embedded.broker import ensure_topics
+    from ioc.loop import install as install_loop
 
     plan = Plan.quick() if quick else Plan(events=DEFAULT_EVENTS)
     if events is not None:
         plan = Plan(**{**plan.__dict__, "events": events})
     fds = raise_fd_limit()  # inherited by the API and client processes of the fan-out
+    loop = install_loop()  # the worker's loop, for the sections that run its pipeline in-process
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     results: dict[str, Any] = {
         "started_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -201,6 +204,7 @@ def run(
             "python": platform.python_version(),
             "platform": platform.platform(),
             "fd_limit": fds,
+            "event_loop": loop,
         },
     }
     own_db = not os.environ.get("IOC_DATABASE_URL")

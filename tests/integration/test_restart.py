@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import psycopg
@@ -14,7 +16,7 @@ import pytest
 
 from ioc.embedded.broker import ensure_topics
 from ioc.registry import load_registry
-from ioc.settings import Settings
+from ioc.settings import TOPIC_DOSSIER, TOPIC_KPI, Settings
 from simulators.stream import _write_lines, generate
 from streams.replay import replay
 from streams.worker import Ingest
@@ -92,3 +94,77 @@ def test_restart_after_uncommitted_batches_counts_nothing_twice(
     expected = {(s.kpi, s.scope, s.window): {f: getattr(s, f) for f in FIELDS} for s in snapshots}
     assert expected.keys() == worker.keys()
     assert {k: (worker[k], expected[k]) for k in worker if worker[k] != expected[k]} == {}
+
+
+def test_a_crash_between_publishing_and_writing_snapshots_never_reuses_a_seq(
+    make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker publishes an emission before writing it: killed in between, subscribers hold a seq
+    the database lacks. Its successor must publish every series again with a newer seq."""
+    from ioc.bench.workload import DossierIntake
+    from streams import sink
+
+    settings = make_settings()
+    ensure_topics(settings)
+    now = dt.datetime.now(VN)
+    records = list(generate(6, now - dt.timedelta(minutes=10), 30.0, until=now - dt.timedelta(seconds=1)))
+    intake = DossierIntake("restart")  # one commune and agency: after the first batch, no new series
+
+    def intake_batch(n: int) -> list[SimpleNamespace]:
+        return [SimpleNamespace(topic=TOPIC_DOSSIER, key=k, value=v) for k, v in (intake.next() for _ in range(n))]
+
+    real_write = sink.write_snapshots
+
+    async def crash(*_: Any) -> None:
+        raise RuntimeError("killed between publishing and writing")
+
+    async def lifetimes() -> tuple[dict[str, int], dict[str, int]]:
+        first = Ingest(settings, load_registry())
+        await first.start()
+        try:
+            for batch in (records, intake_batch(50)):  # published and written
+                await checks.produce(settings, batch)
+                await consume(first, first.stats["records"] + len(batch))
+            await checks.produce(settings, intake_batch(50))
+            while first.stats["records"] < len(records) + 100:  # folded, not yet published
+                batch = await first._gather(500)
+                if batch:
+                    await first.process(batch)
+            await first.drain()
+            monkeypatch.setattr(sink, "write_snapshots", crash)
+            with pytest.raises(RuntimeError, match="killed"):
+                await first.emit()
+        finally:
+            monkeypatch.setattr(sink, "write_snapshots", real_write)
+            await first.stop()
+        in_database = await _seqs(settings.database_url)
+        published = {k: max(seqs) for k, seqs in (await _topic_seqs(settings)).items()}
+        second = Ingest(settings, load_registry())
+        await second.start()
+        try:
+            await second.emit()
+        finally:
+            await second.stop()
+        return in_database, published
+
+    in_database, published = asyncio.run(lifetimes())
+    ahead = {k for k, s in published.items() if s > in_database.get(k, 0)}
+    assert ahead, "the crash left no published seq beyond the database's: the test proves nothing"
+    assert all(published[k] == in_database.get(k, 0) + 1 for k in ahead)  # never more than one ahead
+
+    # After the restart: per series, seqs strictly increase in publication order, and the newest
+    # on the topic is what the database holds, for every series.
+    order = asyncio.run(_topic_seqs(settings))
+    assert {k: seqs for k, seqs in order.items() if seqs != sorted(set(seqs))} == {}
+    assert {k: seqs[-1] for k, seqs in order.items()} == asyncio.run(_seqs(settings.database_url))
+    _, database = checks.database_latest(settings.database_url)
+    assert asyncio.run(checks.topic_latest(settings)) == database
+
+
+async def _topic_seqs(settings: Settings) -> dict[str, list[int]]:
+    """Per series (``kpi|scope|window``), the seqs on `ioc.kpi.updates` in publication order."""
+    out: dict[str, list[int]] = {}
+    for r in await checks.read_topic(settings, TOPIC_KPI, idle_polls=6):
+        doc = json.loads(r.value)
+        out.setdefault(f"{doc['kpi']}|{doc['scope']}|{doc['window']}", []).append(doc["seq"])
+    return out
