@@ -338,27 +338,41 @@ class Ingest:
         self.alerting.on_batch(len(dead), n, time.monotonic())
         changes = sink.take_changes(engine)
         await self.drain()
-        self._flushing = asyncio.create_task(self._flush(changes, futures, offsets, started))
+        write_started, writes = time.monotonic(), self._start_writes(changes)
+        self._flushing = asyncio.create_task(self._flush(writes, write_started, futures, offsets, started))
+
+    def _start_writes(self, changes: sink.Changes) -> list[tuple[str, sink.Changes, asyncio.Future[int]]]:
+        """Hand the batch's state changes to the writer threads now: the next batch is folded while
+        they write. (Started from a task instead, they would wait for the loop's next turn, which a
+        batch already fetched does not give before it is folded: no overlap at all.)"""
+        loop = asyncio.get_running_loop()
+        return [
+            (role, share, loop.run_in_executor(None, sink.write_changes, self.conns[role], share))
+            for role, share in zip(self._writers(), changes.split(self.settings.worker_db_writers), strict=False)
+        ]
+
+    async def _write_state(self, role: str, share: sink.Changes, first: asyncio.Future[int]) -> None:
+        """Wait for a writer's first attempt; after a transient failure, write again until it succeeds."""
+        try:
+            await first
+            return
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            self.stats["db_retries"] += 1
+            self.metrics.db_retries.inc()
+            log.warning("writing state failed (%s); retrying", exc)
+        await self._durably(role, "writing state", lambda conn: asyncio.to_thread(sink.write_changes, conn, share))
 
     async def _flush(
         self,
-        changes: sink.Changes,
+        writes: list[tuple[str, sink.Changes, asyncio.Future[int]]],
+        write_started: float,
         dead: list[DeadLetter],
         offsets: dict[TopicPartition, int],
         started: float,
     ) -> None:
         """Make one batch durable, then commit its offsets (never the other way round)."""
         m = self.metrics
-        write_started = time.monotonic()
-        shares = changes.split(self.settings.worker_db_writers)
-        await asyncio.gather(
-            *(
-                self._durably(
-                    role, "writing state", lambda conn, c=share: asyncio.to_thread(sink.write_changes, conn, c)
-                )
-                for role, share in zip(self._writers(), shares, strict=False)
-            )
-        )
+        await asyncio.gather(*(self._write_state(role, share, first) for role, share, first in writes))
         m.db_write_seconds.labels("state").observe(time.monotonic() - write_started)
         if dead:
             await self._deliver_dead_letters(dead)
