@@ -186,3 +186,21 @@ class FeedWatcher:
             self.closed = f"closed: {exc}"
         except OSError as exc:
             self.closed = f"{type(exc).__name__}: {exc}"
+
+
+def agreed(
+    loop: asyncio.AbstractEventLoop, settings: Settings, database_url: str, path: Path, within_s: float = 20.0
+) -> tuple[dict[Key, dict[str, Any]], dict[Key, Any], dict[Key, Any]]:
+    """A replay as of the database's clock, and how the database and the topic differ from it, taken
+    at a moment both agree with it (or at the last try). An emission publishes before it writes the
+    database, and clock-driven KPIs keep moving, so a single look can catch the two an emission
+    apart; a lost or stale update never agrees."""
+    deadline = time.monotonic() + within_s
+    while True:
+        as_of, database = database_latest(database_url)
+        expected = replayed(path, as_of)
+        topic = loop.run_until_complete(topic_latest(settings))
+        in_database, on_topic = differences(database, expected), differences(topic, expected)
+        if (not in_database and not on_topic) or time.monotonic() > deadline:
+            return expected, in_database, on_topic
+        time.sleep(1)

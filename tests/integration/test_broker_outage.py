@@ -124,11 +124,9 @@ def test_broker_unreachable_30s_everything_reconnects_and_nothing_counts_twice(
             # --- nothing lost, nothing twice ----------------------------------------------------
             path = tmp_path / "input.jsonl"
             produced = loop.run_until_complete(_input_log(settings, path))
-            as_of, database = checks.database_latest(database_url)
-            expected = checks.replayed(path, as_of)
-            assert checks.differences(database, expected) == {}
-            topic = loop.run_until_complete(checks.topic_latest(settings))
-            assert checks.differences(topic, expected) == {}
+            expected, in_database, on_topic = checks.agreed(loop, settings, database_url, path)
+            assert in_database == {}
+            assert on_topic == {}
             province = {k: v for k, v in expected.items() if k[1] == "province"}
             deadline = time.monotonic() + 15
             while checks.differences(watcher.items(), province) and time.monotonic() < deadline:

@@ -164,11 +164,9 @@ def test_database_down_60s_then_slow_loses_nothing_and_counts_nothing_twice(
             time.sleep(3)  # the emit after the last batch
 
             # --- nothing lost, nothing twice ---------------------------------------------------
-            as_of, database = checks.database_latest(database_url)
-            expected = checks.replayed(path, as_of)
-            assert checks.differences(database, expected) == {}
-            topic = loop.run_until_complete(checks.topic_latest(settings))
-            assert checks.differences(topic, expected) == {}
+            expected, in_database, on_topic = checks.agreed(loop, settings, database_url, path)
+            assert in_database == {}
+            assert on_topic == {}
             dead = loop.run_until_complete(checks.deadletters(settings))
             stages = {dict(r.headers).get("ioc.error.stage") for r in dead}
             assert len(dead) == bad_records, "a transient error was dead-lettered (or a bad record was not)"
