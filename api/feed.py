@@ -22,18 +22,11 @@ from aiokafka.errors import KafkaError
 
 from api.live import LiveState
 from ioc.metrics import ApiMetrics
-from ioc.settings import TOPIC_ALERTS, TOPIC_KPI, Settings
+from ioc.settings import FETCH_MAX_WAIT_MS, TOPIC_ALERTS, TOPIC_KPI, Settings
 from streams.snapshot import Snapshot, decode
 
 log = logging.getLogger(__name__)
 
-#: How long the broker may hold a fetch that has nothing to return (aiokafka's default is 500 ms).
-#: Kafka answers a waiting fetch as soon as a record arrives (``fetch_min_bytes`` 1), so there this
-#: only sets how often an idle feed asks again (50 times a second, cheap); the embedded broker
-#: (tansu) instead answers on its own schedule within the wait, which added 130 ms to the median
-#: update (250 ms at worst) before it reached the clients. Measured against it (produce → getmany,
-#: 3 partitions): 500 ms wait: median 128 / max 250 ms; 20 ms: 3 / 13 ms, ~3 % of a core while idle.
-FETCH_MAX_WAIT_MS = 20
 
 LATEST_QUERY = """
 SELECT kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra

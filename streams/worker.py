@@ -19,6 +19,7 @@ import logging
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable
 from typing import Any
 
 import faust
@@ -54,7 +55,6 @@ DEADLETTER_HEADERS = (
 )
 MAINTENANCE_INTERVAL_S = 600.0
 CONSUMER_SESSION_TIMEOUT_MS = 6000
-FETCH_MAX_WAIT_MS = 20
 
 
 #: A dead-lettered record, its reason, and the broker's acknowledgement to wait for.
@@ -132,10 +132,7 @@ class Ingest:
             max_poll_records=self.settings.worker_batch_max,
             fetch_max_bytes=64 << 20,
             max_partition_fetch_bytes=8 << 20,
-            # How long the broker may hold a fetch with nothing to return (aiokafka: 500 ms). Kafka
-            # answers as soon as a record arrives; the embedded broker answers on its own schedule
-            # within the wait, which delayed events by up to that much (see api/feed.py).
-            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+            fetch_max_wait_ms=cfg.FETCH_MAX_WAIT_MS,
             # Kafka's minimum session timeout: a restarted worker rejoins (and its partitions move) quickly.
             session_timeout_ms=CONSUMER_SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=CONSUMER_SESSION_TIMEOUT_MS // 3,
@@ -200,12 +197,16 @@ class Ingest:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def _durably(self, role: str, what: str, action: Any) -> Any:
-        """Run a database action until it succeeds: a transient error delays, never skips or dead-letters."""
+    async def _durably(self, role: str, what: str, action: Any, first: Awaitable[Any] | None = None) -> Any:
+        """Run a database action until it succeeds: a transient error delays, never skips or dead-letters.
+        ``first``: an attempt already under way (started without waiting for the loop), awaited first."""
         delay = 0.5
         while True:
             conn = self.conns[role]
             try:
+                if first is not None:
+                    attempt, first = first, None
+                    return await attempt
                 return await action(conn)
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self.stats["db_retries"] += 1
@@ -351,17 +352,6 @@ class Ingest:
             for role, share in zip(self._writers(), changes.split(self.settings.worker_db_writers), strict=False)
         ]
 
-    async def _write_state(self, role: str, share: sink.Changes, first: asyncio.Future[int]) -> None:
-        """Wait for a writer's first attempt; after a transient failure, write again until it succeeds."""
-        try:
-            await first
-            return
-        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
-            self.stats["db_retries"] += 1
-            self.metrics.db_retries.inc()
-            log.warning("writing state failed (%s); retrying", exc)
-        await self._durably(role, "writing state", lambda conn: asyncio.to_thread(sink.write_changes, conn, share))
-
     async def _flush(
         self,
         writes: list[tuple[str, sink.Changes, asyncio.Future[int]]],
@@ -372,7 +362,17 @@ class Ingest:
     ) -> None:
         """Make one batch durable, then commit its offsets (never the other way round)."""
         m = self.metrics
-        await asyncio.gather(*(self._write_state(role, share, first) for role, share, first in writes))
+        await asyncio.gather(
+            *(
+                self._durably(
+                    role,
+                    "writing state",
+                    lambda conn, c=share: asyncio.to_thread(sink.write_changes, conn, c),
+                    first=first,
+                )
+                for role, share, first in writes
+            )
+        )
         m.db_write_seconds.labels("state").observe(time.monotonic() - write_started)
         if dead:
             await self._deliver_dead_letters(dead)

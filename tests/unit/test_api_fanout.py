@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 import uvicorn
-from starlette.websockets import WebSocketState
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
@@ -29,6 +28,7 @@ from api.ws_protocol import (
 )
 from ioc.settings import Settings
 from tests.factories import snap
+from tests.fake_ws import FakeSocket
 
 SUBSCRIBE = {"type": "websocket.receive", "text": '{"type": "subscribe", "channels": ["kpi:province"]}'}
 
@@ -44,39 +44,11 @@ def context(settings: Settings, **limits: Any) -> ApiContext:
     return ctx
 
 
-class Socket:
-    """The part of a Starlette WebSocket a Connection uses; keeps the very objects it was given."""
-
-    def __init__(self, *, stuck: bool = False) -> None:
-        self.texts: list[str] = []
-        self.gate = asyncio.Event()
-        if not stuck:
-            self.gate.set()
-        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.application_state = WebSocketState.CONNECTED
-        self.client_state = WebSocketState.CONNECTED
-        self.close_code: int | None = None
-
-    async def send_text(self, text: str) -> None:
-        await self.gate.wait()
-        self.texts.append(text)
-
-    async def receive(self) -> dict[str, Any]:
-        return await self.inbox.get()
-
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        self.close_code = code
-        self.application_state = WebSocketState.DISCONNECTED
-
-    def of_type(self, kind: str) -> list[str]:
-        return [t for t in self.texts if json.loads(t)["type"] == kind]
-
-
 async def connected(
     ctx: ApiContext, settings: Settings, n: int, **kw: Any
-) -> tuple[list[Socket], list[asyncio.Task[None]]]:
+) -> tuple[list[FakeSocket], list[asyncio.Task[None]]]:
     principal = verify_token(settings, create_token(settings, "operator", subject="wall"))
-    sockets = [Socket(**kw) for _ in range(n)]
+    sockets = [FakeSocket(**kw) for _ in range(n)]
     runs = []
     for ws in sockets:
         ws.inbox.put_nowait(SUBSCRIBE)
@@ -85,7 +57,7 @@ async def connected(
     return sockets, runs
 
 
-async def hang_up(sockets: list[Socket], runs: list[asyncio.Task[None]]) -> None:
+async def hang_up(sockets: list[FakeSocket], runs: list[asyncio.Task[None]]) -> None:
     for ws in sockets:
         ws.inbox.put_nowait({"type": "websocket.disconnect"})
     await asyncio.wait_for(asyncio.gather(*runs), 5)
@@ -129,7 +101,7 @@ async def test_the_heartbeat_ends_a_connection_whose_token_expired(settings: Set
     ctx = context(settings)
     expired = verify_token(settings, create_token(settings, "operator", subject="wall"))
     fresh = verify_token(settings, create_token(settings, "operator", subject="wall", ttl=dt.timedelta(days=2)))
-    old, new = Socket(), Socket()
+    old, new = FakeSocket(), FakeSocket()
     runs = [
         asyncio.create_task(Connection(ctx, ws, p).run())  # type: ignore[arg-type]
         for ws, p in ((old, expired), (new, fresh))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,7 +11,7 @@ import jwt
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from starlette.websockets import WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocketDisconnect
 
 from api.app import ApiContext, create_app
 from api.auth import create_token, verify_token
@@ -21,6 +20,7 @@ from api.ws import Connection, WsLimits
 from ioc.settings import Settings
 from streams.snapshot import Snapshot
 from tests.factories import snap
+from tests.fake_ws import FakeSocket
 
 COMMUNE = "16681"
 OTHER = "16690"
@@ -383,31 +383,6 @@ def test_resume_beyond_the_history_is_a_fresh_snapshot_not_recovered(settings: S
 
 
 # --- slow clients ------------------------------------------------------------------------------
-
-
-class FakeSocket:
-    """The part of a Starlette WebSocket that a Connection uses; ``stuck`` never finishes a send."""
-
-    def __init__(self, *, stuck: bool) -> None:
-        self.sent: list[dict[str, Any]] = []
-        self.gate = asyncio.Event()
-        if not stuck:
-            self.gate.set()
-        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.application_state = WebSocketState.CONNECTED
-        self.client_state = WebSocketState.CONNECTED
-        self.close_code: int | None = None
-
-    async def send_text(self, text: str) -> None:
-        await self.gate.wait()
-        self.sent.append(json.loads(text))
-
-    async def receive(self) -> dict[str, Any]:
-        return await self.inbox.get()
-
-    async def close(self, code: int = 1000, reason: str | None = None) -> None:
-        self.close_code = code
-        self.application_state = WebSocketState.DISCONNECTED
 
 
 async def test_a_stuck_client_is_cut_off_and_never_delays_another(settings: Settings) -> None:
