@@ -33,6 +33,7 @@ from api.feed import Feed
 from api.live import LiveState, snapshot_item
 from api.ws import WsLimits, websocket_endpoint
 from api.ws_protocol import DirectWebSocketRoute
+from ioc.loop import settle_heap
 from ioc.metrics import ApiMetrics
 from ioc.registry import Registry, load_registry
 from ioc.settings import Settings
@@ -496,4 +497,6 @@ def serve(settings: Settings | None = None) -> None:
 
     settings = settings or Settings()
     limits = WsLimits()
-    uvicorn.run(create_app(settings, ws_limits=limits), **server_options(settings, limits))
+    app = create_app(settings, ws_limits=limits)
+    settle_heap()  # modules and the app live as long as the process: out of the collector's full passes
+    uvicorn.run(app, **server_options(settings, limits))

@@ -243,7 +243,12 @@ def run(
 
             def latency_settings(interval: float) -> Settings:
                 name = f"lat{str(interval).replace('.', '_')}"
-                s = settings_for(name, fresh_database(admin_url, f"bench_{name}", own_db), api_port=live.free_port())
+                s = settings_for(
+                    name,
+                    fresh_database(admin_url, f"bench_{name}", own_db),
+                    api_port=live.free_port(),
+                    topic_partitions=live.LATENCY_PARTITIONS,
+                )
                 ensure_topics(s)
                 return s
 

@@ -29,6 +29,13 @@ from ioc.settings import TOPIC_KPI, Settings
 from streams.snapshot import Snapshot, encode
 
 LATENCY_KPI = ("dossier.received", "province", "1h")
+#: Partitions per topic in the latency section. The embedded broker (tansu, memory storage) slows
+#: down as record batches pile up across partitions: a paced producer (linger 1 ms) at 5,000/s into
+#: 6 partitions saw produce-to-consume p99 grow from 22 ms to 197 ms within 20 s and to 669 ms at
+#: 35 s, and with 24 partitions to 1,049 ms at 20 s; into 1 partition it stayed at 16-24 ms for 25 s
+#: (docs/performance.md, "Fourth round"). One partition measures the pipeline instead of that;
+#: partitions do not change what a single worker does per event.
+LATENCY_PARTITIONS = 1
 READY_TIMEOUT_S = 90.0
 
 
@@ -223,7 +230,12 @@ def latency(
                 r = runs[f"{rate:.0f}"] = asyncio.run(_latency_run(settings, token, rate, duration_s, run))
                 progress(f"latency: p50 {r['p50_ms']} ms, p99 {r['p99_ms']} ms ({r['seen']:,}/{r['sent']:,} seen)")
             results[f"{interval:g}"] = runs
-    return {"emit_interval_s": results, "duration_s": duration_s, "kpi": "|".join(LATENCY_KPI)}
+    return {
+        "emit_interval_s": results,
+        "duration_s": duration_s,
+        "kpi": "|".join(LATENCY_KPI),
+        "partitions": LATENCY_PARTITIONS,
+    }
 
 
 # --- fan-out -------------------------------------------------------------------------------------
