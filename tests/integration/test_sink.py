@@ -13,6 +13,7 @@ import pytest
 
 from ioc.registry import load_registry
 from streams import sink
+from streams.cyber import IncidentState
 from streams.dossier import DossierState
 from streams.engine import Engine
 from streams.snapshot import Snapshot
@@ -93,3 +94,25 @@ def test_states_are_stored_as_arrays_and_rows_written_as_objects_by_earlier_buil
         due=now + 10**9,
     )  # fmt: skip
     assert isinstance(loaded["D-2"].received, tuple)  # compared with tuples when events merge
+
+
+def test_state_rows_take_id_terminal_and_last_event_from_the_states(database_url: str) -> None:
+    """Besides the state itself, a row carries whether the entity is finished and when its last event
+    happened: what the restart query selects by."""
+    now = 1_795_000_000_123_456
+    engine = Engine(load_registry(), now)
+    engine.dossiers.changed = {
+        "open": DossierState(dossier_id="open", last_event=now - 1),
+        "done": DossierState(dossier_id="done", last_event=now - 2, outcome="on_time"),
+    }
+    engine.incidents.changed = {
+        "inc": IncidentState(incident_id="inc", last_event=now - 3, resolved=(now - 3, "e")),
+    }
+    asyncio.run(_write(database_url, engine, []))
+    with psycopg.connect(database_url) as conn:
+        dossiers = conn.execute("SELECT dossier_id, terminal, last_event_at FROM dossier_state ORDER BY 1").fetchall()
+        incidents = conn.execute("SELECT incident_id, terminal, last_event_at FROM incident_state").fetchall()
+    at = dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=now)
+    us = dt.timedelta(microseconds=1)
+    assert dossiers == [("done", True, at - 2 * us), ("open", False, at - us)]
+    assert incidents == [("inc", True, at - 3 * us)]
