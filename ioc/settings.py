@@ -138,7 +138,15 @@ class Settings(BaseSettings):
         9108, ge=0, le=65535, description="Port of the worker's Prometheus `/metrics` (0 = a free port, logged)."
     )
     emit_interval_s: float = Field(
-        1.0, gt=0, description="How often changed KPIs (and clock-driven windows) are published."
+        0.1, gt=0, description="How often changed KPIs (and clock-driven windows) are published and stored as latest."
+    )
+    kpi_history_interval_s: float = Field(
+        10.0,
+        ge=0,
+        description=(
+            "Per KPI series, at most one `kpi_history` row this often (the newest value; a value that stands is "
+            "written within this interval); 0 = every emission."
+        ),
     )
     api_host: str = Field("127.0.0.1", description="Address the API listens on.")
     api_port: int = Field(8000, ge=0, le=65535, description="Port the API listens on.")

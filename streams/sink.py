@@ -104,9 +104,11 @@ CREATE TEMP TABLE IF NOT EXISTS stage_incident (id text, state jsonb, terminal b
 CREATE TEMP TABLE IF NOT EXISTS stage_reading (station_id text, observed_us bigint, kind text, event_id text, vals jsonb)
     ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_kpi (kpi text, scope text, win text, value float8, unit text, numerator float8,
-    denominator float8, target float8, status text, as_of timestamptz, seq bigint, extra jsonb) ON COMMIT DELETE ROWS;
+    denominator float8, target float8, status text, as_of timestamptz, seq bigint, extra jsonb, hist boolean)
+    ON COMMIT DELETE ROWS;
 """
-#: Snapshots: one COPY into staging, then one set-based upsert into each table (the newest seq wins).
+#: Snapshots: one COPY into staging, then one set-based upsert into each table (the newest seq wins);
+#: `hist` marks the rows the history takes (`streams.snapshot.HistorySampler`).
 MERGE_LATEST = """
 INSERT INTO kpi_latest (kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra, updated_at)
 SELECT DISTINCT ON (kpi, scope, win) kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq,
@@ -121,7 +123,7 @@ WHERE kpi_latest.seq <= EXCLUDED.seq
 MERGE_HISTORY = """
 INSERT INTO kpi_history (as_of, kpi, scope, win, value, numerator, denominator, status, seq)
 SELECT DISTINCT ON (kpi, scope, win, as_of) as_of, kpi, scope, win, value, numerator, denominator, status, seq
-FROM stage_kpi ORDER BY kpi, scope, win, as_of, seq DESC
+FROM stage_kpi WHERE hist ORDER BY kpi, scope, win, as_of, seq DESC
 ON CONFLICT (kpi, scope, win, as_of) DO UPDATE
 SET value = EXCLUDED.value, numerator = EXCLUDED.numerator, denominator = EXCLUDED.denominator,
     status = EXCLUDED.status, seq = EXCLUDED.seq
@@ -207,30 +209,39 @@ def write_changes(conn: psycopg.Connection[Any], changes: Changes) -> int:
     return len(changes)
 
 
-def _snapshot_rows(snapshots: Sequence[Snapshot]) -> bytes:
+def _snapshot_rows(snapshots: Sequence[Snapshot], hist: bool) -> str:
     def num(v: float | None) -> str:
         return NULL if v is None else repr(float(v))
 
     def txt(v: str | None) -> str:
         return NULL if v is None else _text(v)
 
-    encode = _encode
+    encode, flag = _encode, "t" if hist else "f"
     return "".join(
         f"{_text(s.kpi)}\t{_text(s.scope)}\t{_text(s.window)}\t{num(s.value)}\t{_text(s.unit)}\t{num(s.numerator)}\t"
         f"{num(s.denominator)}\t{num(s.target)}\t{txt(s.status)}\t{s.as_of.isoformat()}\t{s.seq}\t"
-        f"{NULL if s.extra is None else _json(encode(s.extra))}\n"
+        f"{NULL if s.extra is None else _json(encode(s.extra))}\t{flag}\n"
         for s in snapshots
-    ).encode()
+    )
 
 
-async def write_snapshots(conn: psycopg.AsyncConnection[Any], snapshots: Sequence[Snapshot]) -> None:
-    """`kpi_latest` and `kpi_history` in one transaction: COPY into staging, then one upsert each."""
-    if not snapshots:
+async def write_snapshots(
+    conn: psycopg.AsyncConnection[Any], snapshots: Sequence[Snapshot], history: Sequence[Snapshot] | None = None
+) -> None:
+    """`kpi_latest` (``snapshots``) and `kpi_history` (``history``; None: the same snapshots) in one
+    transaction: COPY into staging, then one upsert each. A history row's snapshot may be older
+    than one in ``snapshots`` (left pending by an earlier emission): `kpi_latest` keeps the newest."""
+    if history is None:
+        rows = _snapshot_rows(snapshots, True)
+    else:
+        taken = {id(s) for s in history}
+        rows = _snapshot_rows([s for s in snapshots if id(s) not in taken], False) + _snapshot_rows(history, True)
+    if not rows:
         return
     async with conn.transaction(), conn.cursor() as cur:
         await cur.execute(STAGING)
         async with cur.copy("COPY stage_kpi FROM STDIN") as copy:
-            await copy.write(_snapshot_rows(snapshots))
+            await copy.write(rows.encode())
         await cur.execute(MERGE_LATEST.encode())
         await cur.execute(MERGE_HISTORY.encode())
 

@@ -45,6 +45,44 @@ def decode(data: bytes) -> Snapshot:
     return _decoder.decode(data)
 
 
+class HistorySampler:
+    """Which snapshots go into ``kpi_history``: per series at most one row per interval, and never the
+    last value lost.
+
+    Every emission publishes and stores (``kpi_latest``) what changed; the history takes a series'
+    newest snapshot when the series last went into the history at least ``interval`` ago, and
+    keeps it pending otherwise, for a later emission to write once the interval has passed (even
+    if the series does not change again). So the emission interval (how soon screens see a change)
+    does not set how fast the history grows, and a value that stands is in the history within one
+    interval. A value replaced within the interval is not; ``GET /api/kpis/history`` serves buckets
+    of a minute or more, each with its last value. ``interval`` 0 keeps every snapshot.
+
+    After a restart nothing is pending: the restarted worker publishes (and so samples) every series
+    with its first emission.
+    """
+
+    __slots__ = ("interval", "pending", "written")
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval = dt.timedelta(seconds=interval_s)
+        #: When each series last went into the history (the emission's clock).
+        self.written: dict[str, dt.datetime] = {}
+        #: The newest snapshot of each series not yet in the history.
+        self.pending: dict[str, Snapshot] = {}
+
+    def take(self, snapshots: list[Snapshot], now: dt.datetime) -> list[Snapshot]:
+        """This emission's history rows: of ``snapshots`` and of what earlier emissions left pending."""
+        pending, written, interval = self.pending, self.written, self.interval
+        for s in snapshots:
+            pending[s.key] = s
+        if not pending:
+            return []
+        due = [k for k in pending if (last := written.get(k)) is None or now - last >= interval]
+        for k in due:
+            written[k] = now
+        return [pending.pop(k) for k in due]
+
+
 def scope_commune(code: str) -> str:
     return f"commune:{code}"
 

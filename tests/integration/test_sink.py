@@ -8,6 +8,7 @@ import datetime as dt
 import math
 from typing import Any
 
+import msgspec
 import psycopg
 import pytest
 
@@ -116,3 +117,22 @@ def test_state_rows_take_id_terminal_and_last_event_from_the_states(database_url
     us = dt.timedelta(microseconds=1)
     assert dossiers == [("done", True, at - 2 * us), ("open", False, at - us)]
     assert incidents == [("inc", True, at - 3 * us)]
+
+
+def test_the_history_takes_only_the_sampled_snapshots_and_latest_keeps_the_newest(database_url: str) -> None:
+    older, newer, other = _snapshot(1.0, 5, None), _snapshot(2.0, 6, None), _snapshot(3.0, 7, None)
+    other = msgspec.structs.replace(other, window="mtd")
+    newer = msgspec.structs.replace(newer, as_of=AS_OF + dt.timedelta(seconds=1))
+
+    async def write() -> None:
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            # `older` was left pending by an earlier emission and is due now; this emission's
+            # `newer` (same series) and `other` are published and stored as latest, not sampled.
+            await sink.write_snapshots(conn, [newer, other], [older])
+
+    asyncio.run(write())
+    with psycopg.connect(database_url) as conn:
+        latest = conn.execute("SELECT win, value, seq FROM kpi_latest ORDER BY win").fetchall()
+        history = conn.execute("SELECT win, value, seq, as_of FROM kpi_history").fetchall()
+    assert latest == [("mtd", 3.0, 7), ("today", 2.0, 6)]
+    assert history == [("today", 1.0, 5, AS_OF)]
