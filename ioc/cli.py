@@ -80,7 +80,10 @@ def _parser() -> argparse.ArgumentParser:
 
     topics = sub.add_parser("topics", help="Kafka topics")
     topics_sub = topics.add_subparsers(dest="topics_command", required=True)
-    topics_sub.add_parser("create", help="create every topic (IOC_TOPIC_PARTITIONS, IOC_TOPIC_REPLICATION)")
+    topics_sub.add_parser(
+        "create",
+        help="create every topic (IOC_TOPIC_PARTITIONS, IOC_TOPIC_REPLICATION; one partition for KPIs, alerts)",
+    )
 
     tok = sub.add_parser("token", help="access tokens")
     tok_sub = tok.add_subparsers(dest="token_command", required=True)

@@ -33,6 +33,13 @@ INPUT_TOPICS = (TOPIC_DOSSIER, TOPIC_CYBER, TOPIC_SENSOR)
 #: 3 partitions): 500 ms wait: median 128 / max 250 ms; 20 ms: 3 / 13 ms, ~3 % of a core while idle.
 FETCH_MAX_WAIT_MS = 20
 ALL_TOPICS = (*INPUT_TOPICS, TOPIC_DEADLETTER, TOPIC_KPI, TOPIC_ALERTS)
+#: Topics created with a single partition whatever IOC_TOPIC_PARTITIONS says: every API process
+#: reads all of them (no consumer group), so partitions would add no parallelism, and one keeps
+#: each emission's updates in order. It also spares the embedded broker, whose fetches slow down
+#: as record batches pile up in a topic: an emission writes one batch per partition, and with 6
+#: partitions the API's feed of `ioc dev` went from a p99 of 44 ms to 1.4 s within 7 minutes
+#: (docs/performance.md, "Fourth round").
+SINGLE_PARTITION_TOPICS = (TOPIC_KPI, TOPIC_ALERTS)
 
 
 class Mode(StrEnum):
@@ -117,7 +124,11 @@ class Settings(BaseSettings):
     topic_prefix: str = Field(
         "", description="Prefix added to every topic name (isolates tests and tenants on one cluster)."
     )
-    topic_partitions: int = Field(6, ge=1, description="Partitions for topics the system creates.")
+    topic_partitions: int = Field(
+        6,
+        ge=1,
+        description="Partitions for the input and dead-letter topics the system creates (`ioc.kpi.updates` and `ioc.alerts` get one).",
+    )
     topic_replication: int = Field(
         1, ge=1, description="Replication factor for topics the system creates (3 on a real cluster)."
     )

@@ -20,7 +20,7 @@ from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 from ioc.embedded import die_with_parent, free_port, port_open
 from ioc.embedded.process import EmbeddedProcess
 from ioc.errors import EmbeddedServiceError
-from ioc.settings import ALL_TOPICS, Settings
+from ioc.settings import ALL_TOPICS, SINGLE_PARTITION_TOPICS, Settings
 
 log = logging.getLogger(__name__)
 
@@ -219,8 +219,13 @@ async def create_topics(
 
 
 def ensure_topics(settings: Settings) -> None:
-    """Create each contract topic (with ``settings.topic_prefix``) that does not exist yet."""
-    names = [settings.topic(t) for t in ALL_TOPICS]
-    run_sync(
-        lambda: create_topics(settings.kafka_bootstrap, names, settings.topic_partitions, settings.topic_replication)
-    )
+    """Create each contract topic (with ``settings.topic_prefix``) that does not exist yet: the
+    output topics with one partition (`SINGLE_PARTITION_TOPICS`), the others with IOC_TOPIC_PARTITIONS."""
+    single = [settings.topic(t) for t in ALL_TOPICS if t in SINGLE_PARTITION_TOPICS]
+    spread = [settings.topic(t) for t in ALL_TOPICS if t not in SINGLE_PARTITION_TOPICS]
+
+    async def create() -> None:
+        await create_topics(settings.kafka_bootstrap, spread, settings.topic_partitions, settings.topic_replication)
+        await create_topics(settings.kafka_bootstrap, single, 1, settings.topic_replication)
+
+    run_sync(create)

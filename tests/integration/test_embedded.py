@@ -15,7 +15,7 @@ from ioc.db.migrate import Storage, drop_expired, ensure_partitions, migrate, st
 from ioc.embedded.broker import EmbeddedBroker, create_topics, ensure_topics
 from ioc.embedded.postgres import EmbeddedPostgres, create_database, drop_database
 from ioc.errors import EmbeddedServiceError
-from ioc.settings import ALL_TOPICS, Settings
+from ioc.settings import ALL_TOPICS, TOPIC_ALERTS, TOPIC_KPI, Settings
 
 pytestmark = pytest.mark.integration
 
@@ -74,7 +74,9 @@ async def test_ensure_topics_creates_every_contract_topic(
     ensure_topics(settings)
     ensure_topics(settings)
     names = [settings.topic(t) for t in ALL_TOPICS]
-    assert await _partitions(settings.kafka_bootstrap, names) == dict.fromkeys(names, 4)
+    assert await _partitions(settings.kafka_bootstrap, names) == {
+        settings.topic(t): 1 if t in (TOPIC_KPI, TOPIC_ALERTS) else 4 for t in ALL_TOPICS
+    }
 
 
 async def test_a_message_round_trips_through_a_created_topic(kafka_bootstrap: str, topic_prefix: str) -> None:
