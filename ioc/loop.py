@@ -29,8 +29,8 @@ def settle_heap() -> int:
 
     A full collection walks every object the collector tracks, and every value of every tracked dict:
     in the worker that is the entity dicts with hundreds of thousands of states. Measured during the
-    latency benchmark, those passes stopped the event loop for 70-116 ms five or six times a minute,
-    which is what the tail of event-to-screen latency was made of. Frozen objects are never walked
+    latency benchmark, those passes stopped the worker's event loop for 70-116 ms, five or six times
+    per 80-second run, straight into the tail of event-to-screen latency. Frozen objects are never walked
     again (`gc.freeze`); objects created later are collected as before, and the state holds no
     reference cycles, so nothing is kept alive that would otherwise be freed.
     """
