@@ -226,16 +226,13 @@ def _snapshot_rows(snapshots: Sequence[Snapshot], hist: bool) -> str:
 
 
 async def write_snapshots(
-    conn: psycopg.AsyncConnection[Any], snapshots: Sequence[Snapshot], history: Sequence[Snapshot] | None = None
+    conn: psycopg.AsyncConnection[Any], snapshots: Sequence[Snapshot], history: Sequence[Snapshot]
 ) -> None:
-    """`kpi_latest` (``snapshots``) and `kpi_history` (``history``; None: the same snapshots) in one
-    transaction: COPY into staging, then one upsert each. A history row's snapshot may be older
-    than one in ``snapshots`` (left pending by an earlier emission): `kpi_latest` keeps the newest."""
-    if history is None:
-        rows = _snapshot_rows(snapshots, True)
-    else:
-        taken = {id(s) for s in history}
-        rows = _snapshot_rows([s for s in snapshots if id(s) not in taken], False) + _snapshot_rows(history, True)
+    """`kpi_latest` (``snapshots``) and `kpi_history` (``history``) in one transaction: COPY into
+    staging, then one upsert each. A snapshot may be in both (staged twice: the latest merge keeps one
+    row per series, the history merge reads only the ``hist`` rows), and a history snapshot may be
+    older than the series' latest (left pending by an earlier emission): `kpi_latest` keeps the newest."""
+    rows = _snapshot_rows(snapshots, False) + _snapshot_rows(history, True)
     if not rows:
         return
     async with conn.transaction(), conn.cursor() as cur:

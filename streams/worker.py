@@ -71,6 +71,11 @@ def _where(rec: ConsumerRecord[Any, Any]) -> dict[str, Any]:
     return {"topic": rec.topic, "partition": rec.partition, "offset": rec.offset}
 
 
+def _write_in_thread(conn: psycopg.Connection[Any], changes: sink.Changes) -> asyncio.Future[int]:
+    """`sink.write_changes` on a writer thread, started at once (not when first awaited)."""
+    return asyncio.get_running_loop().run_in_executor(None, sink.write_changes, conn, changes)
+
+
 def _as_datetime(us: int) -> dt.datetime:
     return dt.datetime.fromtimestamp(us / US, TZ)
 
@@ -348,9 +353,8 @@ class Ingest:
         """Hand the batch's state changes to the writer threads now: the next batch is folded while
         they write. (Started from a task instead, they would wait for the loop's next turn, which a
         batch already fetched does not give before it is folded: no overlap at all.)"""
-        loop = asyncio.get_running_loop()
         return [
-            (role, share, loop.run_in_executor(None, sink.write_changes, self.conns[role], share))
+            (role, share, _write_in_thread(self.conns[role], share))
             for role, share in zip(self._writers(), changes.split(self.settings.worker_db_writers), strict=False)
         ]
 
@@ -369,7 +373,7 @@ class Ingest:
                 self._durably(
                     role,
                     "writing state",
-                    lambda conn, c=share: asyncio.to_thread(sink.write_changes, conn, c),
+                    lambda conn, c=share: _write_in_thread(conn, c),
                     first=first,
                 )
                 for role, share, first in writes

@@ -34,7 +34,7 @@ async def _write(url: str, engine: Engine, snapshots: list[Snapshot]) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         sink.write_changes(conn, sink.take_changes(engine))
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        await sink.write_snapshots(conn, snapshots)
+        await sink.write_snapshots(conn, snapshots, snapshots)
 
 
 def test_copy_round_trips_awkward_values_and_keeps_the_newest_seq(database_url: str) -> None:
