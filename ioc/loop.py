@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import time
+from typing import Any
 
 
 def install() -> str:
@@ -37,3 +39,37 @@ def settle_heap() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+class GcTimes:
+    """How often and how long the garbage collector ran, per generation, until `close` (benchmarks)."""
+
+    def __init__(self) -> None:
+        self.runs = [0, 0, 0]
+        self.seconds = [0.0, 0.0, 0.0]
+        self.longest = [0.0, 0.0, 0.0]
+        self._started = 0.0
+        gc.callbacks.append(self._on_gc)
+
+    def _on_gc(self, phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+            return
+        gen, took = info["generation"], time.perf_counter() - self._started
+        self.runs[gen] += 1
+        self.seconds[gen] += took
+        self.longest[gen] = max(self.longest[gen], took)
+
+    def close(self) -> None:
+        if self._on_gc in gc.callbacks:
+            gc.callbacks.remove(self._on_gc)
+
+    def figures(self) -> dict[str, Any]:
+        return {
+            f"gen{g}": {
+                "runs": self.runs[g],
+                "ms": round(self.seconds[g] * 1000, 1),
+                "longest_ms": round(self.longest[g] * 1000, 1),
+            }
+            for g in range(3)
+        }

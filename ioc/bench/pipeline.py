@@ -13,6 +13,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from ioc.bench.workload import DossierIntake, progress
+from ioc.loop import GcTimes, settle_heap
 from ioc.registry import Registry, load_registry
 from ioc.settings import INPUT_TOPICS, TOPIC_DOSSIER, Settings
 
@@ -98,6 +99,8 @@ async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
 
     ingest = Ingest(settings, _registry(settings))
     await ingest.start()
+    settle_heap()  # as the worker does once started (streams.worker.IngestService.on_start)
+    collector = GcTimes()
     timeout_ms = int(settings.worker_flush_interval_s * 1000)
     emitted = 0
 
@@ -136,6 +139,7 @@ async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
         emitted += await ingest.emit()
         done = time.monotonic()
     finally:
+        collector.close()
         timer.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await timer
@@ -143,6 +147,10 @@ async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
     elapsed = done - first
     rate = count / elapsed if elapsed > 0 else 0.0
     progress(f"throughput: {count:,} in {elapsed:.2f} s = {rate:,.0f} events/s")
+    gc_ms = sum(collector.seconds) * 1000
+    progress(
+        f"throughput: garbage collection {gc_ms:,.0f} ms ({', '.join(f'gen{g} {n}×' for g, n in enumerate(collector.runs))})"
+    )
     # What the figure stands for: every state the engine holds is in the database, every record committed.
     held = len(ingest.engine.dossiers.states) + len(ingest.engine.incidents.states)
     async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
@@ -165,6 +173,7 @@ async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
         "states_held": held,
         "states_stored": stored,
         "records_committed": committed,
+        "gc": collector.figures(),
     }
 
 

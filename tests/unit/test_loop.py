@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from ioc.loop import settle_heap
+from ioc.loop import GcTimes, settle_heap
 
 
 class Node:
@@ -38,3 +38,17 @@ def test_settle_heap_freezes_what_exists_and_still_collects_later_cycles() -> No
     gc.collect()
     assert gone() is None
     assert gc.get_freeze_count() == frozen
+
+
+def test_gc_times_counts_collections_until_closed() -> None:
+    times = GcTimes()
+    gc.collect(0)
+    gc.collect(2)
+    figures = times.figures()
+    assert figures["gen0"]["runs"] >= 1 and figures["gen2"]["runs"] >= 1
+    assert figures["gen2"]["ms"] >= 0 and figures["gen2"]["longest_ms"] <= figures["gen2"]["ms"] + 0.1
+    times.close()
+    runs = list(times.runs)
+    gc.collect(2)
+    assert times.runs == runs
+    times.close()  # twice is harmless
