@@ -30,6 +30,8 @@ from aiokafka.errors import ConsumerStoppedError, KafkaError
 from prometheus_client import start_http_server
 
 from ioc import settings as cfg
+from ioc.consume import RAW, LeanRecord, full_record
+from ioc.consume import install as lean_records
 from ioc.db.migrate import Storage, drop_expired, ensure_partitions, refresh_rollups, storage_of
 from ioc.errors import InvalidEvent
 from ioc.loop import install as install_loop
@@ -55,6 +57,8 @@ DEADLETTER_HEADERS = (
     "ioc.source.offset",
 )
 MAINTENANCE_INTERVAL_S = 600.0
+#: Records folded between two turns of the event loop (about 10 ms of work).
+LOOP_TURN_EVERY = 1024
 CONSUMER_SESSION_TIMEOUT_MS = 6000
 
 
@@ -130,6 +134,7 @@ class Ingest:
         self.sender = BatchSender(self.producer, partitioner)
         await self.alerting.start_listening()
         await self.alerting.start_webhooks(self.producer)
+        lean_records()
         self.consumer = AIOKafkaConsumer(
             *self.logical,
             bootstrap_servers=self.settings.kafka_bootstrap,
@@ -143,6 +148,7 @@ class Ingest:
             # Kafka's minimum session timeout: a restarted worker rejoins (and its partitions move) quickly.
             session_timeout_ms=CONSUMER_SESSION_TIMEOUT_MS,
             heartbeat_interval_ms=CONSUMER_SESSION_TIMEOUT_MS // 3,
+            value_deserializer=RAW,  # aiokafka's C records as they are (ioc.consume)
         )
         await self.consumer.start()
         self.ready.set()
@@ -240,11 +246,11 @@ class Ingest:
             if time.monotonic() - self._last_maintenance > MAINTENANCE_INTERVAL_S:
                 await self.maintenance()
 
-    async def _gather(self, timeout_ms: int) -> dict[TopicPartition, list[ConsumerRecord[Any, Any]]]:
+    async def _gather(self, timeout_ms: int) -> dict[TopicPartition, list[LeanRecord]]:
         """One batch: wait for records, then take whatever else is already fetched, up to the batch size."""
         assert self.consumer is not None
         limit = self.settings.worker_batch_max
-        batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]] = await self.consumer.getmany(
+        batch: dict[TopicPartition, list[LeanRecord]] = await self.consumer.getmany(
             timeout_ms=timeout_ms, max_records=limit
         )
         count = sum(len(r) for r in batch.values())
@@ -257,7 +263,7 @@ class Ingest:
                 count += len(records)
         return batch
 
-    async def process(self, batch: dict[TopicPartition, list[ConsumerRecord[Any, Any]]]) -> None:
+    async def process(self, batch: dict[TopicPartition, list[LeanRecord]]) -> None:
         started = time.monotonic()
         engine = self.engine
         m = self.metrics
@@ -278,41 +284,46 @@ class Ingest:
             entities = engine.entities.get(logical)
             newest_t = newest.get(logical, 0)
             late = duplicates = 0
-            for rec in records:
-                value = rec.value
-                try:
-                    if value is None:
-                        raise InvalidEvent("empty record (no value)", stage="decode")
-                    ts = rec.timestamp
-                    key, parsed = parse(value, registry, ts * 1000 if ts and ts > 0 else None)
-                except InvalidEvent as exc:
-                    dead.append((rec, exc))
-                    continue
-                except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
-                    log.exception(
-                        "validation failed at %s[%d]@%d", rec.topic, rec.partition, rec.offset, extra=_where(rec)
-                    )
-                    dead.append((rec, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="validate")))
-                    continue
-                t = parsed.t
-                if t > newest_t:
-                    newest_t = t
-                if t < late_before:
-                    late += 1
-                    if entities is not None and (
-                        key in deferred_keys or entities.unknown_and_old(key, t, engine.now_us)
-                    ):
-                        deferred.append((rec, logical, key, parsed))
-                        deferred_keys.add(key)
+            for start in range(0, len(records), LOOP_TURN_EVERY):
+                # The event loop's turn: the fetcher asks for the next records while this batch is
+                # folded, finished writes are committed, and emissions keep their interval.
+                await asyncio.sleep(0)
+                for rec in records[start : start + LOOP_TURN_EVERY]:
+                    value = rec.value
+                    try:
+                        if value is None:
+                            raise InvalidEvent("empty record (no value)", stage="decode")
+                        ts = rec.timestamp
+                        key, parsed = parse(value, registry, ts * 1000 if ts and ts > 0 else None)
+                    except InvalidEvent as exc:
+                        dead.append((full_record(tp, rec), exc))
                         continue
-                elif deferred_keys and key in deferred_keys:
-                    deferred.append((rec, logical, key, parsed))
-                    continue
-                try:
-                    if not apply(logical, key, parsed):
-                        duplicates += 1
-                except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
-                    self._failed(rec, parsed, exc, dead)
+                    except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
+                        full = full_record(tp, rec)
+                        log.exception(
+                            "validation failed at %s[%d]@%d", tp.topic, tp.partition, rec.offset, extra=_where(full)
+                        )
+                        dead.append((full, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="validate")))
+                        continue
+                    t = parsed.t
+                    if t > newest_t:
+                        newest_t = t
+                    if t < late_before:
+                        late += 1
+                        if entities is not None and (
+                            key in deferred_keys or entities.unknown_and_old(key, t, engine.now_us)
+                        ):
+                            deferred.append((full_record(tp, rec), logical, key, parsed))
+                            deferred_keys.add(key)
+                            continue
+                    elif deferred_keys and key in deferred_keys:
+                        deferred.append((full_record(tp, rec), logical, key, parsed))
+                        continue
+                    try:
+                        if not apply(logical, key, parsed):
+                            duplicates += 1
+                    except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
+                        self._failed(full_record(tp, rec), parsed, exc, dead)
             n += len(records)
             offsets[tp] = records[-1].offset + 1
             if newest_t:
