@@ -89,8 +89,7 @@ class EntityAggregator:
             return False
         if record:
             self.changed[key] = state
-        new_key = state.kpi_key()
-        if new_key == old_key:
+        if old_key is not None and state.kpi_key() == old_key:
             return True  # e.g. a `processing` step: nothing any KPI reads has changed
         new, new_scopes = state.contributions(), state.scopes()
         # The hottest loop of the worker: Counters.add inlined (same key: series, scopes, minute).

@@ -156,12 +156,26 @@ def scope_kind(scope: str) -> str:
 
 
 def entity_scopes(commune_code: str | None, agency_code: str | None) -> tuple[str, ...]:
-    scopes = ["province"]
-    if commune_code:
-        scopes.append(f"commune:{commune_code}")
-    if agency_code:
-        scopes.append(f"agency:{agency_code}")
-    return tuple(scopes)
+    """The scopes an entity counts in: the province, its commune and its agency (each when known).
+
+    The same tuple object for the same codes: built once per pair (a few thousand in a province), not
+    per event, and `EntityAggregator.apply` skips recording scopes it has just recorded."""
+    scopes = _SCOPES.get((commune_code, agency_code))
+    if scopes is None:
+        built = ["province"]
+        if commune_code:
+            built.append(f"commune:{commune_code}")
+        if agency_code:
+            built.append(f"agency:{agency_code}")
+        if len(_SCOPES) >= _SCOPES_MAX:  # agency codes are open-ended: keep the cache bounded
+            _SCOPES.clear()
+        scopes = _SCOPES[(commune_code, agency_code)] = tuple(built)
+    return scopes
+
+
+#: `entity_scopes` by (commune code, agency code).
+_SCOPES: dict[tuple[str | None, str | None], tuple[str, ...]] = {}
+_SCOPES_MAX = 100_000
 
 
 def target_for(registry: Registry, kpi: str) -> Target | None:

@@ -382,3 +382,17 @@ def test_re_sent_events_of_a_long_finished_entity_change_nothing_after_pruning(n
     for event in lifecycle[:1] if redelivered == "first" else lifecycle:
         apply(engine, event)
     assert diff(table(engine.snapshots(changed_only=False)), batch(lifecycle)) == []
+
+
+def test_entity_scopes_are_built_once_per_pair_and_the_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from streams import kpi
+
+    assert kpi.entity_scopes("16681", "000.00.16.H40") == ("province", "commune:16681", "agency:000.00.16.H40")
+    assert kpi.entity_scopes("16681", "000.00.16.H40") is kpi.entity_scopes("16681", "000.00.16.H40")
+    assert kpi.entity_scopes(None, "A") == ("province", "agency:A")
+    assert kpi.entity_scopes("16681", None) == ("province", "commune:16681")
+    assert kpi.entity_scopes(None, None) == ("province",)
+    monkeypatch.setattr(kpi, "_SCOPES_MAX", 10)
+    for i in range(25):
+        assert kpi.entity_scopes(None, f"agency-{i}") == ("province", f"agency:agency-{i}")
+    assert len(kpi._SCOPES) <= 10

@@ -5,11 +5,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 from typing import Any
+from zoneinfo import ZoneInfo
 
+import hypothesis
 import pytest
+from hypothesis import strategies as st
 
 from ioc.errors import InvalidEvent
 from ioc.registry import load_registry
+from streams import events
 from streams.engine import Engine
 
 REGISTRY = load_registry()
@@ -110,3 +114,33 @@ def test_events_later_than_a_day_after_production_are_refused() -> None:
     produced = dt.datetime(2026, 11, 20, tzinfo=dt.UTC)
     with pytest.raises(InvalidEvent, match="more than a day"):
         ENGINE.parse("ioc.dossier.events", json.dumps(DOSSIER).encode(), int(produced.timestamp()) * 1_000_000)
+
+
+@hypothesis.settings(max_examples=300, deadline=None)
+@hypothesis.given(
+    moment=st.datetimes(min_value=dt.datetime(2000, 1, 2), max_value=dt.datetime(2099, 12, 30)),
+    offset_min=st.integers(min_value=-23 * 60 - 59, max_value=23 * 60 + 59),
+)
+def test_event_times_in_microseconds_match_datetime_arithmetic(moment: dt.datetime, offset_min: int) -> None:
+    """`to_us` computes from the fields and a cached offset: the same as subtracting aware datetimes,
+    whatever the offset, including after the offset's zone was seen before (the cache)."""
+    zone = dt.timezone(dt.timedelta(minutes=offset_min))
+    t = moment.replace(tzinfo=zone)
+    expected = (t - events.EPOCH) // dt.timedelta(microseconds=1)
+    assert events.to_us(t, "occurred_at") == expected
+    assert events.to_us(t.replace(microsecond=(t.microsecond + 1) % 10**6), "occurred_at") != expected
+
+
+def test_event_times_in_a_named_zone_use_that_days_offset() -> None:
+    """A `zoneinfo` zone's offset changes with the date, so it is never cached by zone."""
+    zone = ZoneInfo("Europe/Paris")
+    winter, summer = dt.datetime(2026, 1, 15, 12, tzinfo=zone), dt.datetime(2026, 7, 15, 12, tzinfo=zone)
+    assert events.to_us(winter, "t") == (winter - events.EPOCH) // dt.timedelta(microseconds=1)
+    assert events.to_us(summer, "t") == (summer - events.EPOCH) // dt.timedelta(microseconds=1)
+    assert events.to_us(winter, "t") == events.to_us(dt.datetime(2026, 1, 15, 11, tzinfo=dt.UTC), "t")
+    assert events.to_us(summer, "t") == events.to_us(dt.datetime(2026, 7, 15, 10, tzinfo=dt.UTC), "t")
+
+
+def test_event_times_without_an_offset_are_refused() -> None:
+    with pytest.raises(InvalidEvent, match="no UTC offset"):
+        events.to_us(dt.datetime(2026, 11, 22, 8), "occurred_at")
