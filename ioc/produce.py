@@ -26,6 +26,8 @@ class CachingPartitioner:
         self._known: dict[tuple[bytes, int], int] = {}
 
     def __call__(self, key: bytes | None, all_partitions: list[int], available: list[int]) -> int:
+        if len(all_partitions) == 1:  # e.g. ioc.kpi.updates: no hash needed to choose
+            return all_partitions[0]
         if key is None:  # no key: any partition (the default's random choice)
             return int(self._default(key, all_partitions, available))
         slot = (key, len(all_partitions))

@@ -19,3 +19,10 @@ def test_same_partition_as_the_default_for_every_key_and_partition_count() -> No
 
 def test_no_key_goes_to_an_available_partition() -> None:
     assert CachingPartitioner()(None, [0, 1, 2], [2]) == 2
+
+
+def test_a_single_partition_is_chosen_without_hashing_or_remembering() -> None:
+    cached = CachingPartitioner()
+    assert {cached(f"k{i}".encode(), [4], [4]) for i in range(100)} == {4}
+    assert cached(None, [4], [4]) == 4
+    assert not cached._known
