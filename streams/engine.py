@@ -76,7 +76,7 @@ class EntityAggregator:
 
     def apply(self, key: str, parsed: Any, *, record: bool = True) -> bool:
         state = self.states.get(key)
-        if state is None and key in self.tombstones:
+        if state is None and self.tombstones and key in self.tombstones:
             return False  # finished long ago and forgotten: a re-sent event of it changes nothing
         old_key: tuple[Any, ...] | None
         if state is None:
@@ -184,9 +184,14 @@ class Engine:
         """Fold one validated event in; False when it changed nothing (a duplicate)."""
         if parsed.t < self.now_us - 86400 * US:
             self.late_events += 1
+        return self.applier(topic)(key, parsed, record=record)
+
+    def applier(self, topic: str) -> Callable[..., bool]:
+        """`apply` for the events of one topic, without the dispatch (the worker's batch loop calls
+        it per event and counts late events itself)."""
         if topic == SENSOR.topic:
-            return self.sensors.apply(key, parsed, record=record)
-        return self.entities[topic].apply(key, parsed, record=record)
+            return self.sensors.apply
+        return self.entities[topic].apply
 
     def advance(self, now_us: int) -> None:
         """Move the clock forward (sliding windows slide, overdue counts grow, stations go offline)."""

@@ -267,7 +267,7 @@ class Ingest:
         started = time.monotonic()
         engine = self.engine
         m = self.metrics
-        registry, apply = engine.registry, engine.apply
+        registry = engine.registry
         dead: list[tuple[ConsumerRecord[Any, Any], InvalidEvent]] = []
         offsets: dict[TopicPartition, int] = {}
         newest: dict[str, int] = {}
@@ -282,6 +282,7 @@ class Ingest:
             logical = self.logical[tp.topic]
             parse = KINDS[logical].parse
             entities = engine.entities.get(logical)
+            apply = engine.applier(logical)
             newest_t = newest.get(logical, 0)
             late = duplicates = 0
             for start in range(0, len(records), LOOP_TURN_EVERY):
@@ -320,7 +321,7 @@ class Ingest:
                         deferred.append((full_record(tp, rec), logical, key, parsed))
                         continue
                     try:
-                        if not apply(logical, key, parsed):
+                        if not apply(key, parsed):
                             duplicates += 1
                     except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
                         self._failed(full_record(tp, rec), parsed, exc, dead)
@@ -330,6 +331,7 @@ class Ingest:
                 newest[logical] = newest_t
             m.records_in.labels(logical).inc(len(records))
             if late:
+                engine.late_events += late
                 m.late_events.labels(logical).inc(late)
             if duplicates:
                 m.duplicates.labels(logical).inc(duplicates)
@@ -337,7 +339,7 @@ class Ingest:
             await self._recall(deferred)
             for rec, logical, key, parsed in deferred:
                 try:
-                    if not apply(logical, key, parsed):
+                    if not engine.applier(logical)(key, parsed):
                         m.duplicates.labels(logical).inc()
                 except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
                     self._failed(rec, parsed, exc, dead)
