@@ -111,6 +111,8 @@ class Ingest:
         self._unpublished_alerts: list[Any] = []
         self.ready = asyncio.Event()
         self._last_maintenance = 0.0
+        #: The task consuming in `run`, stopped first by `stop`.
+        self._running: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -169,12 +171,26 @@ class Ingest:
         log.info("worker metrics on http://0.0.0.0:%d/metrics", self.metrics_port)
 
     async def drain(self) -> None:
-        """Wait until every processed batch is durable and committed."""
-        if self._flushing is not None:
-            flushing, self._flushing = self._flushing, None
-            await flushing
+        """Wait until every processed batch is durable and committed.
+
+        Shielded: a caller cancelled meanwhile (`stop` cancelling `run` in the middle of a batch)
+        leaves the flush going, and the next `drain` waits for it."""
+        flushing = self._flushing
+        if flushing is None:
+            return
+        try:
+            await asyncio.shield(flushing)
+        finally:
+            if flushing.done() and self._flushing is flushing:
+                self._flushing = None
 
     async def stop(self) -> None:
+        running, self._running = self._running, None
+        if running is not None and running is not asyncio.current_task() and not running.done():
+            # First stop consuming: a batch being folded (the fold gives the loop turns) is dropped
+            # uncommitted, and is delivered again on restart.
+            running.cancel()
+            await asyncio.wait([running])
         try:
             await self.drain()
         except Exception:  # stopping anyway: the uncommitted records are delivered again on restart
@@ -233,8 +249,9 @@ class Ingest:
     # --- the hot path -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Consume until cancelled."""
+        """Consume until cancelled (or `stop`)."""
         assert self.consumer is not None
+        self._running = asyncio.current_task()
         timeout_ms = int(self.settings.worker_flush_interval_s * 1000)
         while True:
             try:

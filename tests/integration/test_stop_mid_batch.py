@@ -1,0 +1,96 @@
+"""Stopping the worker while it folds a batch: the batch is dropped uncommitted, the batch before it
+is still made durable and committed, and a successor counts everything exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from ioc.embedded.broker import ensure_topics
+from ioc.registry import load_registry
+from ioc.settings import Settings
+from simulators.stream import _write_lines, generate
+from streams import worker
+from streams.replay import replay
+from streams.worker import Ingest
+from tests.integration import checks
+from tests.integration.checks import FIELDS
+from tests.integration.conftest import consume
+
+pytestmark = pytest.mark.integration
+VN = dt.timezone(dt.timedelta(hours=7))
+
+
+async def _stop_while_folding(settings: Settings) -> tuple[int, int, bool]:
+    """Run a worker until it is in the middle of a batch, then stop it; (records folded, records
+    committed, whether `run` was still folding when stopped)."""
+    ingest = Ingest(settings, load_registry())
+    await ingest.start()
+    folding = asyncio.Event()
+    real_apply = ingest.engine.applier
+
+    def applier(topic: str) -> Callable[..., bool]:
+        apply = real_apply(topic)
+
+        def counted(*args: object, **kwargs: object) -> bool:
+            if ingest.stats["records"] > 0:  # a batch was processed: this is a later one
+                folding.set()
+            return apply(*args, **kwargs)
+
+        return counted
+
+    ingest.engine.applier = applier  # type: ignore[method-assign]
+    running = asyncio.create_task(ingest.run())
+    try:
+        await asyncio.wait_for(folding.wait(), 60)
+    finally:
+        was_running = not running.done()
+        await ingest.stop()
+    assert running.done()
+    return ingest.stats["records"], sum(ingest.committed.values()), was_running
+
+
+async def _finish(settings: Settings, total: int) -> None:
+    ingest = Ingest(settings, load_registry())
+    await ingest.start()
+    try:
+        await consume(ingest, total)
+        await ingest.emit()
+    finally:
+        await ingest.stop()
+
+
+def test_stopping_in_the_middle_of_a_batch_loses_nothing_and_counts_nothing_twice(
+    make_settings: Callable[..., Settings], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker, "LOOP_TURN_EVERY", 16)  # many turns per batch: a stop lands inside one
+    settings = make_settings(worker_batch_max=500)
+    ensure_topics(settings)
+    now = dt.datetime.now(VN)
+    records = list(generate(11, now - dt.timedelta(minutes=10), 20.0, None, 0.02, 0.02, until=now))
+    path = tmp_path / "input.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        _write_lines(fh, iter(records))
+    asyncio.run(checks.produce(settings, records))
+
+    folded, committed, was_running = asyncio.run(_stop_while_folding(settings))
+    assert was_running
+    assert 0 < committed < len(records)  # the first batches were committed, not the one being folded
+    assert committed <= folded
+    asyncio.run(_finish(settings, len(records) - committed))
+
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            "SELECT kpi, scope, win, value, numerator, denominator, target, status, unit, extra, as_of FROM kpi_latest"
+        ).fetchall()
+    as_of = max(r[10] for r in rows)
+    got = {(r[0], r[1], r[2]): dict(zip(FIELDS, r[3:10], strict=True)) for r in rows}
+    snapshots, _, _ = replay(path, load_registry(), as_of)
+    expected = {(s.kpi, s.scope, s.window): {f: getattr(s, f) for f in FIELDS} for s in snapshots}
+    assert expected.keys() == got.keys()
+    assert {k: (got[k], expected[k]) for k in got if got[k] != expected[k]} == {}
