@@ -8,7 +8,6 @@ import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from ioc.embedded.broker import ensure_topics
@@ -16,10 +15,8 @@ from ioc.registry import load_registry
 from ioc.settings import Settings
 from simulators.stream import _write_lines, generate
 from streams import worker
-from streams.replay import replay
 from streams.worker import Ingest
 from tests.integration import checks
-from tests.integration.checks import FIELDS
 from tests.integration.conftest import consume
 
 pytestmark = pytest.mark.integration
@@ -84,13 +81,7 @@ def test_stopping_in_the_middle_of_a_batch_loses_nothing_and_counts_nothing_twic
     assert committed <= folded
     asyncio.run(_finish(settings, len(records) - committed))
 
-    with psycopg.connect(settings.database_url) as conn:
-        rows = conn.execute(
-            "SELECT kpi, scope, win, value, numerator, denominator, target, status, unit, extra, as_of FROM kpi_latest"
-        ).fetchall()
-    as_of = max(r[10] for r in rows)
-    got = {(r[0], r[1], r[2]): dict(zip(FIELDS, r[3:10], strict=True)) for r in rows}
-    snapshots, _, _ = replay(path, load_registry(), as_of)
-    expected = {(s.kpi, s.scope, s.window): {f: getattr(s, f) for f in FIELDS} for s in snapshots}
-    assert expected.keys() == got.keys()
-    assert {k: (got[k], expected[k]) for k in got if got[k] != expected[k]} == {}
+    as_of, got = checks.database_latest(settings.database_url)
+    expected = checks.replayed(path, as_of)
+    assert got.keys() == expected.keys()
+    assert checks.differences(got, expected) == {}
