@@ -171,7 +171,6 @@ class Engine:
         self.last: dict[str, tuple[Any, ...]] = {}
         self.seq: dict[str, int] = {}
         self._all_dirty = True
-        self.late_events = 0
 
     # --- input ------------------------------------------------------------------------------
 
@@ -182,13 +181,11 @@ class Engine:
 
     def apply(self, topic: str, key: str, parsed: Any, *, record: bool = True) -> bool:
         """Fold one validated event in; False when it changed nothing (a duplicate)."""
-        if parsed.t < self.now_us - 86400 * US:
-            self.late_events += 1
         return self.applier(topic)(key, parsed, record=record)
 
     def applier(self, topic: str) -> Callable[..., bool]:
-        """`apply` for the events of one topic, without the dispatch (the worker's batch loop calls
-        it per event and counts late events itself)."""
+        """`apply` for the events of one topic, without the dispatch (the worker's batch loop takes
+        it once per partition)."""
         if topic == SENSOR.topic:
             return self.sensors.apply
         return self.entities[topic].apply

@@ -159,7 +159,7 @@ def entity_scopes(commune_code: str | None, agency_code: str | None) -> tuple[st
     """The scopes an entity counts in: the province, its commune and its agency (each when known).
 
     The same tuple object for the same codes: built once per pair (a few thousand in a province), not
-    per event, and `EntityAggregator.apply` skips recording scopes it has just recorded."""
+    per event."""
     scopes = _SCOPES.get((commune_code, agency_code))
     if scopes is None:
         built = ["province"]

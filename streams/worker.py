@@ -302,53 +302,52 @@ class Ingest:
             apply = engine.applier(logical)
             newest_t = newest.get(logical, 0)
             late = duplicates = 0
-            for start in range(0, len(records), LOOP_TURN_EVERY):
-                # The event loop's turn: the fetcher asks for the next records while this batch is
-                # folded, finished writes are committed, and emissions keep their interval.
-                await asyncio.sleep(0)
-                for rec in records[start : start + LOOP_TURN_EVERY]:
-                    value = rec.value
-                    try:
-                        if value is None:
-                            raise InvalidEvent("empty record (no value)", stage="decode")
-                        ts = rec.timestamp
-                        key, parsed = parse(value, registry, ts * 1000 if ts and ts > 0 else None)
-                    except InvalidEvent as exc:
-                        dead.append((full_record(tp, rec), exc))
-                        continue
-                    except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
-                        full = full_record(tp, rec)
-                        log.exception(
-                            "validation failed at %s[%d]@%d", tp.topic, tp.partition, rec.offset, extra=_where(full)
-                        )
-                        dead.append((full, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="validate")))
-                        continue
-                    t = parsed.t
-                    if t > newest_t:
-                        newest_t = t
-                    if t < late_before:
-                        late += 1
-                        if entities is not None and (
-                            key in deferred_keys or entities.unknown_and_old(key, t, engine.now_us)
-                        ):
-                            deferred.append((full_record(tp, rec), logical, key, parsed))
-                            deferred_keys.add(key)
-                            continue
-                    elif deferred_keys and key in deferred_keys:
+            for i, rec in enumerate(records):
+                if i % LOOP_TURN_EVERY == 0:
+                    # The event loop's turn: the fetcher asks for the next records while this batch
+                    # is folded, finished writes are committed, and emissions keep their interval.
+                    await asyncio.sleep(0)
+                value = rec.value
+                try:
+                    if value is None:
+                        raise InvalidEvent("empty record (no value)", stage="decode")
+                    ts = rec.timestamp
+                    key, parsed = parse(value, registry, ts * 1000 if ts and ts > 0 else None)
+                except InvalidEvent as exc:
+                    dead.append((full_record(tp, rec), exc))
+                    continue
+                except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
+                    full = full_record(tp, rec)
+                    log.exception(
+                        "validation failed at %s[%d]@%d", tp.topic, tp.partition, rec.offset, extra=_where(full)
+                    )
+                    dead.append((full, InvalidEvent(f"{type(exc).__name__}: {exc}", stage="validate")))
+                    continue
+                t = parsed.t
+                if t > newest_t:
+                    newest_t = t
+                if t < late_before:
+                    late += 1
+                    if entities is not None and (
+                        key in deferred_keys or entities.unknown_and_old(key, t, engine.now_us)
+                    ):
                         deferred.append((full_record(tp, rec), logical, key, parsed))
+                        deferred_keys.add(key)
                         continue
-                    try:
-                        if not apply(key, parsed):
-                            duplicates += 1
-                    except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
-                        self._failed(full_record(tp, rec), parsed, exc, dead)
+                elif deferred_keys and key in deferred_keys:
+                    deferred.append((full_record(tp, rec), logical, key, parsed))
+                    continue
+                try:
+                    if not apply(key, parsed):
+                        duplicates += 1
+                except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
+                    self._failed(full_record(tp, rec), parsed, exc, dead)
             n += len(records)
             offsets[tp] = records[-1].offset + 1
             if newest_t:
                 newest[logical] = newest_t
             m.records_in.labels(logical).inc(len(records))
             if late:
-                engine.late_events += late
                 m.late_events.labels(logical).inc(late)
             if duplicates:
                 m.duplicates.labels(logical).inc(duplicates)
