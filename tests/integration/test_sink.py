@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import math
+import os
 from typing import Any
 
 import msgspec
@@ -136,3 +137,76 @@ def test_the_history_takes_only_the_sampled_snapshots_and_latest_keeps_the_newes
         history = conn.execute("SELECT win, value, seq, as_of FROM kpi_history").fetchall()
     assert latest == [("mtd", 3.0, 7), ("today", 2.0, 6)]
     assert history == [("today", 1.0, 5, AS_OF)]
+
+
+def test_a_restart_loads_open_entities_and_recently_finished_ones_through_the_partial_indexes(
+    database_url: str,
+) -> None:
+    """The restart query takes every open entity however old, and finished ones within the horizon;
+    each row sits in exactly one of the two partial indexes on ``last_event_at``, and the query can be
+    answered from them (no full scan of a table that only grows)."""
+    now = 1_795_000_000_000_000
+    old = now - 2 * sink.ENTITY_HORIZON_US
+    engine = Engine(load_registry(), now)
+    engine.dossiers.changed = {
+        "open-old": DossierState(dossier_id="open-old", last_event=old),
+        "done-old": DossierState(dossier_id="done-old", last_event=old, outcome="on_time"),
+        "done-new": DossierState(dossier_id="done-new", last_event=now - 1, outcome="late"),
+    }
+    engine.incidents.changed = {
+        "inc-old": IncidentState(incident_id="inc-old", last_event=old, resolved=(old, "e")),
+        "inc-open": IncidentState(incident_id="inc-open", last_event=old),
+    }
+    asyncio.run(_write(database_url, engine, []))
+
+    async def load() -> Engine:
+        loaded = Engine(load_registry(), now)
+        async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+            await sink.load_state(conn, loaded)
+        return loaded
+
+    loaded = asyncio.run(load())
+    assert sorted(loaded.dossiers.states) == ["done-new", "open-old"]
+    assert sorted(loaded.incidents.states) == ["inc-open"]
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        indexes = {
+            name: definition.partition(" USING ")[2]
+            for name, definition in conn.execute(
+                "SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'dossier_state'"
+            ).fetchall()
+        }
+        conn.execute("SET enable_seqscan = off")
+        plan = "\n".join(
+            row[0]
+            for row in conn.execute(
+                "EXPLAIN " + sink.RESTART_QUERY.format(table="dossier_state", key="dossier_id"), (dt.datetime.now(dt.UTC),)
+            ).fetchall()
+        )
+    assert indexes == {
+        "dossier_state_pkey": "btree (dossier_id)",
+        "dossier_state_open": "btree (last_event_at) WHERE (NOT terminal)",
+        "dossier_state_closed": "btree (last_event_at) WHERE terminal",
+    }
+    assert "Seq Scan" not in plan and "dossier_state_open" in plan and "dossier_state_closed" in plan, plan
+
+
+def test_migrating_an_earlier_database_replaces_its_full_last_event_index(postgres_admin_url: str) -> None:
+    """Databases made by earlier builds have a full index on ``last_event_at`` besides the open one:
+    every row written paid for both. Migrating drops it for the finished-only one."""
+    from ioc.db.migrate import migrate
+    from ioc.embedded.postgres import create_database, drop_database
+
+    name = f"sink_migrate_index_{os.getpid()}"
+    url = create_database(postgres_admin_url, name)
+    try:
+        migrate(url)
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("DROP INDEX dossier_state_closed")
+            conn.execute("CREATE INDEX dossier_state_recent ON dossier_state (last_event_at)")
+        migrate(url)
+        with psycopg.connect(url) as conn:
+            names = {r[0] for r in conn.execute("SELECT indexname FROM pg_indexes WHERE tablename = 'dossier_state'")}
+        assert names == {"dossier_state_pkey", "dossier_state_open", "dossier_state_closed"}
+    finally:
+        drop_database(postgres_admin_url, name)
