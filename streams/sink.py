@@ -264,9 +264,7 @@ async def load_entities(conn: psycopg.AsyncConnection[Any], engine: Engine, topi
 #: What a restart reloads of a state table: every open entity, however old, and the finished ones whose
 #: last event is within the horizon. Spelled so that each arm matches one of the two partial indexes
 #: on ``last_event_at`` (``terminal`` is never null), which every row is in exactly one of.
-RESTART_QUERY = (
-    "SELECT {key}, state::text FROM {table} WHERE NOT terminal OR (terminal AND last_event_at >= %s)"
-)
+RESTART_QUERY = "SELECT {key}, state::text FROM {table} WHERE NOT terminal OR (terminal AND last_event_at >= %s)"
 
 
 async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine) -> dict[str, int]:
@@ -274,15 +272,11 @@ async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine) -> dict
     horizon = _ts(engine.now_us - ENTITY_HORIZON_US)
     counts = {"dossiers": 0, "incidents": 0, "readings": 0, "series": 0}
     async with conn.cursor(binary=False) as cur:
-        await cur.execute(
-            RESTART_QUERY.format(table="dossier_state", key="dossier_id"), (horizon,)
-        )
+        await cur.execute(RESTART_QUERY.format(table="dossier_state", key="dossier_id"), (horizon,))
         async for key, state in cur:
             engine.dossiers.load(key, _dossier_decoder.decode(state))
             counts["dossiers"] += 1
-        await cur.execute(
-            RESTART_QUERY.format(table="incident_state", key="incident_id"), (horizon,)
-        )
+        await cur.execute(RESTART_QUERY.format(table="incident_state", key="incident_id"), (horizon,))
         async for key, state in cur:
             engine.incidents.load(key, _incident_decoder.decode(state))
             counts["incidents"] += 1

@@ -180,7 +180,8 @@ def test_a_restart_loads_open_entities_and_recently_finished_ones_through_the_pa
         plan = "\n".join(
             row[0]
             for row in conn.execute(
-                "EXPLAIN " + sink.RESTART_QUERY.format(table="dossier_state", key="dossier_id"), (dt.datetime.now(dt.UTC),)
+                "EXPLAIN " + sink.RESTART_QUERY.format(table="dossier_state", key="dossier_id"),
+                (dt.datetime.now(dt.UTC),),
             ).fetchall()
         )
     assert indexes == {
