@@ -42,6 +42,8 @@ class Plan:
     emit_intervals: tuple[float, ...] = (1.0, DEFAULT_EMIT_S)
     latency_seconds: float = 20.0
     fanout_clients: tuple[int, ...] = (1000, 5000, 10000)
+    #: Sending threads of the bare server that measures the fan-out floor, at the largest client count.
+    fanout_floor_threads: tuple[int, ...] = (1, 2)
     sink_rows: int = 100_000
 
     @classmethod
@@ -52,6 +54,7 @@ class Plan:
             emit_intervals=(DEFAULT_EMIT_S,),
             latency_seconds=3.0,
             fanout_clients=(50,),
+            fanout_floor_threads=(2,),
             sink_rows=5_000,
         )
 
@@ -129,6 +132,13 @@ def table(results: dict[str, Any]) -> str:
                 (
                     f"fan-out {int(n):,} clients: delivery p50/p99, memory",
                     f"{r['delivery_p50_ms']} / {r['delivery_p99_ms']} ms, {r['rss_per_client_kib']} KiB/client",
+                )
+            )
+        for threads, r in fo.get("floor", {}).items():
+            rows.append(
+                (
+                    f"fan-out floor, {int(r['clients']):,} clients, bare server, {threads} thread(s): p50/p99",
+                    f"{r['delivery_p50_ms']} / {r['delivery_p99_ms']} ms",
                 )
             )
     if s := results.get("sink"):
@@ -263,7 +273,7 @@ def run(
             database = fresh_database(admin_url, "bench_fanout", own_db)
             s = settings_for("fan", database, api_port=live.free_port())
             ensure_topics(s)
-            results["fanout"] = live.fanout(s, list(plan.fanout_clients))
+            results["fanout"] = live.fanout(s, list(plan.fanout_clients), floor_threads=plan.fanout_floor_threads)
     results["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["goals"] = judge(results)
     path = json_path or Path("artifacts") / f"bench-{stamp}.json"

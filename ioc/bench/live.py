@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import math
 import os
 import signal
 import socket
@@ -258,9 +259,55 @@ async def _publish_probes(settings: Settings, count: int, every_s: float) -> Non
         await producer.stop()
 
 
-def fanout(settings: Settings, clients: list[int], probes: int = 5, processes: int = 2) -> dict[str, Any]:
+def _spawn_clients(url: str, token: str, n: int, processes: int) -> tuple[list[subprocess.Popen[bytes]], int, int]:
+    """``n`` subscribed clients (:mod:`ioc.bench.clients`) in ``processes`` child processes; (children, ready, failed)."""
+    procs_n = processes if n >= 1000 else 1
+    shares = [n // procs_n + (1 if i < n % procs_n else 0) for i in range(procs_n)]
+    kids = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ioc.bench.clients", url, token, str(share)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        for share in shares
+    ]
+    ready = failed = 0
+    try:
+        for kid in kids:
+            assert kid.stdout is not None
+            line = orjson.loads(kid.stdout.readline() or b"{}")
+            ready += int(line.get("ready", 0))
+            failed += int(line.get("failed", 0))
+    except BaseException:
+        _stop_clients(kids)
+        raise
+    return kids, ready, failed
+
+
+def _client_delays(kids: list[subprocess.Popen[bytes]]) -> list[float]:
+    """Tell the clients to finish; every probe delay they timed (ms)."""
+    delays: list[float] = []
+    for kid in kids:
+        out, _ = kid.communicate(b"", timeout=120)
+        last = out.strip().splitlines()[-1] if out.strip() else b"{}"
+        delays.extend(orjson.loads(last).get("delays_ms", []))
+    return delays
+
+
+def _stop_clients(kids: list[subprocess.Popen[bytes]]) -> None:
+    for kid in kids:
+        if kid.poll() is None:
+            kid.kill()
+            kid.wait()
+
+
+def fanout(
+    settings: Settings, clients: list[int], probes: int = 5, processes: int = 2, floor_threads: tuple[int, ...] = (1, 2)
+) -> dict[str, Any]:
     """Per client count: a fresh `ioc api`, the clients in ``processes`` child processes, ``probes``
-    KPI updates published to the topic; delivery delay per client and update, and API RSS per client."""
+    KPI updates published to the topic; delivery delay per client and update, and API RSS per client.
+    Then, at the largest count, the same clients served by the bare server of :mod:`ioc.bench.floor`
+    (once per entry of ``floor_threads``): what this machine's kernel and clients alone take."""
     token = token_for(settings)
     results: dict[str, Any] = {}
     for n in clients:
@@ -268,26 +315,11 @@ def fanout(settings: Settings, clients: list[int], probes: int = 5, processes: i
             wait_api_ready(settings, api)
             time.sleep(1.0)
             rss_before = rss_bytes(api.pid)
-            procs_n = processes if n >= 1000 else 1
-            shares = [n // procs_n + (1 if i < n % procs_n else 0) for i in range(procs_n)]
             url = f"ws://127.0.0.1:{settings.api_port}/ws"
-            progress(f"fan-out: connecting {n:,} clients ({procs_n} process(es))")
+            progress(f"fan-out: connecting {n:,} clients ({processes if n >= 1000 else 1} process(es))")
             started = time.monotonic()
-            kids = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "ioc.bench.clients", url, token, str(share)],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                )
-                for share in shares
-            ]
+            kids, ready, failed = _spawn_clients(url, token, n, processes)
             try:
-                ready = failed = 0
-                for kid in kids:
-                    assert kid.stdout is not None
-                    line = orjson.loads(kid.stdout.readline() or b"{}")
-                    ready += int(line.get("ready", 0))
-                    failed += int(line.get("failed", 0))
                 connect_s = time.monotonic() - started
                 time.sleep(2.0)
                 rss_after = rss_bytes(api.pid)
@@ -296,16 +328,9 @@ def fanout(settings: Settings, clients: list[int], probes: int = 5, processes: i
                 )
                 asyncio.run(_publish_probes(settings, probes, 1.0))
                 time.sleep(2.0)
-                delays: list[float] = []
-                for kid in kids:
-                    out, _ = kid.communicate(b"", timeout=120)
-                    last = out.strip().splitlines()[-1] if out.strip() else b"{}"
-                    delays.extend(orjson.loads(last).get("delays_ms", []))
+                delays = _client_delays(kids)
             finally:
-                for kid in kids:
-                    if kid.poll() is None:
-                        kid.kill()
-                        kid.wait()
+                _stop_clients(kids)
         per_client = (rss_after - rss_before) / ready if ready else 0.0
         expected = ready * probes
         r = {
@@ -325,4 +350,52 @@ def fanout(settings: Settings, clients: list[int], probes: int = 5, processes: i
             f"fan-out: {n:,} clients: delivery p99 {r['delivery_p99_ms']} ms, {r['rss_per_client_kib']} KiB/client"
         )
         results[str(n)] = r
-    return {"clients": results, "client_processes": processes}
+    out: dict[str, Any] = {"clients": results, "client_processes": processes}
+    if clients and floor_threads:
+        n = max(clients)
+        out["floor"] = {str(t): fanout_floor(n, probes, processes, t) for t in floor_threads}
+    return out
+
+
+def fanout_floor(n: int, probes: int, processes: int, threads: int) -> dict[str, Any]:
+    """The same ``n`` clients and probes served by :mod:`ioc.bench.floor`'s bare server (no API)."""
+    server = subprocess.Popen(
+        [sys.executable, "-m", "ioc.bench.floor", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    assert server.stdin is not None and server.stdout is not None
+    try:
+        port = orjson.loads(server.stdout.readline() or b"{}")["port"]
+        progress(f"fan-out floor: {n:,} clients on a bare server ({threads} sending thread(s))")
+        kids, ready, failed = _spawn_clients(f"ws://127.0.0.1:{port}/ws", "-", n, processes)
+        try:
+            time.sleep(2.0)
+            send_ms: list[float] = []
+            for _ in range(probes):
+                server.stdin.write(b"probe\n")
+                server.stdin.flush()
+                send_ms.append(float(orjson.loads(server.stdout.readline())["send_ms"]))
+                time.sleep(1.0)
+            time.sleep(1.0)
+            delays = _client_delays(kids)
+        finally:
+            _stop_clients(kids)
+    finally:
+        server.stdin.close()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    r = {
+        "clients": n,
+        "connected": ready,
+        "failed": failed,
+        "sending_threads": threads,
+        "updates": probes,
+        "deliveries": len(delays),
+        "delivered_share": round(len(delays) / (ready * probes), 4) if ready else 0.0,
+        "send_ms_max": max(send_ms, default=math.nan),
+        **{f"delivery_{k}_ms": v for k, v in percentiles(delays).items()},
+    }
+    progress(f"fan-out floor: {n:,} clients, {threads} thread(s): delivery p99 {r['delivery_p99_ms']} ms")
+    return r

@@ -86,5 +86,9 @@ def test_quick_bench_writes_every_section_with_figures(tmp_path: Path) -> None:
     assert latency["seen"] > 0 and latency["p99_ms"] >= latency["p50_ms"] > 0
     fanout = results["fanout"]["clients"]["50"]
     assert fanout["connected"] == 50 and fanout["deliveries"] > 0
+    floor = results["fanout"]["floor"]["2"]
+    assert floor["connected"] == 50 and floor["deliveries"] == 50 * floor["updates"]
+    assert floor["delivery_p99_ms"] >= floor["delivery_p50_ms"] > 0
+    assert "fan-out floor, 50 clients" in table(results)
     assert [g["goal"] for g in results["goals"]] == [g.name for g in GOALS]
     assert "goals:" in table(results)
