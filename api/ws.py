@@ -210,6 +210,7 @@ class Connection:
         "_ending",
         "_flushing",
         "_socket",
+        "_tally",
         "_task",
         "close_code",
         "close_reason",
@@ -225,6 +226,8 @@ class Connection:
         self.ws = ws
         #: The server's connection when it writes frames by a plain call (our uvicorn protocol), else None.
         self._socket = lean_socket(ws)
+        #: Looked up once: per frame and client, the lookup cost as much as the count (a fan-out's profile).
+        self._tally = message_tally(ctx.metrics.ws_messages)
         self.principal = principal
         limits: WsLimits = ctx.ws_limits
         self.rate = RateLimit(limits.rate_per_s, limits.burst)
@@ -284,7 +287,7 @@ class Connection:
     # -- sending --------------------------------------------------------------------------------
 
     def _count(self, text: str) -> None:
-        message_tally(self.ctx.metrics.ws_messages).add(frame_type(text))
+        self._tally.add(frame_type(text))
 
     def _write(self, text: str) -> bool:
         """The subscriber's sink: send ``text`` now; False while an earlier send is still going."""
