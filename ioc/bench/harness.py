@@ -103,6 +103,14 @@ def judge(results: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _cpu_per_delivery(r: dict[str, Any], server: str) -> str:
+    """``, CPU/delivery: api 12.3 + clients 8.1 µs`` (runs recorded before these figures existed: nothing)."""
+    ours, theirs = r.get(f"{server}_cpu_us_per_delivery"), r.get("clients_cpu_us_per_delivery")
+    if ours is None or theirs is None:
+        return ""
+    return f", CPU/delivery: {server} {ours} + clients {theirs} µs"
+
+
 def table(results: dict[str, Any]) -> str:
     """The figures and goals as plain-text tables."""
     machine = results["machine"]
@@ -131,14 +139,15 @@ def table(results: dict[str, Any]) -> str:
             rows.append(
                 (
                     f"fan-out {int(n):,} clients: delivery p50/p99, memory",
-                    f"{r['delivery_p50_ms']} / {r['delivery_p99_ms']} ms, {r['rss_per_client_kib']} KiB/client",
+                    f"{r['delivery_p50_ms']} / {r['delivery_p99_ms']} ms, {r['rss_per_client_kib']} KiB/client"
+                    + _cpu_per_delivery(r, "api"),
                 )
             )
         for threads, r in fo.get("floor", {}).items():
             rows.append(
                 (
                     f"fan-out floor, {int(r['clients']):,} clients, bare server, {threads} thread(s): p50/p99",
-                    f"{r['delivery_p50_ms']} / {r['delivery_p99_ms']} ms",
+                    f"{r['delivery_p50_ms']} / {r['delivery_p99_ms']} ms" + _cpu_per_delivery(r, "server"),
                 )
             )
     if s := results.get("sink"):

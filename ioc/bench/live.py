@@ -103,6 +103,13 @@ def rss_bytes(pid: int) -> int:
     return 0
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def token_for(settings: Settings) -> str:
     from api.auth import create_token
 
@@ -284,14 +291,17 @@ def _spawn_clients(url: str, token: str, n: int, processes: int) -> tuple[list[s
     return kids, ready, failed
 
 
-def _client_delays(kids: list[subprocess.Popen[bytes]]) -> list[float]:
-    """Tell the clients to finish; every probe delay they timed (ms)."""
+def _client_delays(kids: list[subprocess.Popen[bytes]]) -> tuple[list[float], float]:
+    """Tell the clients to finish; every probe delay they timed (ms), and the CPU time they used since
+    they were all connected (s)."""
     delays: list[float] = []
+    cpu = 0.0
     for kid in kids:
         out, _ = kid.communicate(b"", timeout=120)
-        last = out.strip().splitlines()[-1] if out.strip() else b"{}"
-        delays.extend(orjson.loads(last).get("delays_ms", []))
-    return delays
+        last = orjson.loads(out.strip().splitlines()[-1] if out.strip() else b"{}")
+        delays.extend(last.get("delays_ms", []))
+        cpu += float(last.get("cpu_s", 0.0))
+    return delays, cpu
 
 
 def _stop_clients(kids: list[subprocess.Popen[bytes]]) -> None:
@@ -326,9 +336,11 @@ def fanout(
                 progress(
                     f"fan-out: {ready:,} connected in {connect_s:.1f} s ({failed} failed); publishing {probes} updates"
                 )
+                api_cpu = cpu_seconds(api.pid)
                 asyncio.run(_publish_probes(settings, probes, 1.0))
                 time.sleep(2.0)
-                delays = _client_delays(kids)
+                api_cpu = cpu_seconds(api.pid) - api_cpu
+                delays, clients_cpu = _client_delays(kids)
             finally:
                 _stop_clients(kids)
         per_client = (rss_after - rss_before) / ready if ready else 0.0
@@ -345,6 +357,9 @@ def fanout(
             "api_rss_before_mib": round(rss_before / 2**20, 1),
             "api_rss_after_mib": round(rss_after / 2**20, 1),
             "rss_per_client_kib": round(per_client / 1024, 2),
+            # both include what else the processes did meanwhile (the API's feed, pings): an upper bound
+            "api_cpu_us_per_delivery": round(api_cpu * 1e6 / len(delays), 2) if delays else math.nan,
+            "clients_cpu_us_per_delivery": round(clients_cpu * 1e6 / len(delays), 2) if delays else math.nan,
         }
         progress(
             f"fan-out: {n:,} clients: delivery p99 {r['delivery_p99_ms']} ms, {r['rss_per_client_kib']} KiB/client"
@@ -369,6 +384,7 @@ def fanout_floor(n: int, probes: int, processes: int, threads: int) -> dict[str,
         kids, ready, failed = _spawn_clients(f"ws://127.0.0.1:{port}/ws", "-", n, processes)
         try:
             time.sleep(2.0)
+            server_cpu = cpu_seconds(server.pid)
             send_ms: list[float] = []
             for _ in range(probes):
                 server.stdin.write(b"probe\n")
@@ -376,7 +392,8 @@ def fanout_floor(n: int, probes: int, processes: int, threads: int) -> dict[str,
                 send_ms.append(float(orjson.loads(server.stdout.readline())["send_ms"]))
                 time.sleep(1.0)
             time.sleep(1.0)
-            delays = _client_delays(kids)
+            server_cpu = cpu_seconds(server.pid) - server_cpu
+            delays, clients_cpu = _client_delays(kids)
         finally:
             _stop_clients(kids)
     finally:
@@ -396,6 +413,8 @@ def fanout_floor(n: int, probes: int, processes: int, threads: int) -> dict[str,
         "delivered_share": round(len(delays) / (ready * probes), 4) if ready else 0.0,
         "send_ms_max": max(send_ms, default=math.nan),
         **{f"delivery_{k}_ms": v for k, v in percentiles(delays).items()},
+        "server_cpu_us_per_delivery": round(server_cpu * 1e6 / len(delays), 2) if delays else math.nan,
+        "clients_cpu_us_per_delivery": round(clients_cpu * 1e6 / len(delays), 2) if delays else math.nan,
     }
     progress(f"fan-out floor: {n:,} clients, {threads} thread(s): delivery p99 {r['delivery_p99_ms']} ms")
     return r
