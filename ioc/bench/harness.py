@@ -125,6 +125,14 @@ def table(results: dict[str, Any]) -> str:
         )
         if ratio is not None:
             rows.append(("pipeline / baseline", f"{100 * ratio:.1f} %"))
+        if (cpu := t.get("cpu_us_per_event")) and t.get("events_per_s_if_cores_full"):
+            parts = " + ".join(f"{name} {us}" for name, us in cpu.items())
+            rows.append(
+                (
+                    "pipeline CPU per event; events/s were every core busy",
+                    f"{parts} µs; {t['events_per_s_if_cores_full']:,.0f}/s",
+                )
+            )
     if lat := results.get("latency"):
         for interval, runs in lat["emit_interval_s"].items():
             for rate, r in runs.items():

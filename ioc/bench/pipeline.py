@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -91,6 +92,40 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
     raise RuntimeError(f"topic {topic} has no partitions")
 
 
+#: Processes on this machine whose CPU the throughput section charges to the pipeline, by the start of
+#: their command name (the embedded broker's binary carries its version: ``tansu-v0.6.0-…``).
+SERVICE_COMMANDS: tuple[tuple[str, str], ...] = (("postgres", "postgresql"), ("tansu", "broker"))
+
+
+def service_cpu() -> dict[int, tuple[str, float]]:
+    """pid → (service, CPU seconds so far) of this machine's PostgreSQL and embedded broker processes."""
+    tick = os.sysconf("SC_CLK_TCK")
+    found: dict[int, tuple[str, float]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                head, _, rest = f.read().rpartition(")")
+        except OSError:  # gone meanwhile
+            continue
+        command = head.partition("(")[2]
+        service = next((name for prefix, name in SERVICE_COMMANDS if command.startswith(prefix)), None)
+        if service is not None:
+            fields = rest.split()
+            found[int(entry.name)] = (service, (int(fields[11]) + int(fields[12])) / tick)
+    return found
+
+
+def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds per service between two :func:`service_cpu` samples (processes alive at both)."""
+    used: dict[str, float] = {}
+    for pid, (service, seconds) in after.items():
+        if pid in before:
+            used[service] = used.get(service, 0.0) + seconds - before[pid][1]
+    return used
+
+
 async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
     """`Ingest` driven as the worker drives it (``_gather`` + ``process``, ``emit`` on its timer,
     ``drain`` at the end) over a backlog of ``expected`` records; events/s from the first batch
@@ -112,7 +147,9 @@ async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
 
     timer = asyncio.create_task(emitter())
     count = batches = 0
-    first_cpu = done_cpu = 0.0
+    first_cpu = done_cpu = first_process_cpu = process_cpu = 0.0
+    first_services: dict[int, tuple[str, float]] = {}
+    services: dict[str, float] = {}
     try:
         waited = time.monotonic()
         first = waited
@@ -127,6 +164,7 @@ async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
                 continue
             if count == 0:
                 first, first_cpu = time.monotonic(), time.thread_time()
+                first_process_cpu, first_services = time.process_time(), service_cpu()
             await ingest.process(batch)
             batches += 1
             count += sum(len(r) for r in batch.values())
@@ -139,6 +177,7 @@ async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
         durable = time.monotonic()
         emitted += await ingest.emit()
         done, done_cpu = time.monotonic(), time.thread_time()
+        process_cpu, services = time.process_time() - first_process_cpu, cpu_used(first_services, service_cpu())
     finally:
         collector.close()
         timer.cancel()
@@ -154,6 +193,17 @@ async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
     if count and elapsed > 0:
         progress(
             f"throughput: event loop thread {loop_cpu / count * 1e6:.2f} µs CPU per event, busy {loop_cpu / elapsed:.0%}"
+        )
+    # Everything the pipeline costs on this machine's cores: the worker process (loop, writer threads,
+    # the Kafka client's), PostgreSQL's processes and the broker's (none found: they run elsewhere).
+    cpu_per_event = {"worker": process_cpu, **services}
+    total_cpu = sum(cpu_per_event.values())
+    cores = os.cpu_count() or 1
+    if count and total_cpu > 0:
+        parts = ", ".join(f"{name} {seconds / count * 1e6:.2f}" for name, seconds in cpu_per_event.items())
+        progress(
+            f"throughput: CPU per event {total_cpu / count * 1e6:.2f} µs ({parts}); "
+            f"{cores} cores busy {total_cpu / elapsed / cores:.0%}, so at most ~{count * cores / total_cpu:,.0f} events/s"
         )
     gc_ms = sum(collector.seconds) * 1000
     progress(
@@ -174,6 +224,11 @@ async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
         "events_per_s": round(rate, 1),
         "loop_cpu_us_per_event": round(loop_cpu / count * 1e6, 2) if count else None,
         "loop_busy": round(loop_cpu / elapsed, 3) if elapsed > 0 else None,
+        "cpu_us_per_event": {name: round(seconds / count * 1e6, 2) for name, seconds in cpu_per_event.items()}
+        if count
+        else {},
+        "cores_busy": round(total_cpu / elapsed / cores, 3) if elapsed > 0 else None,
+        "events_per_s_if_cores_full": round(count * cores / total_cpu, 1) if total_cpu > 0 else None,
         "processing_seconds": round(processed - first, 3),
         "final_drain_seconds": round(durable - processed, 3),
         "final_emit_seconds": round(done - durable, 3),

@@ -80,6 +80,10 @@ def test_quick_bench_writes_every_section_with_figures(tmp_path: Path) -> None:
         figures = [x for x in _numbers(results[section]) if not math.isnan(x)]
         assert figures and all(x >= 0 for x in figures), section
     assert results["throughput"]["events_per_s"] > 0
+    cpu = results["throughput"]["cpu_us_per_event"]
+    assert cpu["worker"] > 0 and cpu["postgresql"] > 0 and cpu["broker"] > 0, cpu
+    assert results["throughput"]["events_per_s_if_cores_full"] > 0
+    assert "pipeline CPU per event" in table(results)
     assert results["baseline"]["events_per_s"] > 0
     assert results["sink"]["rows"] > 0
     latency = results["latency"]["emit_interval_s"]["0.1"]["1000"]
@@ -94,3 +98,11 @@ def test_quick_bench_writes_every_section_with_figures(tmp_path: Path) -> None:
     assert "fan-out floor, 50 clients" in table(results)
     assert [g["goal"] for g in results["goals"]] == [g.name for g in GOALS]
     assert "goals:" in table(results)
+
+
+def test_service_cpu_counts_only_processes_alive_at_both_samples() -> None:
+    from ioc.bench.pipeline import cpu_used
+
+    before = {1: ("postgresql", 1.0), 2: ("postgresql", 2.0), 3: ("broker", 0.5), 9: ("broker", 7.0)}
+    after = {1: ("postgresql", 1.5), 2: ("postgresql", 2.25), 3: ("broker", 0.75), 4: ("postgresql", 9.0)}
+    assert cpu_used(before, after) == {"postgresql": 0.75, "broker": 0.25}
