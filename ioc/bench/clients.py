@@ -2,8 +2,8 @@
 
 Connects ``N`` clients subscribed to ``kpi:province``, prints ``{"ready": n, "failed": f}`` on
 stdout, then records, for every ``bench.probe`` update, the delay from the probe's send time
-(its ``value``, wall-clock seconds) to its arrival. When stdin closes it prints the delays (ms)
-and the CPU time the process used since all were connected.
+(its ``value``, wall-clock seconds) to its arrival. When stdin closes it prints the delays (ms), the send time of
+the update each is of, and the CPU time the process used since all were connected.
 
 The clients run on the same cores as the API, so what a client spends per frame is charged to
 the delivery figure. By default each client is a bare :class:`WallClient` (an asyncio buffered
@@ -56,15 +56,26 @@ def client_frame(opcode: int, payload: bytes) -> bytes:
     return bytes((0x80 | opcode, 0x80 | len(payload))) + mask + masked
 
 
-def probe_delay_ms(payload: bytes, now: float) -> float | None:
-    """The delay of a ``bench.probe`` update frame (its value is its send time), else None."""
+#: What a client records of a probe: its send time (s, which tells the updates apart) and its delay (ms).
+Timing = tuple[float, float]
+
+
+def probe_timing(payload: bytes, now: float) -> Timing | None:
+    """Send time and delay of a ``bench.probe`` update frame (its value is its send time), else None."""
     if _PROBE not in payload:
         return None
     msg = orjson.loads(payload)
     item: Any = msg.get("item")
     if msg.get("type") == "update" and item and item.get("kpi") == PROBE_KPI:
-        return (now - float(item["value"])) * 1000
+        sent = float(item["value"])
+        return sent, (now - sent) * 1000
     return None
+
+
+def probe_delay_ms(payload: bytes, now: float) -> float | None:
+    """The delay of a ``bench.probe`` update frame, else None."""
+    timing = probe_timing(payload, now)
+    return None if timing is None else timing[1]
 
 
 #: Where every client of the process receives (one event loop: one read at a time). A plain
@@ -76,7 +87,7 @@ _READ_BUFFER = memoryview(bytearray(64 * 1024))
 class WallClient(asyncio.BufferedProtocol):
     """One subscribed client: handshake, subscribe, answer pings, time probe updates on arrival."""
 
-    def __init__(self, request: bytes, delays: list[float]) -> None:
+    def __init__(self, request: bytes, delays: list[Timing]) -> None:
         self.request = request
         self.delays = delays
         self.buffer = bytearray()
@@ -146,9 +157,9 @@ class WallClient(asyncio.BufferedProtocol):
                 if payload.startswith(b'{"type":"snapshot"'):
                     self.subscribed.set_result(None)
                 return
-            delay = probe_delay_ms(payload, now)
-            if delay is not None:
-                self.delays.append(delay)
+            timing = probe_timing(payload, now)
+            if timing is not None:
+                self.delays.append(timing)
         elif opcode == _OP_PING:
             self._send(_OP_PONG, payload)
         elif opcode == _OP_CLOSE:
@@ -184,7 +195,7 @@ def handshake(url: str, token: str) -> tuple[str, int, bytes]:
     return host, port, request.encode()
 
 
-async def _wall_client(url: str, token: str, gate: asyncio.Semaphore, delays: list[float], ready: list[int]) -> None:
+async def _wall_client(url: str, token: str, gate: asyncio.Semaphore, delays: list[Timing], ready: list[int]) -> None:
     host, port, request = handshake(url, token)
     loop = asyncio.get_running_loop()
     async with gate:
@@ -198,7 +209,7 @@ async def _wall_client(url: str, token: str, gate: asyncio.Semaphore, delays: li
 
 
 async def _websockets_client(
-    url: str, token: str, gate: asyncio.Semaphore, delays: list[float], ready: list[int]
+    url: str, token: str, gate: asyncio.Semaphore, delays: list[Timing], ready: list[int]
 ) -> None:
     async with gate:
         ws: ClientConnection = await connect(
@@ -217,9 +228,9 @@ async def _websockets_client(
     try:
         async for frame in ws:
             now = time.time()
-            delay = probe_delay_ms(frame.encode() if isinstance(frame, str) else frame, now)
-            if delay is not None:
-                delays.append(delay)
+            timing = probe_timing(frame.encode() if isinstance(frame, str) else frame, now)
+            if timing is not None:
+                delays.append(timing)
     finally:
         await ws.close()
 
@@ -227,7 +238,7 @@ async def _websockets_client(
 async def main(url: str, token: str, n: int) -> None:
     raise_fd_limit()
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
-    delays: list[float] = []
+    delays: list[Timing] = []
     ready = [0]
     client = _websockets_client if os.environ.get("IOC_BENCH_WS_CLIENT") == "websockets" else _wall_client
     tasks = [asyncio.create_task(client(url, token, gate, delays, ready)) for _ in range(n)]
@@ -245,7 +256,8 @@ async def main(url: str, token: str, n: int) -> None:
         with contextlib.suppress(BaseException):
             await t
     cpu_s = time.process_time() - cpu_at_ready
-    sys.stdout.write(orjson.dumps({"delays_ms": [round(d, 3) for d in delays], "cpu_s": cpu_s}).decode() + "\n")
+    out = {"delays_ms": [round(d, 3) for _, d in delays], "sent": [sent for sent, _ in delays], "cpu_s": cpu_s}
+    sys.stdout.write(orjson.dumps(out).decode() + "\n")
     sys.stdout.flush()
 
 

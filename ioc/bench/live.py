@@ -291,17 +291,22 @@ def _spawn_clients(url: str, token: str, n: int, processes: int) -> tuple[list[s
     return kids, ready, failed
 
 
-def _client_delays(kids: list[subprocess.Popen[bytes]]) -> tuple[list[float], float]:
-    """Tell the clients to finish; every probe delay they timed (ms), and the CPU time they used since
-    they were all connected (s)."""
+def _client_delays(kids: list[subprocess.Popen[bytes]]) -> tuple[list[float], list[float], float]:
+    """Tell the clients to finish; every probe delay they timed (ms), the p99 of each update (ms, in
+    the order sent), and the CPU time the clients used since they were all connected (s)."""
     delays: list[float] = []
+    by_update: dict[float, list[float]] = {}
     cpu = 0.0
     for kid in kids:
         out, _ = kid.communicate(b"", timeout=120)
         last = orjson.loads(out.strip().splitlines()[-1] if out.strip() else b"{}")
-        delays.extend(last.get("delays_ms", []))
+        got = last.get("delays_ms", [])
+        delays.extend(got)
+        for sent, delay in zip(last.get("sent", []), got, strict=False):
+            by_update.setdefault(sent, []).append(delay)
         cpu += float(last.get("cpu_s", 0.0))
-    return delays, cpu
+    per_update = [percentiles(by_update[sent])["p99"] for sent in sorted(by_update)]
+    return delays, per_update, cpu
 
 
 def _stop_clients(kids: list[subprocess.Popen[bytes]]) -> None:
@@ -340,7 +345,7 @@ def fanout(
                 asyncio.run(_publish_probes(settings, probes, 1.0))
                 time.sleep(2.0)
                 api_cpu = cpu_seconds(api.pid) - api_cpu
-                delays, clients_cpu = _client_delays(kids)
+                delays, per_update, clients_cpu = _client_delays(kids)
             finally:
                 _stop_clients(kids)
         per_client = (rss_after - rss_before) / ready if ready else 0.0
@@ -354,6 +359,7 @@ def fanout(
             "deliveries": len(delays),
             "delivered_share": round(len(delays) / expected, 4) if expected else 0.0,
             **{f"delivery_{k}_ms": v for k, v in percentiles(delays).items()},
+            "delivery_p99_ms_per_update": per_update,
             "api_rss_before_mib": round(rss_before / 2**20, 1),
             "api_rss_after_mib": round(rss_after / 2**20, 1),
             "rss_per_client_kib": round(per_client / 1024, 2),
@@ -393,7 +399,7 @@ def fanout_floor(n: int, probes: int, processes: int, threads: int) -> dict[str,
                 time.sleep(1.0)
             time.sleep(1.0)
             server_cpu = cpu_seconds(server.pid) - server_cpu
-            delays, clients_cpu = _client_delays(kids)
+            delays, per_update, clients_cpu = _client_delays(kids)
         finally:
             _stop_clients(kids)
     finally:
@@ -413,6 +419,7 @@ def fanout_floor(n: int, probes: int, processes: int, threads: int) -> dict[str,
         "delivered_share": round(len(delays) / (ready * probes), 4) if ready else 0.0,
         "send_ms_max": max(send_ms, default=math.nan),
         **{f"delivery_{k}_ms": v for k, v in percentiles(delays).items()},
+        "delivery_p99_ms_per_update": per_update,
         "server_cpu_us_per_delivery": round(server_cpu * 1e6 / len(delays), 2) if delays else math.nan,
         "clients_cpu_us_per_delivery": round(clients_cpu * 1e6 / len(delays), 2) if delays else math.nan,
     }

@@ -94,6 +94,8 @@ def test_quick_bench_writes_every_section_with_figures(tmp_path: Path) -> None:
     assert floor["connected"] == 50 and floor["deliveries"] == 50 * floor["updates"]
     assert floor["delivery_p99_ms"] >= floor["delivery_p50_ms"] > 0
     assert floor["server_cpu_us_per_delivery"] > 0 and floor["clients_cpu_us_per_delivery"] > 0
+    assert len(floor["delivery_p99_ms_per_update"]) == floor["updates"]
+    assert floor["delivery_p99_ms"] <= max(floor["delivery_p99_ms_per_update"])  # no update's tail is lost
     assert fanout["api_cpu_us_per_delivery"] > 0 and fanout["clients_cpu_us_per_delivery"] > 0
     assert "fan-out floor, 50 clients" in table(results)
     assert [g["goal"] for g in results["goals"]] == [g.name for g in GOALS]
