@@ -25,6 +25,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from alerts.engine import Silence, UnknownAlert
 from alerts.model import Alert, AlertEvent, AlertState, Severity
+from ioc.produce import stop_within
 from ioc.settings import TOPIC_ALERTS, Settings
 
 log = logging.getLogger(__name__)
@@ -347,8 +348,8 @@ class KafkaAlertPublisher:
 
     async def close(self) -> None:
         if self._producer is not None:
-            await self._producer.stop()
-            self._producer = None
+            producer, self._producer = self._producer, None
+            await stop_within(producer, "the alert publisher's producer")
 
 
 class CollectingPublisher:

@@ -15,6 +15,7 @@ from typing import TextIO
 import orjson
 from aiokafka import AIOKafkaProducer
 
+from ioc.produce import stop_within
 from ioc.registry import Registry
 from ioc.settings import Settings
 from simulators.envelope import VN_TZ
@@ -216,7 +217,10 @@ async def run(
                 await asyncio.sleep(rest)
     finally:
         try:
-            await asyncio.shield(producer.stop())  # flushes what was handed over
+            # flushes what was handed over, within a bound (aiokafka's stop can hang after an outage)
+            if not await asyncio.shield(stop_within(producer, "the simulator's producer")):
+                unconfirmed = sum(1 for f in in_flight if not f.done())
+                logger.warning("%d records handed to the producer were not confirmed", unconfirmed)
         finally:
             stats.elapsed_s = clock() - began
             if display:

@@ -37,7 +37,7 @@ from ioc.errors import InvalidEvent
 from ioc.loop import install as install_loop
 from ioc.loop import settle_heap
 from ioc.metrics import WorkerMetrics
-from ioc.produce import BatchSender, CachingPartitioner
+from ioc.produce import BatchSender, CachingPartitioner, stop_within
 from ioc.registry import Registry, load_registry
 from ioc.settings import Settings
 from streams import sink
@@ -200,12 +200,12 @@ class Ingest:
             server.shutdown()
             server.server_close()
         await self.alerting.stop()
-        for closer in (self.consumer, self.producer):
+        for what, closer in (("the worker's consumer", self.consumer), ("the worker's producer", self.producer)):
             if closer is not None:
                 try:
-                    await closer.stop()
+                    await stop_within(closer, what)
                 except Exception:  # shutting down anyway
-                    log.exception("error while stopping %r", closer)
+                    log.exception("error while stopping %s", what)
         for conn in self.conns.values():
             if isinstance(conn, psycopg.AsyncConnection):
                 await conn.close()
