@@ -7,8 +7,11 @@ import asyncio
 import datetime as dt
 import logging
 import re
+import signal
 import sys
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any, TypeVar
 
 from ioc.errors import IocError
 from ioc.logs import configure_logging
@@ -111,6 +114,40 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+T = TypeVar("T")
+
+
+async def until_terminated(work: Coroutine[Any, Any, T]) -> T | None:
+    """Run ``work``; SIGTERM (a service manager, ``ioc dev``, ``timeout``) cancels it as Ctrl-C does, so
+    its clean-up runs, and then this returns None.
+
+    Ctrl-C alone is not enough to rely on: a process started in the background by a shell without job
+    control inherits SIGINT ignored, and Python then leaves it ignored.
+    """
+    task = asyncio.ensure_future(work)
+    loop = asyncio.get_running_loop()
+    terminated = False
+
+    def terminate() -> None:
+        nonlocal terminated
+        terminated = True
+        task.cancel()
+
+    try:
+        loop.add_signal_handler(signal.SIGTERM, terminate)
+    except (NotImplementedError, RuntimeError):  # no signal handlers here (Windows, a thread): as before
+        return await task
+    try:
+        return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if terminated and (current is None or not current.cancelling()):
+            return None
+        raise
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -145,19 +182,23 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from simulators.producer import run as simulate
 
         stats = asyncio.run(
-            simulate(
-                settings,
-                rate=args.rate,
-                duration=args.duration,
-                scenario=args.scenario,
-                seed=args.seed,
-                dup_rate=args.dup_rate,
-                ooo_rate=args.ooo_rate,
-                bad_rate=args.bad_rate,
-                progress=not args.no_progress,
-                history_s=args.history * 3600,
+            until_terminated(
+                simulate(
+                    settings,
+                    rate=args.rate,
+                    duration=args.duration,
+                    scenario=args.scenario,
+                    seed=args.seed,
+                    dup_rate=args.dup_rate,
+                    ooo_rate=args.ooo_rate,
+                    bad_rate=args.bad_rate,
+                    progress=not args.no_progress,
+                    history_s=args.history * 3600,
+                )
             )
         )
+        if stats is None:  # stopped by SIGTERM: the producer flushed, as on Ctrl-C
+            return 128 + signal.SIGTERM
         log.info("simulation finished: %s", stats)
         return 0
     if args.command == "replay":

@@ -23,6 +23,18 @@ FIELDS = ("value", "numerator", "denominator", "target", "status", "unit", "extr
 Key = tuple[str, str, str]
 
 
+async def input_size(settings: Settings) -> int:
+    """How many records the input topics hold (the sum of their end offsets)."""
+    from aiokafka import AIOKafkaConsumer
+
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap)
+    await consumer.start()
+    try:
+        return sum((await consumer.end_offsets(input_partitions(settings))).values())
+    finally:
+        await consumer.stop()
+
+
 async def produce(settings: Settings, records: Iterable[Any], *, pause_every: int = 0, pause_s: float = 0.0) -> int:
     """Send simulator records (``.topic``, ``.key``, ``.value``) and wait for every acknowledgement."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=10)
