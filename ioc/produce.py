@@ -30,11 +30,10 @@ class Stoppable(Protocol):
 async def stop_within(client: Stoppable, what: str, timeout_s: float = STOP_TIMEOUT_S) -> bool:
     """Stop an aiokafka client, giving up after ``timeout_s``; False (and a warning) if it did not stop.
 
-    aiokafka's ``stop`` can wait for ever: a producer after an outage of the broker it was sending
-    to (seen here: the simulator did not exit within 30 s of SIGINT once the broker was back;
-    aiokafka issue #1101 describes the same with the broker down). A process that is stopping must
-    still stop; what the client had not delivered by then is what a crash would not have delivered
-    either, and the log says so.
+    aiokafka's ``stop`` can wait for ever when the broker cannot be reached (aiokafka issue #1101,
+    open: a producer's ``stop`` with the broker down). A process that is stopping must still stop;
+    what the client had not delivered by then is what a crash would not have delivered either, and
+    the log says so.
     """
     try:
         await asyncio.wait_for(client.stop(), timeout_s)
