@@ -1,5 +1,5 @@
-"""Stopping a Kafka client is bounded: a client whose ``stop`` never returns (aiokafka's producer after
-an outage) is left behind with a warning, and the process goes on stopping."""
+"""Stopping a Kafka client is bounded: a client whose ``stop`` never returns (aiokafka's producer with
+the broker down) is left behind with a warning, and the process goes on stopping."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from ioc.produce import stop_within
 
 
 class StuckClient:
-    """Stands in for an aiokafka client whose ``stop`` waits for ever (what was seen after an outage)."""
+    """Stands in for an aiokafka client whose ``stop`` waits for ever (aiokafka #1101: the broker down)."""
 
     def __init__(self) -> None:
         self.cancelled = False
