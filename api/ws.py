@@ -226,7 +226,7 @@ class Connection:
         self.ws = ws
         #: The server's connection when it writes frames by a plain call (our uvicorn protocol), else None.
         self._socket = lean_socket(ws)
-        #: Looked up once: per frame and client, the lookup cost as much as the count (a fan-out's profile).
+        #: The counter of frames sent, looked up once per connection rather than per frame.
         self._tally = message_tally(ctx.metrics.ws_messages)
         self.principal = principal
         limits: WsLimits = ctx.ws_limits
