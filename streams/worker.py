@@ -355,7 +355,7 @@ class Ingest:
             await self._recall(deferred)
             for rec, logical, key, parsed in deferred:
                 try:
-                    if not engine.applier(logical)(key, parsed):
+                    if not engine.apply(logical, key, parsed):
                         m.duplicates.labels(logical).inc()
                 except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
                     self._failed(rec, parsed, exc, dead)

@@ -72,12 +72,6 @@ def probe_timing(payload: bytes, now: float) -> Timing | None:
     return None
 
 
-def probe_delay_ms(payload: bytes, now: float) -> float | None:
-    """The delay of a ``bench.probe`` update frame, else None."""
-    timing = probe_timing(payload, now)
-    return None if timing is None else timing[1]
-
-
 #: Where every client of the process receives (one event loop: one read at a time). A plain
 #: ``asyncio.Protocol`` has asyncio allocate a 256 KiB ``bytes`` per read (``sock.recv(256 KiB)``):
 #: ~16 µs per read on this machine, most of a client's CPU per frame, which the delivery figure paid.

@@ -5,8 +5,9 @@ A bare WebSocket server on this machine's event loop: it answers a client's upgr
 subscription, pongs). Prints ``{"port": p}`` once listening. For every line read on stdin it
 fans one ``bench.probe`` update out to every connection, carrying its send time as the API's does
 (so the same clients, :mod:`ioc.bench.clients`, time it the same way), and prints
-``{"clients": n, "send_ms": t}``. With ``THREADS`` 1 the frame goes through each transport's
-``write``, as the API's lean protocol writes it; with more, ``THREADS`` threads call ``os.write`` on
+``{"clients": n, "send_ms": t, "cpu_s": c}`` (the fan-out's CPU time, every thread's: finer than
+``/proc``'s 10 ms ticks, which a fan-out to a few clients does not reach). With ``THREADS`` 1 the
+frame goes through each transport's ``write``, as the API's lean protocol writes it; with more, ``THREADS`` threads call ``os.write`` on
 the sockets' descriptors (the call releases the GIL, so the kernel's work spreads over the cores;
 the event loop waits meanwhile, and anything a socket did not take goes through its transport).
 
@@ -22,7 +23,7 @@ import os
 import sys
 import threading
 import time
-from typing import Any, ClassVar
+from typing import Any
 
 import orjson
 from websockets.frames import Frame, Opcode
@@ -62,15 +63,17 @@ def probe_frame(seq: int, sent: float) -> bytes:
 SNAPSHOT = text_frame({"type": "snapshot", "channel": "kpi:province", "items": [], "seq": 0})
 
 
+#: The connections that have had their handshake (one server per process).
+OPEN: set[BareServer] = set()
+
+
 class BareServer(asyncio.Protocol):
     """One connection: handshake answered with the snapshot; everything after that is read and dropped."""
-
-    open_connections: ClassVar[list[BareServer]] = []
 
     def __init__(self) -> None:
         self.transport: Any = None
         self.fd = -1
-        self.head = b""
+        self.head: bytes | None = b""  # the upgrade request so far; None once answered
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -81,13 +84,12 @@ class BareServer(asyncio.Protocol):
             return
         self.head += data
         if b"\r\n\r\n" in self.head:
-            self.head = None  # type: ignore[assignment]
+            self.head = None
             self.transport.write(RESPONSE + SNAPSHOT)
-            self.open_connections.append(self)
+            OPEN.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self in self.open_connections:
-            self.open_connections.remove(self)
+        OPEN.discard(self)
 
 
 def _write_all(fds: list[int], data: bytes, taken: list[int], at: int) -> None:
@@ -133,11 +135,11 @@ async def main(threads: int) -> None:
     seq = 0
     while await loop.run_in_executor(None, sys.stdin.readline):
         seq += 1
-        conns = list(BareServer.open_connections)
-        started = time.perf_counter()
+        conns = list(OPEN)
+        started, cpu = time.perf_counter(), time.process_time()
         fan_out(conns, probe_frame(seq, time.time()), threads)
-        sent_ms = (time.perf_counter() - started) * 1000
-        print(orjson.dumps({"clients": len(conns), "send_ms": round(sent_ms, 2)}).decode(), flush=True)
+        sent_ms, cpu_s = (time.perf_counter() - started) * 1000, time.process_time() - cpu
+        print(orjson.dumps({"clients": len(conns), "send_ms": round(sent_ms, 2), "cpu_s": cpu_s}).decode(), flush=True)
     server.close()
 
 

@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 from ioc.bench.clients import PROBE_KPI
-from ioc.bench.stats import percentiles
+from ioc.bench.stats import percentiles, process_cpu
 from ioc.bench.workload import DossierIntake, dossier_topic, progress
 from ioc.settings import TOPIC_KPI, Settings
 from streams.snapshot import Snapshot, encode
@@ -105,9 +105,7 @@ def rss_bytes(pid: int) -> int:
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return process_cpu(pid)[1]
 
 
 def token_for(settings: Settings) -> str:
@@ -309,6 +307,23 @@ def _client_delays(kids: list[subprocess.Popen[bytes]]) -> tuple[list[float], li
     return delays, per_update, cpu
 
 
+def _delivery_figures(
+    ready: int, probes: int, delays: list[float], per_update: list[float], cpu_s: dict[str, float]
+) -> dict[str, Any]:
+    """Deliveries of ``probes`` updates to ``ready`` clients: their share, percentiles (overall and each
+    update's p99), and the CPU each process (``{"api": s, "clients": s}``) used per delivery meanwhile."""
+    n = len(delays)
+    return {
+        "updates": probes,
+        "deliveries": n,
+        "delivered_share": round(n / (ready * probes), 4) if ready and probes else 0.0,
+        **{f"delivery_{k}_ms": v for k, v in percentiles(delays).items()},
+        "delivery_p99_ms_per_update": per_update,
+        # each includes what else the process did meanwhile (the API's feed, pings): an upper bound
+        **{f"{who}_cpu_us_per_delivery": round(s * 1e6 / n, 2) if n else math.nan for who, s in cpu_s.items()},
+    }
+
+
 def _stop_clients(kids: list[subprocess.Popen[bytes]]) -> None:
     for kid in kids:
         if kid.poll() is None:
@@ -349,23 +364,15 @@ def fanout(
             finally:
                 _stop_clients(kids)
         per_client = (rss_after - rss_before) / ready if ready else 0.0
-        expected = ready * probes
         r = {
             "clients": n,
             "connected": ready,
             "failed": failed,
             "connect_seconds": round(connect_s, 2),
-            "updates": probes,
-            "deliveries": len(delays),
-            "delivered_share": round(len(delays) / expected, 4) if expected else 0.0,
-            **{f"delivery_{k}_ms": v for k, v in percentiles(delays).items()},
-            "delivery_p99_ms_per_update": per_update,
+            **_delivery_figures(ready, probes, delays, per_update, {"api": api_cpu, "clients": clients_cpu}),
             "api_rss_before_mib": round(rss_before / 2**20, 1),
             "api_rss_after_mib": round(rss_after / 2**20, 1),
             "rss_per_client_kib": round(per_client / 1024, 2),
-            # both include what else the processes did meanwhile (the API's feed, pings): an upper bound
-            "api_cpu_us_per_delivery": round(api_cpu * 1e6 / len(delays), 2) if delays else math.nan,
-            "clients_cpu_us_per_delivery": round(clients_cpu * 1e6 / len(delays), 2) if delays else math.nan,
         }
         progress(
             f"fan-out: {n:,} clients: delivery p99 {r['delivery_p99_ms']} ms, {r['rss_per_client_kib']} KiB/client"
@@ -390,15 +397,16 @@ def fanout_floor(n: int, probes: int, processes: int, threads: int) -> dict[str,
         kids, ready, failed = _spawn_clients(f"ws://127.0.0.1:{port}/ws", "-", n, processes)
         try:
             time.sleep(2.0)
-            server_cpu = cpu_seconds(server.pid)
             send_ms: list[float] = []
+            server_cpu = 0.0
             for _ in range(probes):
                 server.stdin.write(b"probe\n")
                 server.stdin.flush()
-                send_ms.append(float(orjson.loads(server.stdout.readline())["send_ms"]))
+                sent = orjson.loads(server.stdout.readline())
+                send_ms.append(float(sent["send_ms"]))
+                server_cpu += float(sent["cpu_s"])
                 time.sleep(1.0)
             time.sleep(1.0)
-            server_cpu = cpu_seconds(server.pid) - server_cpu
             delays, per_update, clients_cpu = _client_delays(kids)
         finally:
             _stop_clients(kids)
@@ -414,14 +422,8 @@ def fanout_floor(n: int, probes: int, processes: int, threads: int) -> dict[str,
         "connected": ready,
         "failed": failed,
         "sending_threads": threads,
-        "updates": probes,
-        "deliveries": len(delays),
-        "delivered_share": round(len(delays) / (ready * probes), 4) if ready else 0.0,
         "send_ms_max": max(send_ms, default=math.nan),
-        **{f"delivery_{k}_ms": v for k, v in percentiles(delays).items()},
-        "delivery_p99_ms_per_update": per_update,
-        "server_cpu_us_per_delivery": round(server_cpu * 1e6 / len(delays), 2) if delays else math.nan,
-        "clients_cpu_us_per_delivery": round(clients_cpu * 1e6 / len(delays), 2) if delays else math.nan,
+        **_delivery_figures(ready, probes, delays, per_update, {"server": server_cpu, "clients": clients_cpu}),
     }
     progress(f"fan-out floor: {n:,} clients, {threads} thread(s): delivery p99 {r['delivery_p99_ms']} ms")
     return r

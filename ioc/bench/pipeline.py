@@ -13,6 +13,7 @@ import msgspec
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+from ioc.bench.stats import process_cpu
 from ioc.bench.workload import DossierIntake, progress
 from ioc.loop import GcTimes, settle_heap
 from ioc.registry import Registry, load_registry
@@ -99,21 +100,17 @@ SERVICE_COMMANDS: tuple[tuple[str, str], ...] = (("postgres", "postgresql"), ("t
 
 def service_cpu() -> dict[int, tuple[str, float]]:
     """pid → (service, CPU seconds so far) of this machine's PostgreSQL and embedded broker processes."""
-    tick = os.sysconf("SC_CLK_TCK")
     found: dict[int, tuple[str, float]] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
         try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                head, _, rest = f.read().rpartition(")")
+            command, seconds = process_cpu(entry.name)
         except OSError:  # gone meanwhile
             continue
-        command = head.partition("(")[2]
         service = next((name for prefix, name in SERVICE_COMMANDS if command.startswith(prefix)), None)
         if service is not None:
-            fields = rest.split()
-            found[int(entry.name)] = (service, (int(fields[11]) + int(fields[12])) / tick)
+            found[int(entry.name)] = (service, seconds)
     return found
 
 

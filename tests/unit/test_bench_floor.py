@@ -82,8 +82,8 @@ def test_a_closed_peer_is_left_to_its_transport_to_find_out() -> None:
 
 
 def test_the_probe_frame_is_timed_by_the_benchmark_clients() -> None:
-    from ioc.bench.clients import probe_delay_ms
+    from ioc.bench.clients import probe_timing
 
     frame = floor.probe_frame(3, 100.0)
     payload = frame[4:] if frame[1] == 126 else frame[2:]
-    assert probe_delay_ms(payload, 100.25) == pytest.approx(250.0)
+    assert probe_timing(payload, 100.25) == (100.0, pytest.approx(250.0))
