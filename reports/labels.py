@@ -1,0 +1,86 @@
+"""The words of a report in Vietnamese (the default) and English."""
+
+from __future__ import annotations
+
+LANGS = ("vi", "en")
+
+_TEXT: dict[str, tuple[str, str]] = {
+    "title_month": ("BÁO CÁO THÁNG {period}", "MONTHLY REPORT {period}"),
+    "title_quarter": ("BÁO CÁO QUÝ {period}", "QUARTERLY REPORT {period}"),
+    "subtitle": (
+        "Chỉ số phục vụ người dân, doanh nghiệp (QĐ 766/QĐ-TTg), chỉ tiêu Kế hoạch 348/KH-UBND, an toàn thông tin, môi trường",
+        "Service indicators (Decision 766/QĐ-TTg), Plan 348/KH-UBND targets, cyber-security, environment",
+    ),
+    "org": (
+        "UBND TỈNH NGHỆ AN · TRUNG TÂM GIÁM SÁT, ĐIỀU HÀNH THÔNG MINH (IOC)",
+        "NGHỆ AN PROVINCIAL PEOPLE'S COMMITTEE · SMART OPERATIONS CENTRE (IOC)",
+    ),
+    "scope": ("Phạm vi", "Scope"),
+    "period": ("Kỳ báo cáo", "Period"),
+    "as_of": ("Số liệu tính đến", "Figures as of"),
+    "source": ("Nguồn số liệu", "Data source"),
+    "previous": ("Kỳ trước", "Previous period"),
+    "sec_indicators": ("1. Chỉ tiêu giải quyết thủ tục hành chính", "1. Administrative procedure indicators"),
+    "sec_766": (
+        "2. Bộ chỉ số QĐ 766/QĐ-TTg (các nhóm tính được từ dữ liệu)",
+        "2. Decision 766/QĐ-TTg (groups the data supports)",
+    ),
+    "sec_ranking": ("3. Xếp hạng xã, phường và cơ quan", "3. Ranking of communes and agencies"),
+    "sec_cyber": ("4. An toàn thông tin mạng", "4. Cyber-security"),
+    "sec_env": ("5. Môi trường", "5. Environment"),
+    "indicator": ("Chỉ tiêu", "Indicator"),
+    "value": ("Giá trị", "Value"),
+    "target": ("Mục tiêu", "Target"),
+    "status": ("Đánh giá", "Status"),
+    "change": ("Thay đổi", "Change"),
+    "ok": ("Đạt", "Met"),
+    "warn": ("Gần đạt", "Near"),
+    "breach": ("Chưa đạt", "Not met"),
+    "group": ("Nhóm chỉ số", "Group"),
+    "points": ("Điểm tối đa", "Max points"),
+    "score": ("Điểm", "Score"),
+    "rate": ("Tỷ lệ", "Rate"),
+    "total": ("Tổng điểm các nhóm tính được", "Total of the scored groups"),
+    "not_scored": ("Không tính được từ dữ liệu sự kiện", "Cannot be scored from the events"),
+    "rank": ("Hạng", "Rank"),
+    "name": ("Tên", "Name"),
+    "percent": ("% điểm", "% of points"),
+    "received": ("Tiếp nhận", "Received"),
+    "on_time": ("Đúng hạn %", "On time %"),
+    "communes_top": ("Xã, phường dẫn đầu", "Leading communes"),
+    "communes_bottom": ("Xã, phường cuối bảng", "Trailing communes"),
+    "agencies_top": ("Cơ quan dẫn đầu", "Leading agencies"),
+    "own_rank": ("Vị trí của đơn vị", "This unit's place"),
+    "detected": ("Sự cố phát hiện", "Incidents detected"),
+    "severity": ("Mức độ", "Severity"),
+    "category": ("Loại", "Category"),
+    "count": ("Số lượng", "Count"),
+    "mtta": ("Thời gian tiếp nhận TB (phút)", "MTTA (min)"),
+    "mttr": ("Thời gian khắc phục TB (phút)", "MTTR (min)"),
+    "open_end": ("Đang mở cuối kỳ", "Open at period end"),
+    "overdue_report": ("Sự cố quá hạn báo cáo 5 ngày", "Incidents past the 5-day reporting deadline"),
+    "system": ("Hệ thống", "System"),
+    "detected_at": ("Phát hiện lúc", "Detected at"),
+    "days_open": ("Số ngày", "Days"),
+    "aqi_days": ("Số ngày theo mức VN_AQI", "Days per VN_AQI band"),
+    "station": ("Trạm", "Station"),
+    "no_data": ("Không có số liệu", "No data"),
+    "flood_hours": ("Số giờ mực nước từ báo động I, II, III trở lên", "Hours at or above alarm levels I, II, III"),
+    "river": ("Sông", "River"),
+    "rain_max": ("Lượng mưa 24 giờ lớn nhất", "Largest 24 h rainfall"),
+    "ending_at": ("Kết thúc lúc", "Ending at"),
+    "none": ("Không có", "None"),
+    "low": ("Thấp", "Low"),
+    "medium": ("Trung bình", "Medium"),
+    "high": ("Cao", "High"),
+    "critical": ("Nghiêm trọng", "Critical"),
+    "database": ("cơ sở dữ liệu IOC", "the IOC database"),
+    "events": ("tệp sự kiện", "events file"),
+    "page": ("Trang", "Page"),
+    "chart_indicators": ("Tỷ lệ so với mục tiêu (%)", "Rates against targets (%)"),
+}
+
+
+def t(key: str, lang: str) -> str:
+    vi, en = _TEXT[key]
+    return en if lang == "en" else vi
