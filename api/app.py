@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import history, schemas
 from api.alert_routes import alert_router
+from api.report_routes import report_router
 from api.alert_store import AlertPublisher, AlertStore, KafkaAlertPublisher, PostgresAlertStore
 from api.auth import Caller
 from api.broadcaster import Broadcaster
@@ -459,6 +460,7 @@ def create_app(
         return {"items": ctx.stations_json, "count": len(ctx.stations_json)}
 
     app.include_router(alert_router(ctx))
+    app.include_router(report_router(ctx))
 
     @app.get("/wall", include_in_schema=False)
     async def wall() -> FileResponse:

@@ -185,8 +185,10 @@ GROUPS_766 = (
 )
 NOT_SCORED_766 = (
     ("publicity", "Công khai, minh bạch", "Publicity, transparency", 18,
+     "việc công bố thủ tục và đồng bộ trạng thái hồ sơ lên Cổng DVC quốc gia không có trong sự kiện hồ sơ",
      "procedure publication and the national portal's synchronisation are not in the dossier events"),
     ("satisfaction", "Mức độ hài lòng", "Satisfaction", 18,
+     "phản ánh, kiến nghị và khảo sát mức độ hài lòng không có trong sự kiện hồ sơ",
      "complaints and satisfaction surveys are not in the dossier events"),
 )  # fmt: skip
 
@@ -240,7 +242,8 @@ def score_766(f: Figures, scope: str, eligible: Mapping[str, tuple[int, int]]) -
         "points_scored_of": scorable,
         "percent_of_scorable": round(100 * total / scorable, 2) if scorable else None,
         "not_scored": [
-            {"group": k, "name_vi": vi, "name_en": en, "points": p, "why": why} for k, vi, en, p, why in NOT_SCORED_766
+            {"group": k, "name_vi": vi, "name_en": en, "points": p, "why_vi": why_vi, "why_en": why_en}
+            for k, vi, en, p, why_vi, why_en in NOT_SCORED_766
         ],
     }
 

@@ -21,7 +21,7 @@ def number(v: float | int | None, lang: str, digits: int = 2) -> str:
     """A figure as a reader of ``lang`` writes it: Vietnamese 1.234,56, English 1,234.56; "–" for none."""
     if v is None:
         return "–"
-    text = f"{v:,.0f}" if float(v).is_integer() and digits >= 0 else f"{v:,.{digits}f}"
+    text = f"{v:,.0f}" if isinstance(v, int) or digits == 0 else f"{v:,.{digits}f}"
     if lang == "vi":
         text = text.replace(",", "\0").replace(".", ",").replace("\0", ".")
     return text
@@ -147,7 +147,8 @@ def _indicators(pdf: ReportPdf, doc: dict[str, Any], lang: str) -> None:
              t("previous", lang), t("change", lang)], widths, head=True)  # fmt: skip
     for i in doc["indicators"]:
         unit = "%" if i["unit"] == "%" else (" h" if i["unit"] == "h" else "")
-        value = number(i["value"], lang) + (unit if i["value"] is not None and unit == "%" else "")
+        digits = 0 if i["unit"] == "dossiers" else 2
+        value = number(i["value"], lang, digits) + (unit if i["value"] is not None and unit == "%" else "")
         target = (
             ("≥ " if i["direction"] == "at_least" else "≤ ") + number(i["target"], lang, 0) + "%"
             if i["target"] is not None
@@ -156,8 +157,8 @@ def _indicators(pdf: ReportPdf, doc: dict[str, Any], lang: str) -> None:
         fills = {4: STATUS_RGB[i["status"]]} if i["status"] else None
         pdf.row(
             [i["name_en"] if lang == "en" else i["name_vi"], value, target, f"#{i['plan_no']}" if i["plan_no"] else "",
-             t(i["status"], lang) if i["status"] else "", number(i["previous"], lang),
-             ("+" if (i["change"] or 0) > 0 else "") + number(i["change"], lang)],
+             t(i["status"], lang) if i["status"] else "", number(i["previous"], lang, digits),
+             ("+" if (i["change"] or 0) > 0 else "") + number(i["change"], lang, digits)],
             widths, fills=fills, aligns="LRRCCRR",
         )  # fmt: skip
     pdf.ln(3)
@@ -186,7 +187,8 @@ def _score(pdf: ReportPdf, doc: dict[str, Any], lang: str) -> None:
     pdf.set_font("DejaVu", size=7.5)
     for g in s["not_scored"]:
         name = g["name_en"] if lang == "en" else g["name_vi"]
-        pdf.multi_cell(0, 4, f"{t('not_scored', lang)}: {name} ({number(g['points'], lang, 0)}) – {g['why']}",
+        why = g["why_en"] if lang == "en" else g["why_vi"]
+        pdf.multi_cell(0, 4, f"{t('not_scored', lang)}: {name} ({number(g['points'], lang, 0)}) – {why}",
                        new_x=XPos.LMARGIN, new_y=YPos.NEXT)  # fmt: skip
     pdf.ln(1)
     pdf.bars([(g["name_en"] if lang == "en" else g["name_vi"], g["score"], None) for g in s["groups"]],
@@ -239,6 +241,8 @@ def _cyber(pdf: ReportPdf, doc: dict[str, Any], lang: str) -> None:
         pdf.cell(75, 5, t(k, lang) + ":")
         pdf.cell(0, 5, number(v, lang), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     pdf.ln(1)
+    if pdf.get_y() + 5.5 * (max(len(c["by_severity"]), len(c["by_category"])) + 1) > 280:
+        pdf.add_page()  # the two tables side by side must not break across pages
     y = pdf.get_y()
     pdf.row([t("severity", lang), t("count", lang)], [35, 20], head=True)
     for sev, n in c["by_severity"].items():
@@ -285,12 +289,12 @@ def _environment(pdf: ReportPdf, doc: dict[str, Any], lang: str) -> None:
     pdf.set_font("DejaVu", "B", 8.5)
     pdf.cell(0, 6, t("aqi_days", lang), new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     # legend
-    pdf.set_font("DejaVu", size=7)
+    pdf.set_font("DejaVu", size=6.5)
     for b in bands:
         pdf.set_fill_color(*_rgb(b["colour"]))
         pdf.rect(pdf.get_x(), pdf.get_y() + 1, 3, 3, style="DF")
         pdf.set_x(pdf.get_x() + 4)
-        pdf.cell(26, 5, f"{b['label_en'] if lang == 'en' else b['label_vi']} ({b['low']}–{b['high']})")
+        pdf.cell(26, 5, f"{b['label_en'] if lang == 'en' else b['label_vi']} {b['low']}–{b['high']}")
     pdf.ln(6)
     n_days = max((sum(a["days"].values()) for a in e["air"]), default=0)
     for a in e["air"]:
@@ -330,7 +334,7 @@ def _environment(pdf: ReportPdf, doc: dict[str, Any], lang: str) -> None:
         text += t("none", lang)
     else:
         text += f"{number(top['max_24h_mm'], lang)} mm – {top['name'] or top['station']} ({t('ending_at', lang).lower()} {top['ending_at'] or '–'})"
-    pdf.multi_cell(0, 5, text, new_x=XPos.LMARGIN, new_y=YPos.NEXT)
+    pdf.multi_cell(0, 5, text, align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
     rain = sorted(e["rain"], key=lambda r: -r["max_24h_mm"])[:15]
     if rain:
         pdf.bars([((r["name"] or r["station"]), r["max_24h_mm"], None) for r in rain],

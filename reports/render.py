@@ -162,7 +162,7 @@ def to_xlsx(doc: dict[str, Any], lang: str) -> bytes:
         if len(g["rates"]) == 1:
             g_rows[s["groups"].index(g)][5] = None
     g_rows.append(["total", t("total", lang), s["points_scored_of"], s["total"], None, None, ""])
-    g_rows += [[g["group"], _name(g, lang), g["points"], None, None, None, g["why"]] for g in s["not_scored"]]
+    g_rows += [[g["group"], _name(g, lang), g["points"], None, None, None, g["why_" + lang]] for g in s["not_scored"]]
     sheet("QĐ 766", ["group", t("group", lang), t("points", lang), t("score", lang), t("rate", lang), t("rate", lang) + " 2",
                      "formula"], g_rows, {3: "0", 4: "0.00", 5: "0.00%", 6: "0.00%"})  # fmt: skip
     for kind, title_vi, title_en in (
