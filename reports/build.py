@@ -405,7 +405,7 @@ def environment_section(
                 "colour": b.colour,
             }
             for b in aqi.BANDS
-        ],  # fmt: skip
+        ],
         "air": air,
         "water": water,
         "rain": rain,

@@ -24,7 +24,9 @@ class ReportError(IocError):
 
 
 def add_parser(sub: Any) -> None:
-    rep = sub.add_parser("report", help="monthly/quarterly report: Plan 348 targets, Decision 766 groups, cyber, environment")
+    rep = sub.add_parser(
+        "report", help="monthly/quarterly report: Plan 348 targets, Decision 766 groups, cyber, environment"
+    )
     when = rep.add_mutually_exclusive_group(required=True)
     when.add_argument("--month", help="YYYY-MM")
     when.add_argument("--quarter", help="YYYY-Qn")
@@ -36,7 +38,9 @@ def add_parser(sub: Any) -> None:
     rep.add_argument("--scope", default="province", help="province (default), commune:CODE or agency:CODE")
     rep.add_argument("--format", choices=FORMATS, default=None, help="pdf, xlsx, csv or json (default: from --out)")
     rep.add_argument("--out", type=Path, default=None, help="the file to write (- for stdout)")
-    rep.add_argument("--from-events", type=Path, default=None, help="read a JSON-lines events file instead of the database")
+    rep.add_argument(
+        "--from-events", type=Path, default=None, help="read a JSON-lines events file instead of the database"
+    )
     rep.add_argument("--lang", choices=LANGS, default="vi", help="vi (default) or en")
     rep.add_argument("--now", default=None, help=argparse.SUPPRESS)  # the scheduled run's clock, for tests
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,9 @@ from fpdf import FPDF
 from fpdf.enums import XPos, YPos
 
 from reports.labels import t
+
+#: fontTools logs every table it subsets at INFO: a page of noise per PDF.
+logging.getLogger("fontTools").setLevel(logging.WARNING)
 
 FONT_DIRS = (Path("/usr/share/fonts/truetype/dejavu"), Path("/usr/share/fonts/dejavu"))
 STATUS_RGB = {"ok": (198, 239, 206), "warn": (255, 235, 156), "breach": (255, 199, 206)}
@@ -68,7 +73,7 @@ class ReportPdf(FPDF):
         self.set_text_color(0)
         self.set_font("DejaVu", size=8.5)
 
-    def row(self, cells: list[str], widths: list[float], *, head: bool = False, fills: dict[int, tuple[int, int, int]] | None = None,
+    def row(self, cells: list[str], widths: Sequence[float], *, head: bool = False, fills: dict[int, tuple[int, int, int]] | None = None,
             aligns: str = "") -> None:  # fmt: skip
         if self.get_y() > 275:
             self.add_page()

@@ -128,9 +128,9 @@ def to_xlsx(doc: dict[str, Any], lang: str) -> bytes:
             ws.column_dimensions[ws.cell(1, i).column_letter].width = min(max(width + 2, 8), 60)
         ws.freeze_panes = "A2"
 
-    wb.remove(wb.active)  # type: ignore[arg-type]
+    wb.remove(wb.active)
     title = t("title_month" if doc["period_kind"] == "month" else "title_quarter", lang).format(period=doc["period"])
-    summary = [
+    summary: list[list[Any]] = [
         [title, None],
         [t("scope", lang), f"{doc['scope_name']} ({doc['scope']})"],
         [t("period", lang), f"{doc['start']} – {doc['end']}"],

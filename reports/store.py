@@ -71,9 +71,7 @@ def listing(conn: psycopg.Connection[Any], commune: str | None = None) -> list[d
     where, params = ("WHERE scope = %s", [f"commune:{commune}"]) if commune else ("", [])
     with conn.cursor() as cur:
         cur.execute(f"SELECT period, scope, made_at, source FROM report {where} ORDER BY period DESC, scope", params)
-        return [
-            {"period": p, "scope": s, "made_at": m.isoformat(), "source": src} for p, s, m, src in cur.fetchall()
-        ]
+        return [{"period": p, "scope": s, "made_at": m.isoformat(), "source": src} for p, s, m, src in cur.fetchall()]
 
 
 def stored(conn: psycopg.Connection[Any], period: str, scope: str) -> dict[str, Any] | None:

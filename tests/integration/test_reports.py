@@ -156,7 +156,9 @@ def test_scheduled_run_stores_province_and_every_commune_and_a_rerun_gives_the_s
         assert len(first) == 1 + len(registry.units)
         again = run_scheduled(conn, registry, now + dt.timedelta(hours=5))
         assert again == first
-        assert stored(conn, "2026-10", "commune:17935") == json.loads(json.dumps(first[1 + sorted(registry.units).index("17935")]))
+        assert stored(conn, "2026-10", "commune:17935") == json.loads(
+            json.dumps(first[1 + sorted(registry.units).index("17935")])
+        )
         assert len(listing(conn)) == len(first)
         assert [r["scope"] for r in listing(conn, "17935")] == ["commune:17935"]
 
@@ -168,7 +170,10 @@ def test_formats_open_and_show_the_figures(from_events: list[dict[str, Any]], tm
     rows = {r[0].value: r for r in ws.iter_rows(min_row=2)}
     received = rows["dossier.received"][2]
     assert received.data_type == "n" and received.value == doc["indicators"][0]["value"]
-    assert isinstance(rows["dossier.online_rate"][2].value, float) and rows["dossier.online_rate"][2].number_format == "#,##0.00"
+    assert (
+        isinstance(rows["dossier.online_rate"][2].value, float)
+        and rows["dossier.online_rate"][2].number_format == "#,##0.00"
+    )
     assert wb["QĐ 766"]["D2"].value == doc["score_766"]["groups"][0]["score"]
 
     data = render(doc, "csv", "vi")
@@ -189,7 +194,9 @@ def test_formats_open_and_show_the_figures(from_events: list[dict[str, Any]], tm
     assert "DejaVu" in fonts and all(line.split()[-5] == "yes" for line in fonts.splitlines()[2:])  # emb column
     en = tmp_path / "en.pdf"
     en.write_bytes(render(doc, "pdf", "en"))
-    assert "MONTHLY REPORT 2026-10" in subprocess.run(["pdftotext", str(en), "-"], capture_output=True, text=True).stdout
+    assert (
+        "MONTHLY REPORT 2026-10" in subprocess.run(["pdftotext", str(en), "-"], capture_output=True, text=True).stdout
+    )
 
 
 @pytest.fixture
