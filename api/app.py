@@ -26,12 +26,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api import history, schemas
 from api.alert_routes import alert_router
-from api.report_routes import report_router
 from api.alert_store import AlertPublisher, AlertStore, KafkaAlertPublisher, PostgresAlertStore
 from api.auth import Caller
 from api.broadcaster import Broadcaster
 from api.feed import Feed
 from api.live import LiveState, snapshot_item
+from api.report_routes import report_router
 from api.ws import WsLimits, websocket_endpoint
 from api.ws_protocol import DirectWebSocketRoute
 from ioc.loop import settle_heap
@@ -73,6 +73,7 @@ TAGS: Final = [
         "description": "Alerts, their audit trail, acknowledgement and resolution, and silences (CONTRACT §2, §7).",
     },
     {"name": "registries", "description": "Communes and environmental stations."},
+    {"name": "reports", "description": "Monthly and quarterly reports as PDF, XLSX, CSV or JSON (docs/reports.md)."},
     {"name": "operations", "description": "Liveness, readiness and Prometheus metrics; no token needed."},
 ]
 

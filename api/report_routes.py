@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import psycopg
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 
+from api import schemas
 from api.auth import Caller, Principal
 from reports.document import ScopeError, check_scope
 from reports.labels import LANGS
@@ -25,6 +26,29 @@ if TYPE_CHECKING:
     from api.app import ApiContext
 
 log = logging.getLogger(__name__)
+
+LIST_EXAMPLE = {
+    "items": [{"period": "2026-10", "scope": "province", "made_at": "2026-11-01T00:30:04+07:00", "source": "database"}],
+    "count": 1,
+}
+FILE_EXAMPLES = {
+    "pdf": "%PDF-1.3 …",
+    "xlsx": "PK… (an Office Open XML workbook)",
+    "csv": "\ufeffreport,2026-10,province,Tỉnh Nghệ An,2026-10-31T23:59:59.999999+07:00\r\n…",
+    "json": {"schema": "ioc.report.v1", "period": "2026-10", "scope": "province", "indicators": ["…"]},
+}
+_BAD_REPORT = (
+    "The period, scope, format or language cannot be read.",
+    {"detail": "'2026-13' is neither a month YYYY-MM nor a quarter YYYY-Qn"},
+)
+_SCOPE_FORBIDDEN = (
+    "The scope is not the caller's (a commune user gets its own commune's report only).",
+    {"detail": "scope commune:16690 is not yours"},
+)
+_ROLE_FORBIDDEN = (
+    "The caller's role reads no reports (operator, admin and commune users do).",
+    {"detail": "role security may not read reports"},
+)
 
 
 def _allowed(caller: Principal, scope: str) -> bool:
@@ -47,7 +71,17 @@ def report_router(ctx: ApiContext) -> APIRouter:
             doc = stored(conn, period.label, scope)
             return doc if doc is not None else from_database(conn, ctx.registry, period, [scope])[0]
 
-    @router.get("/api/reports", response_model=None, responses={403: {"description": "role without reports"}})
+    @router.get(
+        "/api/reports",
+        response_model=None,
+        responses={
+            200: {
+                "description": "Stored reports.",
+                "content": {"application/json": {"example": LIST_EXAMPLE}},
+            },
+            **schemas.errors(401, 403, e403=_ROLE_FORBIDDEN),
+        },
+    )
     async def list_reports(caller: Caller) -> dict[str, Any]:
         """Stored reports (the scheduled run's), newest period first; a commune user sees its own."""
         if not (caller.sees_everything or (caller.role == "commune" and caller.commune)):
@@ -59,9 +93,11 @@ def report_router(ctx: ApiContext) -> APIRouter:
         "/api/reports/{period}",
         response_model=None,
         responses={
-            200: {"description": "the report file", "content": {m: {} for m in MEDIA_TYPES.values()}},
-            403: {"description": "the scope is not the caller's"},
-            422: {"description": "bad period, scope, format or language"},
+            200: {
+                "description": "The report as a file (Content-Disposition: attachment).",
+                "content": {m: {"example": FILE_EXAMPLES[f]} for f, m in MEDIA_TYPES.items()},
+            },
+            **schemas.errors(400, 401, 403, 422, e400=_BAD_REPORT, e403=_SCOPE_FORBIDDEN),
         },
     )
     async def get_report(
@@ -76,9 +112,9 @@ def report_router(ctx: ApiContext) -> APIRouter:
             p = Period.parse(period)
             check_scope(scope, ctx.registry)
         except (PeriodError, ScopeError) as exc:
-            raise HTTPException(422, str(exc)) from None
+            raise HTTPException(400, str(exc)) from None
         if format not in FORMATS or lang not in LANGS:
-            raise HTTPException(422, f"format must be one of {', '.join(FORMATS)} and lang one of {', '.join(LANGS)}")
+            raise HTTPException(400, f"format must be one of {', '.join(FORMATS)} and lang one of {', '.join(LANGS)}")
         if not _allowed(caller, scope):
             raise HTTPException(403, f"scope {scope} is not yours")
         doc = await asyncio.to_thread(_document, p, scope)

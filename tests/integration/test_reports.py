@@ -229,6 +229,6 @@ def test_report_endpoints_keep_a_commune_to_its_own(api: tuple[TestClient, Setti
     assert client.get("/api/reports", headers=op).json()["count"] == 131
     r = client.get("/api/reports/2026-10", params={"format": "xlsx"}, headers=op)
     assert r.status_code == 200 and r.content[:2] == b"PK"
-    assert client.get("/api/reports/2026-13", headers=op).status_code == 422
-    assert client.get("/api/reports/2026-10", params={"scope": "commune:99999"}, headers=op).status_code == 422
+    assert client.get("/api/reports/2026-13", headers=op).status_code == 400
+    assert client.get("/api/reports/2026-10", params={"scope": "commune:99999"}, headers=op).status_code == 400
     assert client.get("/api/reports/2026-10").status_code == 401
