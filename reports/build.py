@@ -113,9 +113,18 @@ def _eligible_procedures() -> frozenset[str]:
 
 
 @cache
-def agency_names() -> dict[str, str]:
+def _agencies() -> list[dict[str, str]]:
     text = resources.files("ioc.data").joinpath("agencies.csv").read_text(encoding="utf-8")
-    return {r["agency_code"]: r["name"] for r in csv.DictReader(io.StringIO(text))}
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+def agency_names() -> dict[str, str]:
+    return {r["agency_code"]: r["name"] for r in _agencies()}
+
+
+def commune_agencies() -> frozenset[str]:
+    """Agency codes of the communes' own UBND (ranked as communes, so left out of the agency ranking)."""
+    return frozenset(r["agency_code"] for r in _agencies() if r["level"] == "commune")
 
 
 def _in_period(t: int | None, period: Period) -> bool:

@@ -27,17 +27,19 @@ def add_parser(sub: Any) -> None:
     rep = sub.add_parser(
         "report", help="monthly/quarterly report: Plan 348 targets, Decision 766 groups, cyber, environment"
     )
-    when = rep.add_mutually_exclusive_group(required=True)
+    when = rep.add_mutually_exclusive_group()
     when.add_argument("--month", help="YYYY-MM")
     when.add_argument("--quarter", help="YYYY-Qn")
-    when.add_argument(
+    rep.add_argument(
         "--scheduled",
         action="store_true",
-        help="the scheduled run: last month's province and commune reports, stored in the database",
+        help="the scheduled run: last month's (or --month's) province and commune reports, stored in the database",
     )
     rep.add_argument("--scope", default="province", help="province (default), commune:CODE or agency:CODE")
-    rep.add_argument("--format", choices=FORMATS, default=None, help="pdf, xlsx, csv or json (default: from --out)")
-    rep.add_argument("--out", type=Path, default=None, help="the file to write (- for stdout)")
+    rep.add_argument("--format", choices=FORMATS, default=None, help="pdf, xlsx, csv or json (default: from --out, else pdf)")
+    rep.add_argument(
+        "--out", type=Path, default=None, help="the file to write (- for stdout; default bao-cao-PERIOD-SCOPE.FORMAT)"
+    )
     rep.add_argument(
         "--from-events", type=Path, default=None, help="read a JSON-lines events file instead of the database"
     )
@@ -50,14 +52,18 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
     registry = load_registry(settings.units_file, settings.stations_file, settings.targets_file)
     if args.scheduled:
+        if args.quarter or args.from_events:
+            raise ReportError("--scheduled makes monthly reports from the database (give at most --month)")
         return _scheduled(args, settings, registry)
+    if not (args.month or args.quarter):
+        raise ReportError("give --month YYYY-MM, --quarter YYYY-Qn or --scheduled")
     try:
         period = Period.parse(args.month or args.quarter)
     except PeriodError as exc:
         raise ReportError(str(exc)) from None
     if (args.month and period.kind != "month") or (args.quarter and period.kind != "quarter"):
         raise ReportError(f"{args.month or args.quarter!r} is not a {'month' if args.month else 'quarter'}")
-    fmt = args.format or (args.out.suffix.lstrip(".").lower() if args.out else "")
+    fmt = args.format or (args.out.suffix.lstrip(".").lower() if args.out else "pdf")
     if fmt not in FORMATS:
         raise ReportError(f"give --format ({', '.join(FORMATS)}) or an --out file ending in one of them")
     from reports.document import ScopeError, check_scope, make_documents
@@ -82,12 +88,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         with psycopg.connect(settings.database_url) as conn:
             doc = from_database(conn, registry, period, [scope])[0]
     data = render(doc, fmt, args.lang)
-    if args.out is None or str(args.out) == "-":
+    out = args.out or Path(f"bao-cao-{period.label}-{scope.replace(':', '-')}.{fmt}")
+    if str(out) == "-":
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
     else:
-        args.out.write_bytes(data)
-        print(f"{args.out}: {period.label} {scope} ({fmt}, {len(data):,} bytes, {time.monotonic() - started:.1f} s)")
+        out.write_bytes(data)
+        print(f"{out}: {period.label} {scope} ({fmt}, {len(data):,} bytes, {time.monotonic() - started:.1f} s)")
     return 0
 
 
@@ -98,7 +105,10 @@ def _scheduled(args: argparse.Namespace, settings: Settings, registry: Any) -> i
     from streams.windows import TZ
 
     now = dt.datetime.fromisoformat(args.now) if args.now else dt.datetime.now(TZ)
-    period = Period.parse(args.month) if args.month else None
+    try:
+        period = Period.parse(args.month) if args.month else None
+    except PeriodError as exc:
+        raise ReportError(str(exc)) from None
     started = time.monotonic()
     with psycopg.connect(settings.database_url) as conn:
         docs = run_scheduled(conn, registry, now, period)

@@ -121,11 +121,13 @@ def make_documents(
 def _rankings(
     f: build.Figures, engine: Engine, registry: Registry, eligible: dict[str, tuple[int, int]]
 ) -> dict[str, list[dict[str, Any]]]:
-    """Communes (all of the registry) and agencies (those with dossiers) by their Decision 766 share of
-    the scorable points, then by on-time rate; rows without any scorable group last."""
+    """Communes (all of the registry) and agencies (those with dossiers, but not a commune's own UBND,
+    ranked as its commune) by their Decision 766 share of the scorable points, then by on-time rate;
+    rows without any scorable group last."""
     out: dict[str, list[dict[str, Any]]] = {}
     names = build.agency_names()
-    agencies = sorted(s for s in engine.dossiers.scopes if s.startswith("agency:"))
+    own = build.commune_agencies()
+    agencies = sorted(s for s in engine.dossiers.scopes if s.startswith("agency:") and s[7:] not in own)
     for kind, scopes in (("communes", [f"commune:{c}" for c in sorted(registry.units)]), ("agencies", agencies)):
         rows = []
         for scope in scopes:

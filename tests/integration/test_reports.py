@@ -7,6 +7,7 @@ import datetime as dt
 import io
 import json
 import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -232,3 +233,47 @@ def test_report_endpoints_keep_a_commune_to_its_own(api: tuple[TestClient, Setti
     assert client.get("/api/reports/2026-13", headers=op).status_code == 400
     assert client.get("/api/reports/2026-10", params={"scope": "commune:99999"}, headers=op).status_code == 400
     assert client.get("/api/reports/2026-10").status_code == 401
+
+
+def _ioc(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ioc.cli", "report", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+        cwd=cwd,
+    )
+
+
+def test_ioc_report_writes_the_files_and_refuses_bad_input_with_a_reason(
+    events: Path, from_events: list[dict[str, Any]], tmp_path: Path
+) -> None:
+    r = _ioc("--month", "2026-10", "--from-events", str(events), "--format", "json", "--out", str(tmp_path / "r.json"))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((tmp_path / "r.json").read_text(encoding="utf-8"))
+    assert doc["indicators"] == from_events[0]["indicators"]
+    r = _ioc("--month", "2026-10", "--scope", "commune:17935", "--from-events", str(events), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "bao-cao-2026-10-commune-17935.pdf").read_bytes().startswith(b"%PDF")
+    for bad, reason in (
+        (["--month", "2026-13"], "neither a month"),
+        (["--month", "2026-10", "--scope", "commune:00000"], "known commune"),
+        (["--month", "2026-10", "--out", "x.docx"], "--format"),
+        (["--scope", "province"], "give --month"),
+    ):
+        r = _ioc(*bad, "--from-events", str(events), cwd=tmp_path)
+        assert r.returncode == 2 and reason in r.stderr, (bad, r.stderr)
+
+
+def test_a_quarter_is_the_sum_of_its_months(events: Path, registry: Registry) -> None:
+    def received(label: str) -> tuple[float, float]:
+        p = Period.parse(label)
+        engine, _ = engine_from_events(events, registry, p.as_of_us)
+        doc = make_documents(engine, registry, p, ["province"], "events")[0]
+        values = {i["kpi"]: i["value"] for i in doc["indicators"]}
+        return values["dossier.received"], values["dossier.completed"]
+
+    months = [received(m) for m in ("2026-10", "2026-11", "2026-12")]
+    assert received("2026-Q4") == (sum(m[0] for m in months), sum(m[1] for m in months))
+    assert months[1][0] > 0  # the file's three days of November count in the quarter
