@@ -98,7 +98,9 @@ def _escalated_after(events: Path, as_of_us: int) -> int:
     return len(n)
 
 
-def test_report_from_events_equals_the_kpis_month_to_date_values(from_events: list[dict[str, Any]], kpis: dict) -> None:
+def test_report_from_events_equals_the_kpis_month_to_date_values(
+    from_events: list[dict[str, Any]], kpis: dict[tuple[str, str, str], Any]
+) -> None:
     compared = 0
     for doc in from_events:
         for ind in doc["indicators"]:

@@ -9,8 +9,8 @@ import pytest
 
 from ioc.registry import load_registry
 from reports.build import PeriodReader, aqi_days, flood_hours, max_rain_24h
-from reports.period import Period
 from reports.pdf import number
+from reports.period import Period
 from streams.kpi import Counters
 from streams.sensor import Reading, StationState
 from streams.windows import TZ
