@@ -127,17 +127,14 @@ def commune_agencies() -> frozenset[str]:
     return frozenset(r["agency_code"] for r in _agencies() if r["level"] == "commune")
 
 
-def _in_period(t: int | None, period: Period) -> bool:
-    return t is not None and int(period.start.timestamp()) * US <= t <= period.as_of_us
-
-
 def full_online_of_eligible(f: Figures) -> dict[str, tuple[int, int]]:
     """Per scope: (received full-online, received) over dossiers of procedures eligible for full-online
     (``ioc/data/procedures.csv``) received in the period; a dossier without a known procedure counts."""
     eligible = _eligible_procedures()
     out: dict[str, list[int]] = {}
+    start, end = int(f.period.start.timestamp()) * US, f.period.as_of_us
     for s in f.dossiers.values():
-        if s.received is None or not _in_period(s.received[0], f.period):
+        if s.received is None or not start <= s.received[0] <= end:
             continue
         if s.procedure_code is not None and s.procedure_code not in eligible:
             continue

@@ -11,6 +11,8 @@ from streams.windows import TZ
 US = 1_000_000
 #: The scheduled run: 00:30 local time on the 1st of each month.
 SCHEDULE_DAY, SCHEDULE_TIME = 1, dt.time(0, 30)
+#: Years a period may be in (the previous period and the end stay within what datetime holds).
+MIN_YEAR, MAX_YEAR = 2000, 2999
 
 
 class PeriodError(ValueError):
@@ -27,13 +29,17 @@ class Period:
 
     @classmethod
     def parse(cls, text: str) -> Period:
-        m = re.fullmatch(r"(\d{4})-(\d{2})", text.strip())
+        m = re.fullmatch(r"([0-9]{4})-([0-9]{2})", text.strip())
+        q = re.fullmatch(r"([0-9]{4})-[Qq]([1-4])", text.strip())
         if m and 1 <= int(m.group(2)) <= 12:
-            return cls(int(m.group(1)), int(m.group(2)), 1)
-        q = re.fullmatch(r"(\d{4})-[Qq]([1-4])", text.strip())
-        if q:
-            return cls(int(q.group(1)), 3 * int(q.group(2)) - 2, 3)
-        raise PeriodError(f"{text!r} is neither a month YYYY-MM nor a quarter YYYY-Qn")
+            period = cls(int(m.group(1)), int(m.group(2)), 1)
+        elif q:
+            period = cls(int(q.group(1)), 3 * int(q.group(2)) - 2, 3)
+        else:
+            raise PeriodError(f"{text!r} is neither a month YYYY-MM nor a quarter YYYY-Qn")
+        if not MIN_YEAR <= period.year <= MAX_YEAR:
+            raise PeriodError(f"{text!r}: the year must be {MIN_YEAR}–{MAX_YEAR}")
+        return period
 
     @property
     def label(self) -> str:
