@@ -365,10 +365,13 @@ def flood_hours(state: StationState, period: Period) -> dict[str, float | None]:
     return out
 
 
-def max_rain_24h(state: StationState, period: Period) -> tuple[float, str | None]:
-    """The largest rainfall over any 24 h ending within the period (mm), and when that window ends."""
+def max_rain_24h(state: StationState, period: Period) -> tuple[float | None, str | None]:
+    """The largest rainfall over any 24 h ending within the period (mm), and when that window ends;
+    (None, None) for a gauge without a reading in the period (silent, not dry)."""
     start, end = int(period.start.timestamp()) * US, period.as_of_us
     times = [t for t in state.times() if t <= end]
+    if not any(t >= start for t in times):
+        return None, None
     best, best_end = 0.0, None
     lo, total = 0, 0.0
     for t in times:
@@ -399,7 +402,9 @@ def environment_section(
         elif st.kind == "rain":
             mm, ending = max_rain_24h(state, period)
             rain.append({**base, "max_24h_mm": mm, "ending_at": ending})
-    top = max(rain, key=lambda x: (x["max_24h_mm"], x["station"]), default=None)
+    top = max(
+        (r for r in rain if r["max_24h_mm"] is not None), key=lambda x: (x["max_24h_mm"], x["station"]), default=None
+    )
     return {
         "aqi_bands": [
             {

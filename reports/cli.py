@@ -36,7 +36,9 @@ def add_parser(sub: Any) -> None:
         help="the scheduled run: last month's (or --month's) province and commune reports, stored in the database",
     )
     rep.add_argument("--scope", default="province", help="province (default), commune:CODE or agency:CODE")
-    rep.add_argument("--format", choices=FORMATS, default=None, help="pdf, xlsx, csv or json (default: from --out, else pdf)")
+    rep.add_argument(
+        "--format", choices=FORMATS, default=None, help="pdf, xlsx, csv or json (default: from --out, else pdf)"
+    )
     rep.add_argument(
         "--out", type=Path, default=None, help="the file to write (- for stdout; default bao-cao-PERIOD-SCOPE.FORMAT)"
     )

@@ -91,6 +91,9 @@ class ReportPdf(FPDF):
         label_w, bar_w = 62, width - 62 - 18
         self.set_font("DejaVu", size=7.5)
         for label, value, target in items:
+            if self.get_y() > 275:  # break before the bar, or it is drawn where the old page ended
+                self.add_page()
+                self.set_font("DejaVu", size=7.5)
             y = self.get_y()
             self.cell(label_w, 5, label[:48])
             x0 = self.get_x()
@@ -340,7 +343,7 @@ def _environment(pdf: ReportPdf, doc: dict[str, Any], lang: str) -> None:
     else:
         text += f"{number(top['max_24h_mm'], lang)} mm – {top['name'] or top['station']} ({t('ending_at', lang).lower()} {top['ending_at'] or '–'})"
     pdf.multi_cell(0, 5, text, align="L", new_x=XPos.LMARGIN, new_y=YPos.NEXT)
-    rain = sorted(e["rain"], key=lambda r: -r["max_24h_mm"])[:15]
+    rain = sorted((r for r in e["rain"] if r["max_24h_mm"] is not None), key=lambda r: -r["max_24h_mm"])[:15]
     if rain:
         pdf.bars([((r["name"] or r["station"]), r["max_24h_mm"], None) for r in rain],
                  scale=max(r["max_24h_mm"] for r in rain) or 1)  # fmt: skip

@@ -61,6 +61,13 @@ def test_largest_24h_rainfall_is_a_sliding_window_reaching_into_the_day_before()
     assert max_rain_24h(s, OCT) == (70.0, "2026-10-01T06:00:00+07:00")
 
 
+def test_a_silent_rain_gauge_has_no_largest_rainfall_rather_than_zero() -> None:
+    s = station("rain")
+    s.readings = {us("2026-09-30T12:00:00+07:00"): Reading("a", {"rain_mm": 40.0})}
+    s.changed()
+    assert max_rain_24h(s, OCT) == (None, None)
+
+
 def test_aqi_days_count_each_local_day_once_and_days_without_readings_as_no_data() -> None:
     s = station("air")
     for day in (1, 2):
