@@ -20,6 +20,7 @@ _TEXT: dict[str, tuple[str, str]] = {
     "as_of": ("Số liệu tính đến", "Figures as of"),
     "source": ("Nguồn số liệu", "Data source"),
     "previous": ("Kỳ trước", "Previous period"),
+    "prev_short": ("Kỳ trước", "Previous"),
     "sec_indicators": ("1. Chỉ tiêu giải quyết thủ tục hành chính", "1. Administrative procedure indicators"),
     "sec_766": (
         "2. Bộ chỉ số QĐ 766/QĐ-TTg (các nhóm tính được từ dữ liệu)",

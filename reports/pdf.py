@@ -152,7 +152,7 @@ def _indicators(pdf: ReportPdf, doc: dict[str, Any], lang: str) -> None:
     pdf.heading(t("sec_indicators", lang))
     widths = [70, 24, 20, 14, 20, 16, 16]
     pdf.row([t("indicator", lang), t("value", lang), t("target", lang), "KH 348", t("status", lang),
-             t("previous", lang), t("change", lang)], widths, head=True)  # fmt: skip
+             t("prev_short", lang), t("change", lang)], widths, head=True)  # fmt: skip
     for i in doc["indicators"]:
         unit = "%" if i["unit"] == "%" else (" h" if i["unit"] == "h" else "")
         digits = 0 if i["unit"] == "dossiers" else 2
