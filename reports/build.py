@@ -155,6 +155,8 @@ class Group766:
     name_en: str
     points: float
     formula: str
+    #: The formula in a table cell: Vietnamese, English.
+    short: tuple[str, str] = ("", "")
 
 
 #: The groups these events can score (docs/reports.md gives each formula's source and what is assumed).
@@ -166,6 +168,10 @@ GROUPS_766 = (
         20,
         "20 × (completed on time in the period + in progress within deadline at its end)"
         " ÷ (completed in the period + in progress at its end)",
+        (
+            "20 × (đúng hạn + còn hạn) ÷ (đã xong + đang xử lý)",
+            "20 × (on time + in time) ÷ (done + open)",
+        ),
     ),
     Group766(
         "online_service",
@@ -173,6 +179,7 @@ GROUPS_766 = (
         "Online public services",
         12,
         "12 × full-online dossiers ÷ dossiers of procedures eligible for full-online, received in the period",
+        ("12 × toàn trình ÷ hồ sơ của TTHC đủ điều kiện", "12 × full-online ÷ dossiers of eligible procedures"),
     ),
     Group766(
         "online_payment",
@@ -180,6 +187,7 @@ GROUPS_766 = (
         "Online payment",
         10,
         "10 × dossiers paid online ÷ completed dossiers with a fee",
+        ("10 × thanh toán trực tuyến ÷ hồ sơ có phí", "10 × paid online ÷ with a fee"),
     ),
     Group766(
         "digitisation",
@@ -187,6 +195,7 @@ GROUPS_766 = (
         "Digitisation",
         22,
         "11 × digitised ÷ completed + 11 × electronic results ÷ completed (data reuse not in the events)",
+        ("11 × số hóa + 11 × kết quả điện tử (÷ đã giải quyết)", "11 × digitised + 11 × e-results (÷ done)"),
     ),
 )
 NOT_SCORED_766 = (
@@ -240,6 +249,8 @@ def score_766(f: Figures, scope: str, eligible: Mapping[str, tuple[int, int]]) -
                 "score": score,
                 "rates": [None if p is None else round(100 * p, 2) for p in parts],
                 "formula": g.formula,
+                "formula_short_vi": g.short[0],
+                "formula_short_en": g.short[1],
             }
         )
     return {

@@ -42,6 +42,8 @@ _TEXT: dict[str, tuple[str, str]] = {
     "score": ("Điểm", "Score"),
     "rate": ("Tỷ lệ", "Rate"),
     "total": ("Tổng điểm các nhóm tính được", "Total of the scored groups"),
+    "total_short": ("Tổng điểm", "Total"),
+    "max_short": ("Tối đa", "Max"),
     "not_scored": ("Không tính được từ dữ liệu sự kiện", "Cannot be scored from the events"),
     "rank": ("Hạng", "Rank"),
     "name": ("Tên", "Name"),

@@ -181,14 +181,14 @@ def _indicators(pdf: ReportPdf, doc: dict[str, Any], lang: str) -> None:
 def _score(pdf: ReportPdf, doc: dict[str, Any], lang: str) -> None:
     pdf.heading(t("sec_766", lang))
     s = doc["score_766"]
-    widths = [58, 20, 18, 30, 54]
-    pdf.row([t("group", lang), t("points", lang), t("score", lang), t("rate", lang), "Cách tính" if lang == "vi" else "Formula"],
+    widths = [44, 14, 14, 28, 80]
+    pdf.row([t("group", lang), t("max_short", lang), t("score", lang), t("rate", lang), "Cách tính" if lang == "vi" else "Formula"],
             widths, head=True)  # fmt: skip
     for g in s["groups"]:
         rates = " / ".join(number(r, lang) + "%" for r in g["rates"])
         pdf.row([g["name_en"] if lang == "en" else g["name_vi"], number(g["points"], lang, 0), number(g["score"], lang),
-                 rates, "docs/reports.md"], widths, aligns="LRRRL")  # fmt: skip
-    pdf.row([t("total", lang), number(s["points_scored_of"], lang, 0), number(s["total"], lang),
+                 rates, g["formula_short_en" if lang == "en" else "formula_short_vi"]], widths, aligns="LRRRL")  # fmt: skip
+    pdf.row([t("total_short", lang), number(s["points_scored_of"], lang, 0), number(s["total"], lang),
              f"{number(s['percent_of_scorable'], lang)}%", f"{t('previous', lang)}: {number(s['previous_total'], lang)}"],
             widths, head=True)  # fmt: skip
     pdf.ln(1)
