@@ -31,6 +31,7 @@ from api.auth import Caller
 from api.broadcaster import Broadcaster
 from api.feed import Feed
 from api.live import LiveState, snapshot_item
+from api.report_routes import report_router
 from api.ws import WsLimits, websocket_endpoint
 from api.ws_protocol import DirectWebSocketRoute
 from ioc.loop import settle_heap
@@ -72,6 +73,7 @@ TAGS: Final = [
         "description": "Alerts, their audit trail, acknowledgement and resolution, and silences (CONTRACT §2, §7).",
     },
     {"name": "registries", "description": "Communes and environmental stations."},
+    {"name": "reports", "description": "Monthly and quarterly reports as PDF, XLSX, CSV or JSON (docs/reports.md)."},
     {"name": "operations", "description": "Liveness, readiness and Prometheus metrics; no token needed."},
 ]
 
@@ -459,6 +461,7 @@ def create_app(
         return {"items": ctx.stations_json, "count": len(ctx.stations_json)}
 
     app.include_router(alert_router(ctx))
+    app.include_router(report_router(ctx))
 
     @app.get("/wall", include_in_schema=False)
     async def wall() -> FileResponse:

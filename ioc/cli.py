@@ -1,4 +1,4 @@
-"""The `ioc` command: dev, worker, api, simulate, replay, db migrate, topics create, token create, bench, soak."""
+"""The `ioc` command: dev, worker, api, simulate, replay, db migrate, topics create, token create, bench, soak, report."""
 
 from __future__ import annotations
 
@@ -102,6 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--json", type=Path, default=None, help="where to write the figures (default artifacts/bench-<time>.json)"
     )
+    from reports.cli import add_parser as add_report_parser
+
+    add_report_parser(sub)
+
     soak = sub.add_parser("soak", help="a steady stream through real worker and API processes: memory over time")
     soak.add_argument("--rate", type=float, default=500.0, help="events per second (default 500)")
     soak.add_argument("--duration", type=_duration, default=dt.timedelta(minutes=30), help="e.g. 90s, 30m, 1h")
@@ -237,6 +241,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from ioc.bench.harness import main as bench
 
         return bench(args.events, args.quick, args.only, args.json)
+    if args.command == "report":
+        from reports.cli import run as report
+
+        return report(args, settings)
     if args.command == "soak":
         from ioc.bench.soak import Plan
         from ioc.bench.soak import main as soak
