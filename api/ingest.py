@@ -11,6 +11,7 @@ per source (413, 429 with ``Retry-After``), and records in flight per process (4
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -81,7 +82,14 @@ class Outcome:
         counts = {"accepted": 0, "duplicate": 0, "rejected": 0, "failed": 0}
         for r in self.results:
             counts[r["status"]] += 1
-        return {**counts, "results": self.results}
+        if self.status == 200:
+            return {**counts, "results": self.results}
+        detail = (
+            f"{counts['failed']} records not acknowledged by the broker: send them again"
+            if self.status == 503
+            else f"the event was rejected: {self.results[0].get('reason', '')}"
+        )
+        return {"detail": detail, **counts, "results": self.results}
 
 
 class IngestDoor:
@@ -158,10 +166,9 @@ class IngestDoor:
         for index, event_id, pending in waiting:
             outcome.results.append(await _settled(index, event_id, pending, "duplicate"))
         outcome.results.sort(key=lambda r: int(r["index"]))
-        by_status = outcome.body()
-        for result in ("accepted", "duplicate", "rejected", "failed"):
-            if by_status[result]:
-                self.counter.labels("http", source, result).inc(by_status[result])
+        by_status = collections.Counter(str(r["status"]) for r in outcome.results)
+        for result, n in by_status.items():
+            self.counter.labels("http", source, result).inc(n)
         if by_status["failed"]:
             outcome.status = 503
         elif single and by_status["rejected"]:
@@ -291,6 +298,37 @@ RESULT_EXAMPLE: Final = {
         },
     ],
 }
+REJECTED_EXAMPLE: Final = {
+    "detail": "the event was rejected: channel: required on a received event",
+    "accepted": 0,
+    "duplicate": 0,
+    "rejected": 1,
+    "failed": 0,
+    "results": [
+        {
+            "index": 0,
+            "status": "rejected",
+            "stage": "validate",
+            "field": "channel",
+            "reason": "channel: required on a received event",
+        }
+    ],
+}
+FAILED_EXAMPLE: Final = {
+    "detail": "1 records not acknowledged by the broker: send them again",
+    "accepted": 0,
+    "duplicate": 0,
+    "rejected": 0,
+    "failed": 1,
+    "results": [
+        {
+            "index": 0,
+            "event_id": "motcua-1",
+            "status": "failed",
+            "reason": "the broker did not acknowledge it (KafkaTimeoutError); send it again",
+        }
+    ],
+}
 WAZUH_EXAMPLE: Final = {
     "timestamp": "2026-12-05T03:04:05.123+0000",
     "rule": {
@@ -338,8 +376,14 @@ def ingest_router(door_: IngestDoor, producer: DoorProducer | None) -> APIRouter
             "description": "Every record answered: accepted (the broker has it), duplicate, or rejected with the reason.",
             "content": {"application/json": {"example": RESULT_EXAMPLE}},
         },
-        422: {"description": "The single JSON event was rejected (the reason is in `results`)."},
-        503: {"description": "The broker did not acknowledge some records (`failed`): send them again."},
+        422: {
+            "description": "The single JSON event was rejected (the reason is in `results`).",
+            "content": {"application/json": {"example": REJECTED_EXAMPLE}},
+        },
+        503: {
+            "description": "The broker did not acknowledge some records (`failed`): send them again.",
+            "content": {"application/json": {"example": FAILED_EXAMPLE}},
+        },
     }
 
     @router.post(
@@ -443,7 +487,7 @@ def ingest_router(door_: IngestDoor, producer: DoorProducer | None) -> APIRouter
 
 def _single_rejected(door_: IngestDoor, source: str, exc: InvalidEvent) -> JSONResponse:
     door_.counter.labels("http", source, "rejected").inc()
-    return JSONResponse(Outcome([_rejected(0, exc)]).body(), status_code=422)
+    return JSONResponse(Outcome([_rejected(0, exc)], status=422).body(), status_code=422)
 
 
 def _retry(outcome: Outcome) -> dict[str, str] | None:

@@ -31,6 +31,8 @@ SCOPED = {
     ("/api/alerts/{alert_id}/resolve", "post"),
     ("/api/silences", "post"),
     ("/api/silences/{silence_id}", "delete"),
+    ("/api/ingest/{topic}", "post"),
+    ("/api/ingest/siem/wazuh", "post"),
 }
 ALERT_ROUTES = {"/api/alerts", "/api/alerts/{alert_id}", "/api/alerts/{alert_id}/ack", "/api/alerts/{alert_id}/resolve",
                 "/api/silences", "/api/silences/{silence_id}"}  # fmt: skip
