@@ -55,10 +55,11 @@ def broker_config(port: int, host: str, directory: Path) -> str:
             "max_inflight_messages 1000",
             "max_queued_messages 200000",
             f"max_packet_size {MAX_PACKET_BYTES}",
-            "log_dest stdout",
+            f"log_dest file {directory / 'mosquitto.log'}",
             "log_type error",
             "log_type warning",
             "log_type notice",
+            "log_type subscribe",  # the tests wait for the bridge's subscription in the log
             # As root mosquitto would switch to the user `mosquitto`, who cannot read this directory.
             *(["user root"] if os.geteuid() == 0 else []),
             "",
@@ -139,7 +140,7 @@ class EmbeddedMosquitto(EmbeddedProcess):
         port = free_port(self.host)
         conf = self.directory / "mosquitto.conf"
         conf.write_text(broker_config(port, self.host, self.directory))
-        self._log_file = self.log_path.open("ab")
+        self._log_file = (self.directory / "mosquitto.out").open("ab")
         self._proc = subprocess.Popen(
             [binary, "-c", str(conf)],
             stdin=subprocess.DEVNULL,
