@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from aiokafka.errors import KafkaError
+from paho.mqtt.enums import CallbackAPIVersion
 from prometheus_client import CollectorRegistry, start_http_server
 
 from ioc.errors import ConfigurationError, InvalidEvent
@@ -80,7 +81,7 @@ class Bridge:
         self.subscribed = asyncio.Event()
         self.client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[str]] = set()
 
     # --- MQTT (paho's network thread) --------------------------------------------------------
 
@@ -110,7 +111,7 @@ class Bridge:
     def connect(self) -> None:
         self._loop = asyncio.get_running_loop()
         client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=self.settings.mqtt_client_id,
             clean_session=False,
             protocol=mqtt.MQTTv311,

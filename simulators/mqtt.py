@@ -7,6 +7,7 @@ import logging
 import time
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
 
 from ioc.mqtt_bridge import parse_mqtt_url
 from streams.door import MQTT_TOPIC_PREFIX
@@ -22,7 +23,7 @@ class MqttSensorSender:
 
     def __init__(self, url: str, client_id: str = "ioc-simulator") -> None:
         target = parse_mqtt_url(url)
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv311)
         if target.username:
             self.client.username_pw_set(target.username, target.password)
         self.client.max_inflight_messages_set(MAX_IN_FLIGHT)
