@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -312,3 +313,35 @@ def test_mqtt_readings_with_mosquitto_pub_move_the_station_and_bad_ones_are_dead
     assert len(readings) == 302  # 1 + WL-DUA's 1 + 300 flood; the re-sent one is not produced again
     assert {r.key for r in readings} == {b"WL-NAMDAN", b"WL-DUA"}
     assert wait_kpi(settings, "water.level_m", "station:WL-NAMDAN", "now", 6.1) == 6.1  # the flood was older
+
+
+def test_simulator_sends_sensor_readings_over_mqtt(
+    make_settings: Callable[..., Settings], mosquitto: EmbeddedMosquitto, tmp_path: Path
+) -> None:
+    settings = make_settings(database_url="postgresql://unused@127.0.0.1:1/x")
+    ensure_topics(settings)
+    tool = shutil.which("mosquitto_sub")
+    assert tool, "mosquitto_sub missing: install mosquitto-clients (scripts/setup)"
+    sub = subprocess.Popen(
+        [tool, "-h", mosquitto.host, "-p", str(mosquitto.port), "-u", DEV_USER, "-P", mosquitto.passwords[DEV_USER],
+         "-q", "1", "-t", "ioc/sensors/+", "-v", "-W", "60", "-C", "20", "-i", "sim-watch"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _wait_subscribed(mosquitto, "sim-watch")
+        env = {**env_for(settings), "IOC_MQTT_URL": mosquitto.url()}
+        done = subprocess.run(
+            [sys.executable, "-m", "ioc.cli", "simulate", "--sensors-via", "mqtt", "--rate", "20", "--duration", "2",
+             "--history", "0.5", "--no-progress", "--seed", "7"],
+            env=env, capture_output=True, timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+        out, _ = sub.communicate(timeout=60)
+    finally:
+        sub.kill()
+    lines = out.decode().splitlines()
+    assert len(lines) == 20
+    for line in lines:
+        topic, _, payload = line.partition(" ")
+        event = orjson.loads(payload)
+        assert topic == f"ioc/sensors/{event['station_id']}" and event["schema"] == "ioc.sensor.v1"

@@ -306,3 +306,17 @@ def test_a_full_in_flight_queue_is_a_429_and_a_broker_failure_a_503(settings: Se
         # not remembered: the retry is sent again, not answered duplicate
         assert post(client, token, DOSSIER, orjson.dumps(dossier("a"))).json()["failed"] == 1
     assert full.status_code == 429 and full.headers["Retry-After"] == "1"
+
+
+def test_ioc_token_create_issues_a_producer_token(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ioc import cli
+
+    monkeypatch.setenv("IOC_SIGNING_KEY", settings.signing_key.get_secret_value())
+    argv = ["token", "create", "--role", "producer", "--source", "hydro", "--topics", SENSOR, "--stations", "WL-DUA"]
+    assert cli.main(argv) == 0
+    p = verify_token(settings, capsys.readouterr().out.strip())
+    assert (p.role, p.source, p.topics, p.stations) == ("producer", "hydro", (SENSOR,), ("WL-DUA",))
+    assert cli.main([*argv[:-1], "NOPE"]) == 2
+    assert "unknown station 'NOPE'" in capsys.readouterr().err
