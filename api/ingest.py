@@ -346,6 +346,7 @@ WAZUH_EXAMPLE: Final = {
 
 def _error(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
+        400: "The body holds no record.",
         401: "No valid bearer token.",
         403: "Not a producer token, or a topic this token may not write.",
         404: "Not one of the three input topics.",
@@ -431,7 +432,7 @@ def ingest_router(door_: IngestDoor, producer: DoorProducer | None) -> APIRouter
     @router.post(
         "/api/ingest/{topic}",
         response_model=None,
-        responses={**outcome_responses, **_error(401, 403, 404, 413, 415, 429)},
+        responses={**outcome_responses, **_error(400, 401, 403, 404, 413, 415, 429)},
         openapi_extra={
             "requestBody": {
                 "required": True,

@@ -296,6 +296,18 @@ def test_rights_limits_and_content_types(make_settings: Callable[..., Settings])
     assert sink.sent == []
 
 
+def test_a_reading_of_an_unknown_station_is_rejected_even_for_every_station(settings: Settings) -> None:
+    token = create_token(settings, "producer", source="hydro", topics=[SENSOR], stations=["*"])
+    reading = {"schema": "ioc.sensor.v1", "event_id": "u1", "station_id": "NOPE", "kind": "water",
+               "observed_at": NOW.isoformat(), "values": {"water_level_m": 1.0}}  # fmt: skip
+    sink = FakeSink()
+    with client_with(settings, sink) as client:
+        r = post(client, token, SENSOR, orjson.dumps(reading), ndjson=False)
+        ok = post(client, token, SENSOR, orjson.dumps({**reading, "station_id": "WL-DUA"}), ndjson=False)
+    assert r.status_code == 422 and "unknown station 'NOPE'" in r.json()["results"][0]["reason"]
+    assert ok.status_code == 200 and [k for _, k, _ in sink.sent] == [b"WL-DUA"]
+
+
 def test_a_full_in_flight_queue_is_a_429_and_a_broker_failure_a_503(settings: Settings) -> None:
     token = create_token(settings, "producer", source="motcua", topics=[DOSSIER])
     with client_with(settings, FakeSink(max_in_flight=0)) as client:
