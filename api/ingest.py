@@ -116,6 +116,10 @@ class IngestDoor:
         return found
 
     def limit_rate(self, source: str, n: int) -> None:
+        if n > self.bucket(source).burst:  # would never fit: waiting cannot help
+            raise HTTPException(
+                413, f"{n} records at once exceed source {source!r}'s burst of {self.bucket(source).burst}"
+            )
         wait = self.bucket(source).take(n)
         if wait > 0:
             raise HTTPException(

@@ -82,6 +82,7 @@ class Bridge:
         self.client: mqtt.Client | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: set[asyncio.Task[str]] = set()
+        self._stopping = False
 
     # --- MQTT (paho's network thread) --------------------------------------------------------
 
@@ -99,7 +100,10 @@ class Bridge:
         self._loop.call_soon_threadsafe(self.subscribed.set)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
-        log.warning("MQTT disconnected (%s); reconnecting", reason)
+        if self._stopping:
+            log.info("MQTT disconnected")
+        else:
+            log.warning("MQTT disconnected (%s); reconnecting", reason)
         assert self._loop is not None
         self._loop.call_soon_threadsafe(self.subscribed.clear)
 
@@ -135,6 +139,7 @@ class Bridge:
         self.connect()
 
     async def stop(self) -> None:
+        self._stopping = True
         if self.client is not None:
             self.client.disconnect()
             self.client.loop_stop()

@@ -332,3 +332,15 @@ def test_ioc_token_create_issues_a_producer_token(
     assert (p.role, p.source, p.topics, p.stations) == ("producer", "hydro", (SENSOR,), ("WL-DUA",))
     assert cli.main([*argv[:-1], "NOPE"]) == 2
     assert "unknown station 'NOPE'" in capsys.readouterr().err
+
+
+def test_a_batch_larger_than_the_sources_burst_is_a_413_not_a_429(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(
+        kafka_bootstrap="127.0.0.1:1",
+        database_url="postgresql://nobody@127.0.0.1:1/x",
+        ingest_source_limits={"motcua": {"burst": 2}},
+    )
+    token = create_token(settings, "producer", source="motcua", topics=[DOSSIER])
+    with client_with(settings, FakeSink()) as client:
+        r = post(client, token, DOSSIER, b"{}\n{}\n{}")
+    assert r.status_code == 413 and "burst of 2" in r.json()["detail"]
