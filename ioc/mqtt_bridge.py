@@ -174,11 +174,23 @@ class Bridge:
             result = "rejected"
         else:
             ident = (TOPIC_SENSOR, checked.event_id)
+            pending = self.door.pending.get(ident)
             if ident in self.door.recent:
                 result = "duplicate"
+            elif pending is not None:  # the same reading re-sent while the first is being produced
+                await asyncio.shield(pending)
+                result = "duplicate"
             else:
-                await self._deliver(TOPIC_SENSOR, checked.key.encode(), value, None)
-                self.door.recent.add(ident)
+                sent: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+                self.door.pending[ident] = sent
+                try:
+                    await self._deliver(TOPIC_SENSOR, checked.key.encode(), value, None)
+                    self.door.recent.add(ident)
+                    sent.set_result(None)
+                finally:
+                    del self.door.pending[ident]
+                    if not sent.done():
+                        sent.cancel()
                 result = "accepted"
         self.counter.labels("mqtt", source, result).inc()
         self.stats[result] += 1

@@ -315,6 +315,16 @@ def test_mqtt_readings_with_mosquitto_pub_move_the_station_and_bad_ones_are_dead
     assert wait_kpi(settings, "water.level_m", "station:WL-NAMDAN", "now", 6.1) == 6.1  # the flood was older
 
 
+def test_mqtt_rain_resent_counts_once_in_the_sums(doors: Settings, mosquitto: EmbeddedMosquitto) -> None:
+    settings, now = doors, dt.datetime.now(VN).replace(microsecond=0)
+    first = orjson.dumps({"t": (now - dt.timedelta(minutes=10)).isoformat(), "v": {"rain_mm": 2.5}})
+    second = orjson.dumps({"t": now.isoformat(), "v": {"rain_mm": 1.0}})
+    for payload in (first, first, second, first):
+        mosquitto_pub(mosquitto, "ioc/sensors/RAIN-16690", payload)
+    assert wait_kpi(settings, "rain.mm", "station:RAIN-16690", "1h", 3.5) == 3.5
+    assert len(records_of(settings, SENSOR, 2)) == 2
+
+
 def test_simulator_sends_sensor_readings_over_mqtt(
     make_settings: Callable[..., Settings], mosquitto: EmbeddedMosquitto, tmp_path: Path
 ) -> None:
