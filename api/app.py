@@ -30,6 +30,7 @@ from api.alert_store import AlertPublisher, AlertStore, KafkaAlertPublisher, Pos
 from api.auth import Caller
 from api.broadcaster import Broadcaster
 from api.feed import Feed
+from api.ingest import install as install_ingest
 from api.live import LiveState, snapshot_item
 from api.report_routes import report_router
 from api.ws import WsLimits, websocket_endpoint
@@ -74,6 +75,7 @@ TAGS: Final = [
     },
     {"name": "registries", "description": "Communes and environmental stations."},
     {"name": "reports", "description": "Monthly and quarterly reports as PDF, XLSX, CSV or JSON (docs/reports.md)."},
+    {"name": "ingest", "description": "Events from systems that cannot speak Kafka; producer tokens only (CONTRACT §7)."},
     {"name": "operations", "description": "Liveness, readiness and Prometheus metrics; no token needed."},
 ]
 
@@ -462,6 +464,7 @@ def create_app(
 
     app.include_router(alert_router(ctx))
     app.include_router(report_router(ctx))
+    app.state.ingest = install_ingest(app, settings, registry, metrics.registry, connect=connect)
 
     @app.get("/wall", include_in_schema=False)
     async def wall() -> FileResponse:

@@ -1,4 +1,4 @@
-"""The `ioc` command: dev, worker, api, simulate, replay, db migrate, topics create, token create, bench, soak, report."""
+"""The `ioc` command: dev, worker, api, mqtt-bridge, simulate, replay, db migrate, topics create, token create, report, bench, soak."""
 
 from __future__ import annotations
 
@@ -52,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("worker", help="the stream worker (IOC_KAFKA_BOOTSTRAP, IOC_DATABASE_URL)")
     sub.add_parser("api", help="the HTTP/WebSocket API")
+    sub.add_parser("mqtt-bridge", help="sensor readings from MQTT (IOC_MQTT_URL) to ioc.sensor.readings")
 
     sim = sub.add_parser("simulate", help="produce realistic events to the input topics")
     sim.add_argument("--rate", type=float, default=50.0, help="events per second across all topics")
@@ -69,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         help="first send this many past hours of sensor readings (warm start)",
     )
     sim.add_argument("--no-progress", action="store_true")
+    sim.add_argument(
+        "--sensors-via",
+        choices=["kafka", "mqtt"],
+        default="kafka",
+        help="send sensor readings to Kafka or to the MQTT broker of IOC_MQTT_URL (for the bridge)",
+    )
 
     rep = sub.add_parser("replay", help="offline: events from a JSON-lines file → KPI snapshots as JSON lines")
     rep.add_argument("file", type=Path, help='JSON lines {"topic": ..., "value": {...}}; - for stdin')
@@ -91,14 +98,17 @@ def _parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("token", help="access tokens")
     tok_sub = tok.add_subparsers(dest="token_command", required=True)
     create = tok_sub.add_parser("create", help="issue a signed access token, printed alone on stdout")
-    create.add_argument("--role", required=True, choices=["operator", "security", "commune", "admin"])
+    create.add_argument("--role", required=True, choices=["operator", "security", "commune", "admin", "producer"])
     create.add_argument("--commune", default=None, help="commune code (required for --role commune)")
     create.add_argument("--ttl", type=_duration, default=dt.timedelta(hours=8), help="lifetime, e.g. 8h, 30d")
     create.add_argument("--subject", default=None, help="who the token is for (default: the role)")
+    create.add_argument("--source", default=None, help="producer: the source system's name (rate limits, metrics)")
+    create.add_argument("--topics", default="", help="producer: input topics it may write, comma-separated")
+    create.add_argument("--stations", default="", help="producer of sensor readings: its station ids, or '*'")
     bench = sub.add_parser("bench", help="the performance harness: throughput, latency, fan-out, database writes")
     bench.add_argument("--events", type=int, default=None, help="backlog size for throughput (default 1,000,000)")
     bench.add_argument("--quick", action="store_true", help="small sizes (a smoke test for CI)")
-    bench.add_argument("--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink")
+    bench.add_argument("--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink,ingest")
     bench.add_argument(
         "--json", type=Path, default=None, help="where to write the figures (default artifacts/bench-<time>.json)"
     )
@@ -152,6 +162,32 @@ async def until_terminated(work: Coroutine[Any, Any, T]) -> T | None:
         loop.remove_signal_handler(signal.SIGTERM)
 
 
+def _mqtt_url(settings: Settings) -> str:
+    from ioc.errors import ConfigurationError
+
+    url = settings.mqtt_url.get_secret_value()
+    if not url:
+        raise ConfigurationError("--sensors-via mqtt needs IOC_MQTT_URL (the mqtt: line of `ioc dev`)")
+    return url
+
+
+def _producer_claims(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """A producer token's source, topics and stations; stations must be in the registry (or ``*``)."""
+    from ioc.errors import ConfigurationError
+    from ioc.registry import load_registry
+
+    stations = [s.strip() for s in args.stations.split(",") if s.strip()]
+    known = load_registry(settings.units_file, settings.stations_file, settings.targets_file).stations
+    unknown = [s for s in stations if s != "*" and s not in known]
+    if unknown:
+        raise ConfigurationError(f"unknown station {unknown[0]!r} (see GET /api/stations)")
+    return {
+        "source": args.source,
+        "topics": [t.strip() for t in args.topics.split(",") if t.strip()],
+        "stations": stations,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -182,6 +218,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         serve(settings)
         return 0
+    if args.command == "mqtt-bridge":
+        from ioc.mqtt_bridge import serve as bridge
+
+        asyncio.run(until_terminated(bridge(settings)))
+        return 0
     if args.command == "simulate":
         from simulators.producer import run as simulate
 
@@ -198,6 +239,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                     bad_rate=args.bad_rate,
                     progress=not args.no_progress,
                     history_s=args.history * 3600,
+                    sensors_via_mqtt=_mqtt_url(settings) if args.sensors_via == "mqtt" else None,
                 )
             )
         )
@@ -235,7 +277,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "token":
         from api.auth import create_token
 
-        print(create_token(settings, args.role, commune=args.commune, ttl=args.ttl, subject=args.subject or args.role))
+        producer = _producer_claims(args, settings) if args.role == "producer" else {}
+        subject = args.subject or (None if producer else args.role)
+        print(create_token(settings, args.role, commune=args.commune, ttl=args.ttl, subject=subject, **producer))
         return 0
     if args.command == "bench":
         from ioc.bench.harness import main as bench

@@ -33,6 +33,8 @@ SCOPED = {
     ("/api/silences/{silence_id}", "delete"),
     ("/api/reports", "get"),
     ("/api/reports/{period}", "get"),
+    ("/api/ingest/{topic}", "post"),
+    ("/api/ingest/siem/wazuh", "post"),
 }
 ALERT_ROUTES = {"/api/alerts", "/api/alerts/{alert_id}", "/api/alerts/{alert_id}/ack", "/api/alerts/{alert_id}/resolve",
                 "/api/silences", "/api/silences/{silence_id}"}  # fmt: skip
