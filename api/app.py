@@ -34,7 +34,7 @@ from api.ingest import install as install_ingest
 from api.live import LiveState, snapshot_item
 from api.report_routes import report_router
 from api.ws import WsLimits, websocket_endpoint
-from api.ws_protocol import DirectWebSocketRoute
+from ioc.compat.uvicorn import DirectWebSocketRoute
 from ioc.loop import settle_heap
 from ioc.metrics import ApiMetrics
 from ioc.registry import Registry, load_registry
@@ -101,6 +101,22 @@ class ApiContext:
     alert_publisher: AlertPublisher | None = None
     #: The time of an operator action (a parameter so tests can fix it).
     clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(TZ))
+
+
+#: The rule for the middleware bypass: the direct WebSocket route (``/ws``, served by
+#: ``ioc.compat.uvicorn`` straight from the socket in production, through the app under other servers and
+#: the test client) skips all of the app's middleware, and this says why each needs none of it. A
+#: middleware added to the app must be named here with its reason, or tests/unit/test_compat.py fails.
+DIRECT_ROUTE_SKIPS: Final = {
+    "ServerErrorMiddleware": "turns an exception into a 500 response; the endpoint closes with 1011 itself",
+    "ExceptionTelemetryMiddleware": "FastAPI's telemetry of HTTP exceptions; /ws logs its own errors",
+    "AppBodyLimitMiddleware": "limits HTTP request bodies; /ws limits frames (ws_max_size = WsLimits.max_frame_bytes)",
+    "HttpMetrics": "counts HTTP requests only; /ws is counted by ioc_ws_clients and ioc_ws_messages_total",
+    "ExceptionMiddleware": "the app's HTTP exception handlers; a WebSocket has no response for them to shape",
+    "AsyncExitStackMiddleware": "closes request dependencies' exit stacks; the /ws endpoint takes no dependencies",
+}
+#: The paths served as direct WebSocket routes (nothing else skips the middleware).
+DIRECT_ROUTES: Final = ("/ws",)
 
 
 class HttpMetrics:
@@ -470,8 +486,8 @@ def create_app(
     async def wall() -> FileResponse:
         return FileResponse(STATIC_DIR / "wall.html", media_type="text/html", headers=WALL_HEADERS)
 
-    # served by api.ws_protocol straight from the socket, without the middleware and router above it (see there)
-    app.router.routes.append(DirectWebSocketRoute("/ws", websocket_endpoint))
+    # served by ioc.compat.uvicorn straight from the socket, without the middleware and router above it (see there)
+    app.router.routes.append(DirectWebSocketRoute(DIRECT_ROUTES[0], websocket_endpoint))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
@@ -484,7 +500,7 @@ def server_options(settings: Settings, limits: WsLimits) -> dict[str, Any]:
         "port": settings.api_port,
         # uvicorn's websockets-sansio protocol without what it keeps per connection and never reads
         # again (handshake headers, an asyncio.Queue): ~6 KiB of ~36 per live-feed client
-        "ws": "api.ws_protocol:LeanWebSocketProtocol",
+        "ws": "ioc.compat.uvicorn:LeanWebSocketProtocol",
         "ws_max_size": limits.max_frame_bytes,
         "ws_ping_interval": limits.ping_interval_s,
         "ws_ping_timeout": limits.ping_interval_s,

@@ -16,7 +16,7 @@ import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import Callable, Collection, Coroutine, Generator
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -28,7 +28,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 from api.auth import Principal, verify_token
 from api.broadcaster import CLOSE_TOO_SLOW, Subscriber, dumps, frame_type
 from api.live import channel_exists, item_filter
-from api.ws_protocol import LEAN_SOCKET, LeanWebSocketProtocol
+from ioc.compat.starlette import Resume, send_text_now
+from ioc.compat.uvicorn import lean_socket
 from ioc.errors import AuthError
 from ioc.metrics import ApiMetrics
 
@@ -164,37 +165,6 @@ def message_tally(family: PromCounter) -> MessageTally:
     return MessageTally(family)
 
 
-class _Resume:
-    """Await the rest of a coroutine that was started by hand and stopped at ``waiting``.
-
-    ``waiting`` is what the coroutine yielded (a future it waits on, or None for a bare yield);
-    yielding it again from a task makes the task wait exactly as if it had run the coroutine from
-    the start, so a send that could not finish at once is finished by a task, without sending twice.
-    """
-
-    __slots__ = ("coro", "waiting")
-
-    def __init__(self, coro: Coroutine[Any, Any, None], waiting: Any) -> None:
-        self.coro = coro
-        self.waiting = waiting
-
-    def __await__(self) -> Generator[Any, None, None]:
-        waiting = self.waiting
-        while True:
-            try:
-                yield waiting
-            except BaseException as exc:  # the task was cancelled: let the coroutine see it
-                try:
-                    waiting = self.coro.throw(exc)
-                except StopIteration:
-                    return
-                continue
-            try:
-                waiting = self.coro.send(None)
-            except StopIteration:
-                return
-
-
 class Connection:
     """One authenticated client: its subscriber, the loop that reads its messages, and its sends.
 
@@ -299,19 +269,18 @@ class Connection:
         if socket is not None and socket.write_text(text):
             self._count(text)
             return True
-        send = self.ws.send_text(text)
         try:
-            waiting = send.send(None)
-        except StopIteration:
-            self._count(text)
-            return True
+            rest = send_text_now(self.ws, text)
         except Exception:  # the client is gone
             self._stop()
             return True
-        self._flushing = asyncio.get_running_loop().create_task(self._flush(_Resume(send, waiting), text))
+        if rest is None:
+            self._count(text)
+            return True
+        self._flushing = asyncio.get_running_loop().create_task(self._flush(rest, text))
         return True
 
-    async def _flush(self, started: _Resume | None = None, text: str = "") -> None:
+    async def _flush(self, started: Resume | None = None, text: str = "") -> None:
         """Finish a send that could not complete at once, then what was queued meanwhile, until caught up."""
         sub = self.sub
         try:
@@ -483,14 +452,6 @@ class Connection:
                 accept=item_filter(channel, self.principal, live.station_communes),
                 resume_from=position if isinstance(position, int) and not isinstance(position, bool) else None,
             )
-
-
-def lean_socket(ws: WebSocket) -> LeanWebSocketProtocol | None:
-    """The connection behind ``ws`` when :class:`api.ws_protocol.LeanWebSocketProtocol` serves it."""
-    scope = getattr(ws, "scope", None)
-    extensions = scope.get("extensions") if isinstance(scope, dict) else None
-    socket = extensions.get(LEAN_SOCKET) if isinstance(extensions, dict) else None
-    return socket if isinstance(socket, LeanWebSocketProtocol) else None
 
 
 def forget_handshake(ws: WebSocket) -> None:

@@ -1,14 +1,14 @@
-"""The stream worker: a Faust app whose hot path consumes input topics in whole batches.
+"""The stream worker: a Faust app for the lifecycle, an aiokafka batch pipeline for the records.
 
-Why not one Faust agent per topic: Faust hands every record from its consumer thread through
-the conductor and a stream queue to the agent, and `Consumer._drain_messages` awaits
-``wait_first(callback(message), suspend_flow.wait())`` for each record, two tasks and a queue
-hand-off per event. Measured here that path tops out near 6,000 events/s with the process mostly
-idle. The `Ingest` service below keeps Faust's app, lifecycle, producer, timers and agents, but
-takes records from aiokafka in batches (``getmany``), validates and folds each batch into the
-pure `Engine`, writes what changed in one transaction, and only then commits the batch's offsets
-(at-least-once; every effect idempotent). Low-volume streams still use ordinary Faust agents
-(the dead-letter monitor below).
+Faust provides the app's lifecycle only: starting and stopping the `Ingest` service's tasks,
+signal handling and logging set-up. It consumes and produces nothing itself: `Ingest` builds its
+own aiokafka consumer and producer. Why not one Faust agent per topic: Faust hands every record
+from its consumer thread through the conductor and a stream queue to the agent, and
+`Consumer._drain_messages` awaits ``wait_first(callback(message), suspend_flow.wait())`` for each
+record, two tasks and a queue hand-off per event; measured here, that path tops out near 6,000
+events/s with the process mostly idle. `Ingest` takes records from aiokafka in batches
+(``getmany``), validates and folds each batch into the pure `Engine`, writes what changed in one
+transaction, and only then commits the batch's offsets (at-least-once; every effect idempotent).
 """
 
 from __future__ import annotations
@@ -610,7 +610,6 @@ def create_app(settings: Settings, registry: Registry | None = None) -> tuple[fa
         broker_heartbeat_interval=CONSUMER_SESSION_TIMEOUT_MS / 3000,
     )
     ingest = Ingest(settings, registry)
-    dead_reasons: Counter[str] = Counter()
 
     @app.service
     class IngestService(mode.Service):
@@ -649,18 +648,6 @@ def create_app(settings: Settings, registry: Registry | None = None) -> tuple[fa
         async def on_stop(self) -> None:
             await ingest.stop()
 
-    deadletters = app.topic(settings.topic(cfg.TOPIC_DEADLETTER), value_serializer="raw", key_serializer="raw")
-
-    @app.agent(deadletters)
-    async def deadletter_monitor(stream: faust.StreamT[bytes]) -> None:
-        """Counts dead letters by stage (a low-volume stream: an ordinary Faust agent)."""
-        async for event in stream.events():
-            headers = dict(event.headers or {})
-            stage = headers.get("ioc.error.stage", b"?")
-            dead_reasons[stage.decode() if isinstance(stage, bytes) else str(stage)] += 1
-
-    app.ioc_ingest = ingest  # type: ignore[attr-defined]
-    app.ioc_dead_reasons = dead_reasons  # type: ignore[attr-defined]
     return app, ingest
 
 

@@ -17,8 +17,9 @@ from websockets.frames import Frame, Opcode
 from api.app import ApiContext, create_app, server_options
 from api.auth import create_token, verify_token
 from api.broadcaster import Broadcaster
-from api.ws import CLOSE_UNAUTHORIZED, Connection, MessageTally, WsLimits, _Resume
-from api.ws_protocol import (
+from api.ws import CLOSE_UNAUTHORIZED, Connection, MessageTally, WsLimits
+from ioc.compat.starlette import Resume
+from ioc.compat.uvicorn import (
     DirectWebSocketRoute,
     FrameCache,
     LeanWebSocketProtocol,
@@ -133,7 +134,7 @@ async def test_a_stuck_client_gets_a_flush_task_only_while_it_lags(settings: Set
     await hang_up([slow], runs)
 
 
-async def finish(resume: _Resume) -> None:
+async def finish(resume: Resume) -> None:
     await resume
 
 
@@ -152,7 +153,7 @@ async def test_a_send_started_by_hand_is_finished_by_a_task_once(cancel: bool) -
             raise
 
     coro = send()
-    task = asyncio.create_task(finish(_Resume(coro, coro.send(None))))
+    task = asyncio.create_task(finish(Resume(coro, coro.send(None))))
     await asyncio.sleep(0)
     if cancel:
         task.cancel()

@@ -1,4 +1,10 @@
-"""uvicorn's sans-I/O WebSocket protocol, trimmed for thousands of mostly idle live-feed connections.
+"""uvicorn internals: its sans-I/O WebSocket protocol, trimmed for thousands of mostly idle live-feed connections.
+
+Assumed of uvicorn (a private class, `WebSocketsSansIOProtocol`) and of websockets (its sans-I/O
+`ServerProtocol`, which it wraps): the attributes the base class sets (listed as slots below), the
+methods overridden here, and that writing a data frame to the transport behind the websockets
+protocol object leaves that object's state right (it keeps none for outgoing unfragmented frames).
+`problems()` checks what can be checked; `SUPPORTED` is the range it was checked against.
 
 Measured with ``ioc bench --only fanout`` and tracemalloc (docs/performance.md): per connection,
 uvicorn keeps the handshake request and response (every header, twice) for the connection's
@@ -14,12 +20,18 @@ by the process's connections (``asyncio.BufferedProtocol``): a plain protocol ha
 the app's middleware and router, whose suspended frames (FastAPI's and Starlette's wrappers,
 exit stacks) would otherwise be held for every connection's life. Everything else (handshake,
 receiving, pings, closing, back-pressure) is uvicorn's.
+
+The middleware rule: a route is served without the app's middleware only when it is declared a
+:class:`DirectWebSocketRoute`, and only under this protocol (other servers and the test client go
+through the app as usual). `api.app.MIDDLEWARE_NOT_FOR_DIRECT_ROUTES` says why each middleware of
+the app is not needed there; tests/unit/test_compat.py fails when a middleware is added without a reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
@@ -33,6 +45,9 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Request
 from websockets.protocol import State
+
+#: The versions this module was checked against (pyproject.toml pins the same ranges).
+SUPPORTED: Final = {"uvicorn": (">=0.54", "<0.55"), "websockets": (">=13", "<18")}
 
 #: The scope extension under which a connection served by :class:`LeanWebSocketProtocol` is
 #: found by the app, for :meth:`LeanWebSocketProtocol.write_text`.
@@ -175,7 +190,7 @@ class FrameCache:
 
 
 class LeanWebSocketProtocol(WebSocketsSansIOProtocol, asyncio.BufferedProtocol):
-    """``ws="api.ws_protocol:LeanWebSocketProtocol"`` for uvicorn (see :func:`api.app.server_options`)."""
+    """``ws="ioc.compat.uvicorn:LeanWebSocketProtocol"`` for uvicorn (see :func:`api.app.server_options`)."""
 
     # Every attribute uvicorn 0.54's protocol sets, as slots: its 37 attributes overflow the shared-key
     # instance dict (30 keys at most), which then becomes a 1.6 KiB table per connection. One it adds
@@ -281,3 +296,78 @@ class LeanWebSocketProtocol(WebSocketsSansIOProtocol, asyncio.BufferedProtocol):
         if accepting:
             # only the accept (or the refusal before it) reads the prepared response
             del self.response
+
+
+def lean_socket(ws: WebSocket) -> LeanWebSocketProtocol | None:
+    """The connection behind ``ws`` when :class:`LeanWebSocketProtocol` serves it."""
+    scope = getattr(ws, "scope", None)
+    extensions = scope.get("extensions") if isinstance(scope, dict) else None
+    socket = extensions.get(LEAN_SOCKET) if isinstance(extensions, dict) else None
+    return socket if isinstance(socket, LeanWebSocketProtocol) else None
+
+
+#: What :meth:`LeanWebSocketProtocol.write_text` and ``handle_connect`` read of uvicorn's protocol.
+_PROTOCOL_ATTRIBUTES: Final = (
+    "handshake_complete",
+    "close_sent",
+    "initial_response",
+    "disconnected",
+    "writable",
+    "conn",
+    "transport",
+    "queue",
+    "request",
+    "response",
+    "scope",
+    "root_path",
+    "app",
+)
+#: What this module overrides of it, with the arguments it expects.
+_OVERRIDDEN: Final = {"handle_connect": ("self", "event"), "send": ("self", "message"), "data_received": ("self", "data")}
+#: What it reads of websockets' ``ServerProtocol``.
+_CONNECTION_ATTRIBUTES: Final = ("state", "extensions", "expect_continuation_frame")
+
+
+def problems() -> list[str]:
+    """Each assumption of this module the installed uvicorn and websockets break, in words (empty: all hold)."""
+    from websockets.server import ServerProtocol
+
+    found: list[str] = []
+    base = WebSocketsSansIOProtocol
+    init_names = set(base.__init__.__code__.co_names)
+    found += [
+        f"uvicorn's WebSocketsSansIOProtocol.__init__ no longer sets {name}: LeanWebSocketProtocol reads it"
+        for name in _PROTOCOL_ATTRIBUTES
+        if name not in init_names and name not in {"request", "response", "scope"}
+    ]
+    # attributes set in __init__ but not listed as slots land in a per-connection dict again (memory, not correctness)
+    unslotted = sorted(n for n in init_names - set(LeanWebSocketProtocol.__slots__) if _is_set_in_init(base, n))
+    if unslotted:
+        found.append(f"uvicorn's protocol sets attributes not in LeanWebSocketProtocol.__slots__: {unslotted}")
+    for method, params in _OVERRIDDEN.items():
+        impl = getattr(base, method, None)
+        if impl is None:
+            found.append(f"uvicorn's protocol has no {method}(): LeanWebSocketProtocol overrides it")
+        elif tuple(inspect.signature(impl).parameters) != params:
+            found.append(f"uvicorn's {method}{inspect.signature(impl)} is not {method}({', '.join(params)})")
+    probe = ServerProtocol()
+    found += [
+        f"websockets' ServerProtocol has no {name}: write_text checks it before writing behind it"
+        for name in _CONNECTION_ATTRIBUTES
+        if not hasattr(probe, name)
+    ]
+    if tuple(inspect.signature(Frame.serialize).parameters)[:2] != ("self", "mask"):
+        found.append("websockets' Frame.serialize no longer takes mask: FrameCache frames text with it")
+    return found
+
+
+def _is_set_in_init(cls: type, name: str) -> bool:
+    """Whether ``cls.__init__`` assigns ``self.<name>`` (rather than only reading a global of that name)."""
+    import ast
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(vars(cls)["__init__"])))
+    return any(
+        isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store) and node.attr == name
+        for node in ast.walk(tree)
+    )
