@@ -130,7 +130,16 @@ async def _scenario(settings: Settings, procs: list[subprocess.Popen[bytes]], ho
                 headers={"Authorization": f"Bearer {security}"},
             )
         assert r.status_code == 200, r.text
-        await asyncio.sleep(ESCALATE_AFTER_S + 10)  # past the escalation time of both
+        # until the other one escalated, and the acknowledged one's escalation time (plus a margin) passed
+        acked_due = dt.datetime.fromisoformat(first["at"]) + dt.timedelta(seconds=ESCALATE_AFTER_S + 2)
+        deadline = time.monotonic() + ESCALATE_AFTER_S + 30
+        while not (
+            any(a["state"] == "escalated" and "SOC-LIVE-2" in a["triggered_by"] for a in seen_security)
+            and dt.datetime.now(VN) >= acked_due
+        ):
+            assert all(p.poll() is None for p in procs)
+            assert time.monotonic() < deadline, f"no escalation: {seen_security}"
+            await asyncio.sleep(0.2)
         stop.set()
         await asyncio.gather(*tasks)
     return {"security": seen_security, "commune": seen_commune, "acked": first["alert_id"]}

@@ -70,7 +70,7 @@ def test_worker_killed_five_times_under_load_ends_equal_to_replay(
             assert worker.poll() is None, "the worker died on its own"
             assert time.monotonic() < deadline, "no catch-up in 240 s"
             time.sleep(1)
-        time.sleep(3)  # one more emit after the last batch
+        checks.agreed(loop, settings, settings.database_url, path)  # until the emit after the last batch is out
         api = subprocess.Popen([sys.executable, "-m", "ioc.cli", "api"], env=env, stdin=subprocess.DEVNULL)
         try:
             token = create_token(settings, "operator", subject="crash-test")

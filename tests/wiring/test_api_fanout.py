@@ -30,6 +30,7 @@ from ioc.compat.uvicorn import (
 from ioc.settings import Settings
 from tests.factories import snap
 from tests.fake_ws import FakeSocket
+from tests.waiting import until
 
 SUBSCRIBE = {"type": "websocket.receive", "text": '{"type": "subscribe", "channels": ["kpi:province"]}'}
 
@@ -54,7 +55,7 @@ async def connected(
     for ws in sockets:
         ws.inbox.put_nowait(SUBSCRIBE)
         runs.append(asyncio.create_task(Connection(ctx, ws, principal).run()))  # type: ignore[arg-type]
-    await asyncio.sleep(0.01)
+    await until(lambda: len(ctx.broadcaster.channel("kpi:province").subscribers) == n, what="every client subscribed")
     return sockets, runs
 
 
@@ -91,7 +92,7 @@ async def test_connections_run_no_task_of_their_own_and_share_one_heartbeat(sett
 async def test_the_heartbeat_pings_every_client_with_one_frame(settings: Settings) -> None:
     ctx = context(settings, ping_interval_s=0.02)
     sockets, runs = await connected(ctx, settings, 3)
-    await asyncio.sleep(0.07)
+    await until(lambda: all(len(ws.of_type("ping")) >= 2 for ws in sockets), what="two pings to every client")
     pings = [ws.of_type("ping") for ws in sockets]
     assert all(len(p) >= 2 for p in pings)
     assert pings[0][0] is pings[1][0] is pings[2][0]
@@ -107,7 +108,7 @@ async def test_the_heartbeat_ends_a_connection_whose_token_expired(settings: Set
         asyncio.create_task(Connection(ctx, ws, p).run())  # type: ignore[arg-type]
         for ws, p in ((old, expired), (new, fresh))
     ]
-    await asyncio.sleep(0.01)
+    await until(lambda: ctx.broadcaster.subscriber_count == 2, what="both connections running")
     assert expired.expires_at is not None
     assert ctx.broadcaster.ping(expired.expires_at + dt.timedelta(seconds=1)) == 1
     await asyncio.wait_for(runs[0], 5)
@@ -125,7 +126,8 @@ async def test_a_stuck_client_gets_a_flush_task_only_while_it_lags(settings: Set
         ctx.live.apply_snapshot(snap("dossier.received", "province", value=v, seq=v))
     assert len(asyncio.all_tasks()) == base  # the snapshot's send is already the one waiting
     slow.gate.set()
-    await asyncio.sleep(0.01)
+    await until(lambda: slow.of_type("update"), what="the stuck send to finish")
+    await until(lambda: not [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Connection._flush"], what="the flush task to end")  # type: ignore[union-attr]
     assert [json.loads(t)["item"]["value"] for t in slow.of_type("update")] == [3]  # coalesced
     flushing = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__ == "Connection._flush"]  # type: ignore[union-attr]
     assert flushing == []

@@ -21,6 +21,7 @@ from ioc.settings import Settings
 from streams.snapshot import Snapshot
 from tests.factories import snap
 from tests.fake_ws import FakeSocket
+from tests.waiting import until as eventually
 
 COMMUNE = "16681"
 OTHER = "16690"
@@ -396,11 +397,11 @@ async def test_a_stuck_client_is_cut_off_and_never_delays_another(settings: Sett
             {"type": "websocket.receive", "text": '{"type": "subscribe", "channels": ["kpi:province"]}'}
         )
     runs = [asyncio.create_task(c.run()) for c in connections]
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(context.broadcaster.channel("kpi:province").subscribers) == 2, what="both subscribed")
     for v in range(1, 51):
         context.live.apply_snapshot(snap(f"k{v}", "province", value=v, seq=v))
         await asyncio.sleep(0)
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len([m for m in healthy.sent if m["type"] == "update"]) >= 50, what="the healthy client's 50 updates")
     assert [m["item"]["value"] for m in healthy.sent if m["type"] == "update"] == list(range(1, 51))
     await asyncio.wait_for(runs[0], 5)
     assert stuck.close_code == CLOSE_TOO_SLOW
@@ -418,11 +419,12 @@ async def test_a_slow_client_gets_the_newest_value_per_kpi(settings: Settings) -
     connection = Connection(context, slow, verify_token(settings, token(settings)))  # type: ignore[arg-type]
     slow.inbox.put_nowait({"type": "websocket.receive", "text": '{"type": "subscribe", "channels": ["kpi:province"]}'})
     run = asyncio.create_task(connection.run())
-    await asyncio.sleep(0.05)  # the snapshot is taken and now stuck in send_text
+    # the snapshot is taken and now stuck in send_text
+    await eventually(lambda: "kpi:province" in connection.sub.filters, what="the subscription")
     for v in range(1, 101):
         context.live.apply_snapshot(snap(f"k{v % 2}", "province", value=v, seq=v))
     slow.gate.set()
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len([m for m in slow.sent if m["type"] == "update"]) >= 2, what="the coalesced updates")
     updates = [(m["item"]["kpi"], m["item"]["value"]) for m in slow.sent if m["type"] == "update"]
     assert updates == [("k1", 99), ("k0", 100)]
     assert connection.sub.coalesced == 98
