@@ -204,8 +204,8 @@ def test_metrics_count_websocket_clients_messages_and_refusals(
 
 def test_metrics_count_feed_updates_by_contract_topic(app: FastAPI, client: TestClient) -> None:
     ctx: ApiContext = app.state.ioc
-    ctx.feed._handle(ctx.feed.alerts_topic, b'{"id": "a1", "state": "fired"}')
-    ctx.feed._handle(ctx.feed.alerts_topic, b"[1]")
+    ctx.feed.handle(ctx.feed.alerts_topic, b'{"id": "a1", "state": "fired"}')
+    ctx.feed.handle(ctx.feed.alerts_topic, b"[1]")
     got = samples(client)
     assert got[("ioc_feed_updates_total", (("topic", "ioc.alerts"),))] == 1
 
