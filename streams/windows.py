@@ -15,9 +15,10 @@ its local calendar month. `past` is the sum of every bucket strictly before the 
 from __future__ import annotations
 
 import datetime as dt
-from zoneinfo import ZoneInfo
 
-TZ = ZoneInfo("Asia/Ho_Chi_Minh")
+from ioc.contract import TZ
+
+__all__ = ["TZ"]  # re-exported: callers of the window functions take it from here too
 #: Asia/Ho_Chi_Minh has had no daylight saving since 1975: local time is UTC+7 for all data we take.
 UTC_OFFSET_S = 7 * 3600
 MINUTES_1H = 60

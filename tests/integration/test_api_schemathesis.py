@@ -26,7 +26,7 @@ from schemathesis.specs.openapi.checks import (
 
 from api.app import create_app
 from api.auth import create_token
-from api.ws import WsLimits
+from api.ws.frames import WsLimits
 from ioc.db.migrate import migrate
 from ioc.embedded.broker import ensure_topics
 from ioc.embedded.postgres import create_database, drop_database

@@ -142,7 +142,6 @@ def test_no_cycle_between_packages(graph: dict[str, set[str]]) -> None:
     assert cycles(package_graph(graph)) == []
 
 
-@pytest.mark.xfail(strict=True, reason="until the restructuring (issue 17, phase B) lands")
 def test_no_cycle_between_modules(graph: dict[str, set[str]]) -> None:
     assert cycles(graph) == []
 

@@ -15,9 +15,10 @@ from alerts.engine import alert_id_for, silence_id
 from alerts.model import AlertEvent, AlertState, Audience, Severity, fingerprint
 from api import schemas
 from api.alert_store import CollectingPublisher, MemoryAlertStore
-from api.app import ApiContext, create_app
+from api.app import create_app
 from api.auth import create_token
 from api.broadcaster import Broadcaster
+from api.context import ApiContext
 from ioc.settings import Settings
 
 VN = dt.timezone(dt.timedelta(hours=7))

@@ -11,10 +11,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from api.app import ApiContext, create_app
+from api.app import create_app
 from api.auth import create_token
 from api.broadcaster import Broadcaster
-from api.ws import WsLimits
+from api.context import ApiContext
+from api.ws.frames import WsLimits
 from ioc.settings import Settings
 from streams.snapshot import Snapshot
 from tests.factories import snap

@@ -14,10 +14,12 @@ from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.server import ServerState
 from websockets.frames import Frame, Opcode
 
-from api.app import ApiContext, create_app, server_options
+from api.app import create_app, server_options
 from api.auth import create_token, verify_token
 from api.broadcaster import Broadcaster
-from api.ws import CLOSE_UNAUTHORIZED, Connection, MessageTally, WsLimits
+from api.context import ApiContext
+from api.ws.connection import Connection, MessageTally
+from api.ws.frames import CLOSE_UNAUTHORIZED, WsLimits
 from ioc.compat.starlette import Resume
 from ioc.compat.uvicorn import (
     DirectWebSocketRoute,

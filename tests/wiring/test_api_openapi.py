@@ -14,9 +14,10 @@ from pydantic import BaseModel
 from starlette.websockets import WebSocketDisconnect
 
 from api import schemas
-from api.app import ApiContext, create_app
+from api.app import create_app
 from api.auth import create_token
 from api.broadcaster import Broadcaster, frame_type
+from api.context import ApiContext
 from ioc.settings import Settings
 from streams.snapshot import Snapshot
 

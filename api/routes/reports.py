@@ -23,7 +23,7 @@ from reports.render import FORMATS, MEDIA_TYPES, render
 from reports.store import from_database, listing, stored
 
 if TYPE_CHECKING:
-    from api.app import ApiContext
+    from api.context import ApiContext
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _allowed(caller: Principal, scope: str) -> bool:
     return caller.role == "commune" and caller.commune is not None and scope == f"commune:{caller.commune}"
 
 
-def report_router(ctx: ApiContext) -> APIRouter:
+def router(ctx: ApiContext) -> APIRouter:
     """The ``/api/reports`` routes of one app."""
     router = APIRouter(tags=["reports"])
     url = ctx.settings.database_url

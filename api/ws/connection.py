@@ -1,11 +1,8 @@
-"""The ``/ws`` live feed (CONTRACT §7): authentication, subscriptions, limits, pings.
+"""One authenticated ``/ws`` client: its receive loop and limits, and where its frames leave (``Connection._write``).
 
-Close codes: 4401 authentication failed or token expired, 4403 Origin not allowed (refused
-before the handshake completes, i.e. HTTP 403), 4008 too slow (see ``api.broadcaster``),
-1008 message rate exceeded, 1009 frame too large, 1011 a message the server failed to handle (a
-bug, logged). Errors that do not end the connection are ``{"type": "error", "code": ...,
-"message": ...}`` frames (codes ``forbidden``, ``unknown_channel``, ``bad_request``,
-``too_many_channels``).
+A frame is written at once when the socket takes it (through ``ioc.compat.uvicorn``'s plain-call
+write, else Starlette's ``send_text`` driven by hand, ``ioc.compat.starlette``); only a client that
+is not reading gets a flush task. Messages from the client are answered by :mod:`api.ws.commands`.
 """
 
 from __future__ import annotations
@@ -16,55 +13,35 @@ import datetime as dt
 import functools
 import logging
 import time
-from collections.abc import Callable, Collection
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
-import orjson
 from prometheus_client import Counter as PromCounter
 from starlette.types import Message
-from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
+from starlette.websockets import WebSocket, WebSocketState
 
-from api.auth import Principal, verify_token
-from api.broadcaster import CLOSE_TOO_SLOW, Subscriber, dumps, frame_type
-from api.live import channel_exists, item_filter
+from api.auth import Principal
+from api.broadcaster import CLOSE_TOO_SLOW, Subscriber, frame_type
+from api.ws import commands
+from api.ws.frames import (
+    CLOSE_INTERNAL,
+    CLOSE_POLICY,
+    CLOSE_TIMEOUT_S,
+    CLOSE_TOO_BIG,
+    CLOSE_UNAUTHORIZED,
+    FLUSH_BEFORE_CLOSE_S,
+    SLOW_GRACE_S,
+    WsLimits,
+    error,
+)
 from ioc.compat.starlette import Resume, send_text_now
 from ioc.compat.uvicorn import lean_socket
-from ioc.errors import AuthError
 from ioc.metrics import ApiMetrics
 
 if TYPE_CHECKING:
-    from api.app import ApiContext
+    from api.context import ApiContext
 
 log = logging.getLogger(__name__)
-
-CLOSE_UNAUTHORIZED: Final = 4401
-CLOSE_ORIGIN: Final = 4403
-CLOSE_POLICY: Final = 1008
-CLOSE_TOO_BIG: Final = 1009
-CLOSE_INTERNAL: Final = 1011
-SUBPROTOCOL: Final = "bearer"
-#: How long a closed-for-slowness client's sender may take to flush the ``too_slow`` error
-#: before the connection is cut anyway (a client that stopped reading never lets it finish).
-SLOW_GRACE_S: Final = 1.0
-#: How long a connection ending for a reason it explains (rate, frame size, expired token) waits
-#: for that error frame to go out before closing.
-FLUSH_BEFORE_CLOSE_S: Final = 0.1
-#: Longest wait for a close frame to go out to a client that may not be reading.
-CLOSE_TIMEOUT_S: Final = 5.0
-
-
-@dataclass(frozen=True, slots=True)
-class WsLimits:
-    """Per-connection limits of the live feed."""
-
-    max_frame_bytes: int = 64 * 1024
-    #: Client messages per second allowed on average, and the burst above it.
-    rate_per_s: float = 10.0
-    burst: int = 40
-    max_channels: int = 500
-    auth_timeout_s: float = 10.0
-    ping_interval_s: float = 20.0
 
 
 class RateLimit:
@@ -87,40 +64,6 @@ class RateLimit:
             self.tokens -= 1.0
             return True
         return False
-
-
-def origin_allowed(origin: str | None, host: str | None, allowed: Collection[str]) -> bool:
-    """No Origin (not a browser), the API's own origin, or one of the configured ones."""
-    if not origin:
-        return True
-    origin = origin.rstrip("/")
-    if origin in {o.rstrip("/") for o in allowed}:
-        return True
-    return bool(host) and origin in (f"http://{host}", f"https://{host}")
-
-
-def bearer_subprotocol(offered: list[str]) -> str | None:
-    """The token of a ``bearer, <token>`` subprotocol pair, or None when not offered."""
-    if SUBPROTOCOL not in offered:
-        return None
-    others = [p for p in offered if p != SUBPROTOCOL]
-    return others[0] if others else ""
-
-
-def error(code: str, message: str, **extra: Any) -> str:
-    return dumps({"type": "error", "code": code, "message": message, **extra})
-
-
-def auth_ok(principal: Principal) -> str:
-    return dumps(
-        {
-            "type": "auth_ok",
-            "sub": principal.subject,
-            "role": principal.role,
-            "commune": principal.commune,
-            "expires_at": principal.expires_at.isoformat() if principal.expires_at else None,
-        }
-    )
 
 
 async def send_counted(ws: WebSocket, metrics: ApiMetrics, text: str) -> None:
@@ -364,155 +307,9 @@ class Connection:
             self._end(CLOSE_POLICY, "message rate exceeded")
             return False
         try:
-            self._handle(raw)
+            commands.handle(self, raw)
         except Exception:  # a bug, not the client's fault: say so, rather than a silent normal close
             log.exception("websocket message could not be handled")
             self._end(CLOSE_INTERNAL, "internal error")
             return False
         return True
-
-    def _handle(self, raw: str) -> None:
-        try:
-            msg = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            self.sub.offer(error("bad_request", "messages are JSON objects"))
-            return
-        kind = msg.get("type") if isinstance(msg, dict) else None
-        if kind == "subscribe":
-            self._subscribe(msg)
-        elif kind == "unsubscribe":
-            channels = msg.get("channels")
-            if not isinstance(channels, list):
-                self.sub.offer(error("bad_request", "unsubscribe needs channels (a list)"))
-                return
-            for channel in channels:
-                if isinstance(channel, str):
-                    self.ctx.broadcaster.unsubscribe(self.sub, channel)
-        elif kind == "ping":
-            self.sub.offer(dumps({"type": "pong"}))
-        elif kind == "pong":
-            pass
-        elif kind == "auth":
-            self._reauthenticate(msg.get("token"))
-        else:
-            self.sub.offer(error("bad_request", f"unknown message type {kind!r}"))
-
-    def _reauthenticate(self, token: Any) -> None:
-        """A fresh token on an open connection, to outlive the first one; same rights only."""
-        try:
-            fresh = verify_token(self.ctx.settings, token if isinstance(token, str) else None)
-        except AuthError as exc:
-            self.ctx.metrics.ws_refused.labels("auth").inc()
-            self.sub.offer(error("unauthorized", str(exc)))
-            return
-        if (fresh.role, fresh.commune) != (self.principal.role, self.principal.commune):
-            self.ctx.metrics.ws_refused.labels("forbidden").inc()
-            self.sub.offer(error("forbidden", "a new token must carry the same role and commune"))
-            return
-        self.principal = fresh
-        self.sub.offer(auth_ok(fresh))
-
-    def _subscribe(self, msg: dict[str, Any]) -> None:
-        channels, resume = msg.get("channels"), msg.get("resume") or {}
-        if not isinstance(channels, list) or not isinstance(resume, dict):
-            self.sub.offer(
-                error(
-                    "bad_request",
-                    "subscribe needs channels (a list) and optional resume (an object)",
-                )
-            )
-            return
-        names = dict.fromkeys(c for c in channels if isinstance(c, str))  # other items are answered below
-        new = [c for c in names if c not in self.sub.filters]
-        if len(self.sub.filters) + len(new) > self.ctx.ws_limits.max_channels:
-            self.sub.offer(
-                error(
-                    "too_many_channels",
-                    f"at most {self.ctx.ws_limits.max_channels} channels per connection",
-                )
-            )
-            return
-        registry, live = self.ctx.registry, self.ctx.live
-        for channel in channels:
-            if not isinstance(channel, str):
-                self.sub.offer(error("bad_request", "channel names are strings"))
-                continue
-            if not self.principal.can_subscribe(channel):
-                self.ctx.metrics.ws_refused.labels("forbidden").inc()
-                self.sub.offer(error("forbidden", "outside your rights", channel=channel))
-                continue
-            if not channel_exists(channel, registry.units, registry.stations):
-                self.sub.offer(error("unknown_channel", "no such channel", channel=channel))
-                continue
-            position = resume.get(channel)
-            self.ctx.broadcaster.subscribe(
-                self.sub,
-                channel,
-                live.snapshot_items(channel, self.principal),
-                accept=item_filter(channel, self.principal, live.station_communes),
-                resume_from=position if isinstance(position, int) and not isinstance(position, bool) else None,
-            )
-
-
-def forget_handshake(ws: WebSocket) -> None:
-    """Drop the request headers and offered subprotocols (the token) once authentication is done:
-    nothing reads them later, and the scope lives as long as the connection (~1.7 KiB each)."""
-    scope = ws.scope
-    for key in ("headers", "subprotocols"):
-        held = scope.get(key)
-        if isinstance(held, list):
-            held.clear()  # in place: a Headers object the WebSocket cached refers to the same list
-
-
-async def websocket_endpoint(ws: WebSocket) -> None:
-    """``WS /ws``: check the Origin, authenticate, then serve subscriptions until the end."""
-    ctx: ApiContext = ws.app.state.ioc
-    principal = await _open(ctx, ws)
-    if principal is not None:
-        # in a frame of its own: what authentication used (the token) is not held for the connection's life
-        await Connection(ctx, ws, principal).run()
-
-
-async def _open(ctx: ApiContext, ws: WebSocket) -> Principal | None:
-    """Refuse a foreign Origin, accept, authenticate; the principal, or None once refused and closed."""
-    if not origin_allowed(ws.headers.get("origin"), ws.headers.get("host"), ctx.settings.allowed_origins):
-        log.info("websocket refused: origin not allowed")
-        ctx.metrics.ws_refused.labels("origin").inc()
-        await ws.close(CLOSE_ORIGIN)
-        return None
-    token = bearer_subprotocol(list(ws.scope.get("subprotocols") or ()))
-    if token is not None:
-        await ws.accept(subprotocol=SUBPROTOCOL)
-    else:
-        await ws.accept()
-        token = await _first_message_token(ws, ctx.ws_limits)
-    try:
-        principal = verify_token(ctx.settings, token)
-    except AuthError as exc:
-        ctx.metrics.ws_refused.labels("auth").inc()
-        with contextlib.suppress(Exception):
-            await send_counted(ws, ctx.metrics, error("unauthorized", str(exc)))
-            await ws.close(CLOSE_UNAUTHORIZED, "unauthorized")
-        return None
-    forget_handshake(ws)
-    await send_counted(ws, ctx.metrics, auth_ok(principal))
-    log.debug("websocket open: %s (%s)", principal.subject, principal.role)
-    return principal
-
-
-async def _first_message_token(ws: WebSocket, limits: WsLimits) -> str | None:
-    try:
-        message = await asyncio.wait_for(ws.receive(), limits.auth_timeout_s)
-    except (TimeoutError, WebSocketDisconnect):
-        return None
-    raw = message.get("text") or ""
-    if not raw or len(raw) > limits.max_frame_bytes:
-        return None
-    try:
-        msg = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(msg, dict) and msg.get("type") == "auth" and isinstance(msg.get("token"), str):
-        token: str = msg["token"]
-        return token
-    return None

@@ -37,7 +37,7 @@ from api.auth import Caller, Principal
 from streams.windows import TZ
 
 if TYPE_CHECKING:
-    from api.app import ApiContext
+    from api.context import ApiContext
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +171,7 @@ def build_query(
 # --- routes ---------------------------------------------------------------------------------------
 
 
-def alert_router(ctx: ApiContext) -> APIRouter:
+def router(ctx: ApiContext) -> APIRouter:
     """The ``/api/alerts`` and ``/api/silences`` routes of one app."""
     router = APIRouter(tags=["alerts"])
     stations = ctx.live.station_communes

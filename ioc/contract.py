@@ -1,0 +1,16 @@
+"""Contract types several packages share (CONTRACT.md): time units, the time zone, severities, incident steps.
+
+Defined once here, in the kernel, so that `streams`, `alerts`, `api`, `simulators` and `reports`
+agree without importing each other. Topic names are in `ioc.settings` (``TOPIC_*``), the KPI
+snapshot and its encoding in `ioc.snapshot`.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+from zoneinfo import ZoneInfo
+
+#: Microseconds per second: event times are integers of µs since the epoch.
+US: Final = 1_000_000
+#: The province's time zone (no daylight saving since 1975: UTC+7 for all data we take).
+TZ: Final = ZoneInfo("Asia/Ho_Chi_Minh")
