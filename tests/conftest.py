@@ -22,7 +22,7 @@ def kafka_bootstrap() -> Iterator[str]:
     if external:
         yield external
         return
-    from ioc.embedded.broker import EmbeddedBroker
+    from entrypoints.embedded.broker import EmbeddedBroker
 
     with EmbeddedBroker() as broker:
         yield broker.bootstrap
@@ -35,7 +35,7 @@ def postgres_admin_url() -> Iterator[str]:
     if external:
         yield external
         return
-    from ioc.embedded.postgres import EmbeddedPostgres
+    from entrypoints.embedded.postgres import EmbeddedPostgres
 
     with EmbeddedPostgres() as pg:
         yield pg.url
@@ -44,8 +44,8 @@ def postgres_admin_url() -> Iterator[str]:
 @pytest.fixture
 def database_url(postgres_admin_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test, dropped afterwards."""
+    from entrypoints.embedded.postgres import create_database, drop_database
     from ioc.db.migrate import migrate
-    from ioc.embedded.postgres import create_database, drop_database
 
     name = f"ioc_test_{uuid.uuid4().hex[:12]}"
     url = create_database(postgres_admin_url, name)

@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 
 from alerts.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from api.auth import create_token
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import TOPIC_CYBER, Settings
 from tests.integration.conftest import env_for, free_port
 
@@ -161,7 +161,7 @@ def test_alerts_reach_security_once_each_escalate_on_time_and_stop_when_acknowle
         ),
     }
     procs = [
-        subprocess.Popen([sys.executable, "-m", "ioc.cli", n], env=env, stdin=subprocess.DEVNULL)
+        subprocess.Popen([sys.executable, "-m", "entrypoints.cli", n], env=env, stdin=subprocess.DEVNULL)
         for n in ("worker", "api")
     ]
     try:

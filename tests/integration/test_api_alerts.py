@@ -18,7 +18,7 @@ from alerts.model import Alert, AlertEvent, AlertState, Audience, Severity, fing
 from api.app import create_app
 from api.auth import create_token
 from api.context import ApiContext
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import TOPIC_ALERTS, Settings
 
 pytestmark = pytest.mark.integration

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from api.auth import create_token
 from api.context import ApiContext
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import TOPIC_KPI, Settings
 from streams.snapshot import Snapshot, encode
 

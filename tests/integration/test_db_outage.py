@@ -23,7 +23,7 @@ import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from api.auth import create_token
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, Settings
 from simulators.stream import SimRecord, _write_lines, generate
 from tests.faults import TcpProxy

@@ -25,7 +25,7 @@ class Dev:
     def __init__(self, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOC_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ioc.cli", "dev", *args],
+            [sys.executable, "-m", "entrypoints.cli", "dev", *args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

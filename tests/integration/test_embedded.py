@@ -11,9 +11,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from entrypoints.embedded.broker import EmbeddedBroker, create_topics, ensure_topics
+from entrypoints.embedded.postgres import EmbeddedPostgres, create_database, drop_database
 from ioc.db.migrate import Storage, drop_expired, ensure_partitions, migrate, storage_of
-from ioc.embedded.broker import EmbeddedBroker, create_topics, ensure_topics
-from ioc.embedded.postgres import EmbeddedPostgres, create_database, drop_database
 from ioc.errors import EmbeddedServiceError
 from ioc.settings import ALL_TOPICS, TOPIC_ALERTS, TOPIC_KPI, Settings
 

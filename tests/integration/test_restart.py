@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.registry import load_registry
 from ioc.settings import TOPIC_DOSSIER, TOPIC_KPI, Settings
 from simulators.stream import _write_lines, generate
@@ -101,7 +101,7 @@ def test_a_crash_between_publishing_and_writing_snapshots_never_reuses_a_seq(
 ) -> None:
     """The worker publishes an emission before writing it: killed in between, subscribers hold a seq
     the database lacks. Its successor must publish every series again with a newer seq."""
-    from ioc.bench.workload import DossierIntake
+    from bench.workload import DossierIntake
     from streams import sink
 
     settings = make_settings()

@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from alerts import AlertEvent, AlertState
 from alerts.engine import operator_event
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.registry import load_registry
 from ioc.settings import TOPIC_ALERTS, TOPIC_CYBER, Settings
 from streams.worker import Ingest

@@ -12,8 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
-from ioc.bench.harness import GOALS, SECTIONS, judge, table
-from ioc.bench.stats import percentiles
+from bench.harness import GOALS, SECTIONS, judge, table
+from bench.stats import percentiles
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,7 +65,7 @@ def test_quick_bench_writes_every_section_with_figures(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     env = {k: v for k, v in os.environ.items() if not k.startswith("IOC_")}
     done = subprocess.run(
-        [sys.executable, "-m", "ioc.cli", "bench", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "entrypoints.cli", "bench", "--quick", "--json", str(out)],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -103,7 +103,7 @@ def test_quick_bench_writes_every_section_with_figures(tmp_path: Path) -> None:
 
 
 def test_service_cpu_counts_only_processes_alive_at_both_samples() -> None:
-    from ioc.bench.pipeline import cpu_used
+    from bench.pipeline import cpu_used
 
     before = {1: ("postgresql", 1.0), 2: ("postgresql", 2.0), 3: ("broker", 0.5), 9: ("broker", 7.0)}
     after = {1: ("postgresql", 1.5), 2: ("postgresql", 2.25), 3: ("broker", 0.75), 4: ("postgresql", 9.0)}

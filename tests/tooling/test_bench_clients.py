@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from ioc.bench import clients, floor
+from bench import clients, floor
 
 
 class RecordingTransport:

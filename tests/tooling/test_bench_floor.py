@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from ioc.bench import floor
+from bench import floor
 
 
 class RecordingTransport:
@@ -82,7 +82,7 @@ def test_a_closed_peer_is_left_to_its_transport_to_find_out() -> None:
 
 
 def test_the_probe_frame_is_timed_by_the_benchmark_clients() -> None:
-    from ioc.bench.clients import probe_timing
+    from bench.clients import probe_timing
 
     frame = floor.probe_frame(3, 100.0)
     payload = frame[4:] if frame[1] == 126 else frame[2:]

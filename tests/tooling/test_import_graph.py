@@ -3,10 +3,12 @@
 Read from the source with `ast` (every import counts: module level, inside functions, and under
 ``TYPE_CHECKING``), so a lazy import cannot hide a dependency. The layers, lowest first:
 
-    ioc (the kernel) < alerts < streams < simulators, reports < api < entrypoints < bench
+    ioc (the kernel) < alerts < streams < simulators, reports < api
+        < entrypoints.embedded < bench < entrypoints (the ``ioc`` command, the dev supervisor)
 
-A module may import its own package and any package of a lower layer; packages of one layer do
-not import each other.
+A module may import its own unit and any unit of a lower layer; units of one layer do not import
+each other. A unit is a package, or the subpackage named here (the embedded services sit below the
+benchmark harness, which the ``ioc`` command runs).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-#: Package → layer (lower imports nothing higher). Packages on one layer are independent.
+#: Unit → layer (lower imports nothing higher). Units on one layer are independent.
 LAYERS: dict[str, int] = {
     "ioc": 0,
     "alerts": 1,
@@ -26,9 +28,16 @@ LAYERS: dict[str, int] = {
     "simulators": 3,
     "reports": 3,
     "api": 4,
-    "entrypoints": 5,
+    "entrypoints.embedded": 5,
     "bench": 6,
+    "entrypoints": 7,
 }
+PACKAGES = sorted({unit.split(".")[0] for unit in LAYERS})
+
+
+def unit_of(module: str) -> str:
+    """The unit of LAYERS a module belongs to (the longest that names it or a package above it)."""
+    return max((u for u in LAYERS if module == u or module.startswith(u + ".")), key=len)
 
 
 def module_name(path: Path, root: Path = ROOT) -> str:
@@ -55,13 +64,13 @@ def imports_of(source: str, module: str, is_package: bool = False) -> set[str]:
             found.add(target)
             # ``from pkg import module`` names a module too
             found.update(f"{target}.{alias.name}" for alias in node.names)
-    return {name for name in found if name.split(".")[0] in LAYERS}
+    return {name for name in found if name.split(".")[0] in PACKAGES}
 
 
 def project_graph(root: Path = ROOT) -> dict[str, set[str]]:
     """Module → the project modules it imports (names that are not modules, e.g. a class, dropped)."""
     sources: dict[str, tuple[str, bool]] = {}
-    for package in LAYERS:
+    for package in PACKAGES:
         for path in sorted((root / package).rglob("*.py")) if (root / package).is_dir() else ():
             sources[module_name(path, root)] = (path.read_text(encoding="utf-8"), path.name == "__init__.py")
     graph: dict[str, set[str]] = {}
@@ -73,9 +82,9 @@ def project_graph(root: Path = ROOT) -> dict[str, set[str]]:
 def layer_violations(graph: Mapping[str, Iterable[str]]) -> list[str]:
     found = []
     for module, targets in sorted(graph.items()):
-        own = module.split(".")[0]
+        own = unit_of(module)
         for target in sorted(targets):
-            other = target.split(".")[0]
+            other = unit_of(target)
             if other != own and LAYERS[other] >= LAYERS[own]:
                 found.append(f"{module} imports {target}: {other} is not below {own}")
     return found
@@ -122,8 +131,8 @@ def cycles(graph: Mapping[str, Iterable[str]]) -> list[list[str]]:
 def package_graph(graph: Mapping[str, Iterable[str]]) -> dict[str, set[str]]:
     packages: dict[str, set[str]] = {}
     for module, targets in graph.items():
-        own = module.split(".")[0]
-        packages.setdefault(own, set()).update(t.split(".")[0] for t in targets if t.split(".")[0] != own)
+        own = unit_of(module)
+        packages.setdefault(own, set()).update(unit_of(t) for t in targets if unit_of(t) != own)
     return packages
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["ioc", "streams", "api", "alerts", "simulators", "reports"]
+PACKAGES = ["ioc", "alerts", "streams", "simulators", "reports", "api", "entrypoints", "bench"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -130,13 +130,13 @@ def _embedded(settings: Settings) -> Iterator[tuple[str, str, list[str]]]:
             bootstrap = env_kafka
             notes.append("external Kafka")
         else:
-            from ioc.embedded.broker import EmbeddedBroker
+            from entrypoints.embedded.broker import EmbeddedBroker
 
             bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
         if env_db:
             database_url = env_db
         else:
-            from ioc.embedded.postgres import EmbeddedPostgres
+            from entrypoints.embedded.postgres import EmbeddedPostgres
 
             database_url = stack.enter_context(EmbeddedPostgres()).url
         yield bootstrap, database_url, notes
@@ -150,7 +150,7 @@ def _mqtt(settings: Settings) -> Iterator[tuple[str | None, str | None]]:
     if external:
         yield external, external
         return
-    from ioc.embedded.mosquitto import BRIDGE_USER, EmbeddedMosquitto, mosquitto_binary
+    from entrypoints.embedded.mosquitto import BRIDGE_USER, EmbeddedMosquitto, mosquitto_binary
 
     if mosquitto_binary() is None:
         log.warning("mosquitto is not installed (scripts/setup installs it): no MQTT broker, no bridge")
@@ -163,8 +163,8 @@ def _mqtt(settings: Settings) -> Iterator[tuple[str | None, str | None]]:
 def run_dev(
     settings: Settings, *, simulators: bool = True, rate: float = 50.0, scenario: str | None = None, api_port: int = 0
 ) -> int:
+    from entrypoints.embedded.broker import ensure_topics
     from ioc.db.migrate import migrate
-    from ioc.embedded.broker import ensure_topics
 
     # A plain flag: a signal handler must not take a lock the interrupted main thread may hold
     # (threading.Event.set() inside Event.wait() deadlocks).
@@ -196,7 +196,7 @@ def run_dev(
             # A free port, so two `ioc dev` side by side do not collide; the worker logs it.
             "IOC_WORKER_METRICS_PORT": str(metrics_port),
         }
-        exe = [sys.executable, "-m", "ioc.cli"]
+        exe = [sys.executable, "-m", "entrypoints.cli"]
         children = [Child("worker", [*exe, "worker"], env), Child("api", [*exe, "api"], env)]
         if bridge_url:
             bridge_env = {**env, "IOC_MQTT_URL": bridge_url, "IOC_MQTT_BRIDGE_METRICS_PORT": str(free_port())}

@@ -20,8 +20,8 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from ioc.embedded import die_with_parent, free_port, log_tail
-from ioc.embedded.process import EmbeddedProcess
+from entrypoints.embedded import die_with_parent, free_port, log_tail
+from entrypoints.embedded.process import EmbeddedProcess
 from ioc.errors import EmbeddedServiceError
 
 log = logging.getLogger(__name__)

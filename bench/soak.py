@@ -35,8 +35,8 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 from websockets.typing import Subprotocol
 
 from api.broadcaster import frame_type
-from ioc.bench import live
-from ioc.bench.harness import fresh_database, services
+from bench import live
+from bench.harness import fresh_database, services
 from ioc.settings import Settings
 
 #: Tables whose row counts are sampled (the worker's state, the KPI store, the audit trail).
@@ -338,7 +338,7 @@ def _wait_metrics(settings: Settings, worker: subprocess.Popen[bytes]) -> None:
 
 def run(plan: Plan, json_path: Path | None = None) -> tuple[dict[str, Any], Path]:
     """Run the soak; returns the results and where their JSON was written."""
-    from ioc.embedded.broker import ensure_topics
+    from entrypoints.embedded.broker import ensure_topics
 
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     results: dict[str, Any] = {

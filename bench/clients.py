@@ -1,4 +1,4 @@
-"""Many WebSocket clients in one process (`python -m ioc.bench.clients URL TOKEN N`), for the fan-out run.
+"""Many WebSocket clients in one process (`python -m bench.clients URL TOKEN N`), for the fan-out run.
 
 Connects ``N`` clients subscribed to ``kpi:province``, prints ``{"ready": n, "failed": f}`` on
 stdout, then records, for every ``bench.probe`` update, the delay from the probe's send time
@@ -11,7 +11,7 @@ protocol, reading into one buffer shared by the process's clients and handling w
 straight from it, speaking just enough RFC 6455: the handshake a browser sends, with the token as
 subprotocol and a permessage-deflate offer; masked frames out; pong to pings) that times a probe
 when its bytes arrive, on uvloop where it is installed (as the API runs). Measured with the
-fan-out floor (:mod:`ioc.bench.floor`): 19.6 µs of client CPU per delivery on asyncio's loop,
+fan-out floor (:mod:`bench.floor`): 19.6 µs of client CPU per delivery on asyncio's loop,
 13.0 on uvloop with frames handled in place.
 ``IOC_BENCH_WS_CLIENT=websockets`` uses the ``websockets`` library's client instead, as earlier
 runs did (about ten times the client CPU per frame).

@@ -25,10 +25,10 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
-from ioc.bench.live import child_env, component, token_for, wait_api_ready
-from ioc.bench.stats import percentiles
-from ioc.bench.workload import DossierIntake
-from ioc.embedded.mosquitto import BRIDGE_USER, EmbeddedMosquitto
+from bench.live import child_env, component, token_for, wait_api_ready
+from bench.stats import percentiles
+from bench.workload import DossierIntake
+from entrypoints.embedded.mosquitto import BRIDGE_USER, EmbeddedMosquitto
 from ioc.settings import TOPIC_DOSSIER, TOPIC_SENSOR, Settings
 
 VN = dt.timezone(dt.timedelta(hours=7))

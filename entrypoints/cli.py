@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import importlib.util
 import logging
 import re
 import signal
@@ -188,6 +189,20 @@ def _producer_claims(args: argparse.Namespace, settings: Settings) -> dict[str, 
     }
 
 
+def _checkout_harness() -> None:
+    """Make the checkout's ``bench/`` importable: the harness is not installed with the packages.
+
+    ``make setup`` installs the project editable from a checkout, whose top level holds ``bench/``;
+    an installed copy without it (the Docker image) says so instead of failing on an import.
+    """
+    if importlib.util.find_spec("bench") is not None:
+        return
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "__init__.py").is_file():
+        raise IocError("ioc bench and ioc soak run from a checkout of the project (make setup): bench/ is not installed")
+    sys.path.insert(0, str(root))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -203,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dev":
-        from ioc.dev import run_dev
+        from entrypoints.dev import run_dev
 
         return run_dev(
             settings, simulators=not args.no_simulators, rate=args.rate, scenario=args.scenario, api_port=args.api_port
@@ -219,7 +234,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         serve(settings)
         return 0
     if args.command == "mqtt-bridge":
-        from ioc.mqtt_bridge import serve as bridge
+        from streams.mqtt_bridge import serve as bridge
 
         asyncio.run(until_terminated(bridge(settings)))
         return 0
@@ -270,7 +285,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(f"migrated ({storage.value})")
         return 0
     if args.command == "topics":
-        from ioc.embedded.broker import ensure_topics
+        from entrypoints.embedded.broker import ensure_topics
 
         ensure_topics(settings)
         return 0
@@ -282,7 +297,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(create_token(settings, args.role, commune=args.commune, ttl=args.ttl, subject=subject, **producer))
         return 0
     if args.command == "bench":
-        from ioc.bench.harness import main as bench
+        _checkout_harness()
+        from bench.harness import main as bench
 
         return bench(args.events, args.quick, args.only, args.json)
     if args.command == "report":
@@ -290,8 +306,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         return report(args, settings)
     if args.command == "soak":
-        from ioc.bench.soak import Plan
-        from ioc.bench.soak import main as soak
+        _checkout_harness()
+        from bench.soak import Plan
+        from bench.soak import main as soak
 
         plan = Plan(
             rate=args.rate,

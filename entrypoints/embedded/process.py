@@ -10,7 +10,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from ioc.embedded import log_tail
+from entrypoints.embedded import log_tail
 from ioc.errors import EmbeddedServiceError
 
 log = logging.getLogger(__name__)

@@ -23,9 +23,10 @@ from aiokafka import AIOKafkaProducer
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
-from ioc.bench.clients import PROBE_KPI
-from ioc.bench.stats import percentiles, process_cpu
-from ioc.bench.workload import DossierIntake, dossier_topic, progress
+from bench import CHECKOUT
+from bench.clients import PROBE_KPI
+from bench.stats import percentiles, process_cpu
+from bench.workload import DossierIntake, dossier_topic, progress
 from ioc.settings import TOPIC_KPI, Settings
 from streams.snapshot import Snapshot, encode
 
@@ -58,6 +59,8 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
         "IOC_API_PORT": str(settings.api_port),
         "IOC_WORKER_METRICS_PORT": "0",
         "IOC_LOG_LEVEL": "WARNING",
+        # the harness's own children (`python -m bench.clients`) import it from the checkout
+        "PYTHONPATH": os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH", "")) if p),
         **extra,
     }
 
@@ -66,7 +69,7 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
 def component(name: str, env: dict[str, str]) -> Iterator[subprocess.Popen[bytes]]:
     """`ioc NAME` as a child process, stopped (SIGTERM, then SIGKILL) on exit."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ioc.cli", name], env=env, stdin=subprocess.DEVNULL, start_new_session=True
+        [sys.executable, "-m", "entrypoints.cli", name], env=env, stdin=subprocess.DEVNULL, start_new_session=True
     )
     try:
         yield proc
@@ -265,12 +268,13 @@ async def _publish_probes(settings: Settings, count: int, every_s: float) -> Non
 
 
 def _spawn_clients(url: str, token: str, n: int, processes: int) -> tuple[list[subprocess.Popen[bytes]], int, int]:
-    """``n`` subscribed clients (:mod:`ioc.bench.clients`) in ``processes`` child processes; (children, ready, failed)."""
+    """``n`` subscribed clients (:mod:`bench.clients`) in ``processes`` child processes; (children, ready, failed)."""
     procs_n = processes if n >= 1000 else 1
     shares = [n // procs_n + (1 if i < n % procs_n else 0) for i in range(procs_n)]
     kids = [
         subprocess.Popen(
-            [sys.executable, "-m", "ioc.bench.clients", url, token, str(share)],
+            [sys.executable, "-m", "bench.clients", url, token, str(share)],
+            cwd=CHECKOUT,  # not installed: imported from the checkout
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
         )
@@ -336,7 +340,7 @@ def fanout(
 ) -> dict[str, Any]:
     """Per client count: a fresh `ioc api`, the clients in ``processes`` child processes, ``probes``
     KPI updates published to the topic; delivery delay per client and update, and API RSS per client.
-    Then, at the largest count, the same clients served by the bare server of :mod:`ioc.bench.floor`
+    Then, at the largest count, the same clients served by the bare server of :mod:`bench.floor`
     (once per entry of ``floor_threads``): what this machine's kernel and clients alone take."""
     token = token_for(settings)
     results: dict[str, Any] = {}
@@ -386,9 +390,9 @@ def fanout(
 
 
 def fanout_floor(n: int, probes: int, processes: int, threads: int) -> dict[str, Any]:
-    """The same ``n`` clients and probes served by :mod:`ioc.bench.floor`'s bare server (no API)."""
+    """The same ``n`` clients and probes served by :mod:`bench.floor`'s bare server (no API)."""
     server = subprocess.Popen(
-        [sys.executable, "-m", "ioc.bench.floor", str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        [sys.executable, "-m", "bench.floor", str(threads)], cwd=CHECKOUT, stdin=subprocess.PIPE, stdout=subprocess.PIPE
     )
     assert server.stdin is not None and server.stdout is not None
     try:

@@ -13,8 +13,8 @@ import msgspec
 import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from ioc.bench.stats import process_cpu
-from ioc.bench.workload import DossierIntake, progress
+from bench.stats import process_cpu
+from bench.workload import DossierIntake, progress
 from ioc.loop import GcTimes, settle_heap
 from ioc.registry import Registry, load_registry
 from ioc.settings import INPUT_TOPICS, TOPIC_DOSSIER, Settings

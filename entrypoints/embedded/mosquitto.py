@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Self
 from urllib.parse import quote
 
-from ioc.embedded import die_with_parent, free_port, port_open
-from ioc.embedded.process import EmbeddedProcess
+from entrypoints.embedded import die_with_parent, free_port, port_open
+from entrypoints.embedded.process import EmbeddedProcess
 from ioc.errors import EmbeddedServiceError
 
 log = logging.getLogger(__name__)

@@ -19,13 +19,13 @@ import orjson
 import psycopg
 from psycopg import sql
 
-from ioc.bench import live, pipeline
-from ioc.bench.clients import raise_fd_limit
-from ioc.bench.workload import produce_backlog, progress
+from bench import live, pipeline
+from bench.clients import raise_fd_limit
+from bench.workload import produce_backlog, progress
 from ioc.settings import Settings
 
 SECTIONS = ("baseline", "throughput", "latency", "fanout", "sink")
-#: Sections run only when named (`--only ingest`): the ingest doors (ioc.bench.ingest).
+#: Sections run only when named (`--only ingest`): the ingest doors (bench.ingest).
 OPTIONAL_SECTIONS = ("ingest",)
 DEFAULT_EVENTS = 1_000_000
 
@@ -47,7 +47,7 @@ class Plan:
     #: Sending threads of the bare server that measures the fan-out floor, at the largest client count.
     fanout_floor_threads: tuple[int, ...] = (1, 2)
     sink_rows: int = 100_000
-    #: The ingest doors (ioc.bench.ingest): records through HTTP and MQTT, and one-at-a-time probes per door.
+    #: The ingest doors (bench.ingest): records through HTTP and MQTT, and one-at-a-time probes per door.
     ingest_http_records: int = 50_000
     ingest_mqtt_records: int = 10_000
     ingest_probes: int = 20
@@ -224,12 +224,12 @@ def services(settings: Settings) -> Iterator[tuple[str, str]]:
         bootstrap = os.environ.get("IOC_KAFKA_BOOTSTRAP")
         database = os.environ.get("IOC_DATABASE_URL")
         if not bootstrap:
-            from ioc.embedded.broker import EmbeddedBroker
+            from entrypoints.embedded.broker import EmbeddedBroker
 
             progress("starting the embedded broker")
             bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
         if not database:
-            from ioc.embedded.postgres import EmbeddedPostgres
+            from entrypoints.embedded.postgres import EmbeddedPostgres
 
             progress("starting the embedded PostgreSQL")
             database = stack.enter_context(EmbeddedPostgres()).url
@@ -258,7 +258,7 @@ def run(
     json_path: Path | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """Run the chosen sections; returns the results and where their JSON was written."""
-    from ioc.embedded.broker import ensure_topics
+    from entrypoints.embedded.broker import ensure_topics
     from ioc.loop import install as install_loop
 
     plan = Plan.quick() if quick else Plan(events=DEFAULT_EVENTS)
@@ -334,7 +334,7 @@ def run(
             ensure_topics(s)
             results["fanout"] = live.fanout(s, list(plan.fanout_clients), floor_threads=plan.fanout_floor_threads)
         if "ingest" in only:
-            from ioc.bench import ingest
+            from bench import ingest
 
             database = fresh_database(admin_url, "bench_ingest", own_db)
             s = settings_for("ing", database, api_port=live.free_port())

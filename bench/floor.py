@@ -1,10 +1,10 @@
-"""The fan-out floor (`python -m ioc.bench.floor THREADS`): the least any server can do for the same clients.
+"""The fan-out floor (`python -m bench.floor THREADS`): the least any server can do for the same clients.
 
 A bare WebSocket server on this machine's event loop: it answers a client's upgrade request with
 ``101`` and a snapshot frame at once, and ignores everything a client sends after that (its
 subscription, pongs). Prints ``{"port": p}`` once listening. For every line read on stdin it
 fans one ``bench.probe`` update out to every connection, carrying its send time as the API's does
-(so the same clients, :mod:`ioc.bench.clients`, time it the same way), and prints
+(so the same clients, :mod:`bench.clients`, time it the same way), and prints
 ``{"clients": n, "send_ms": t, "cpu_s": c}`` (the fan-out's CPU time, every thread's: finer than
 ``/proc``'s 10 ms ticks, which a fan-out to a few clients does not reach). With ``THREADS`` 1 the
 frame goes through each transport's ``write``, as the API's lean protocol writes it; with more, ``THREADS`` threads call ``os.write`` on
@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from websockets.frames import Frame, Opcode
 
-from ioc.bench.clients import PROBE_KPI, raise_fd_limit
+from bench.clients import PROBE_KPI, raise_fd_limit
 from ioc.loop import install
 
 RESPONSE = (

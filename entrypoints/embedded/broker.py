@@ -17,8 +17,8 @@ from aiokafka import AIOKafkaClient
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
-from ioc.embedded import die_with_parent, free_port, port_open
-from ioc.embedded.process import EmbeddedProcess
+from entrypoints.embedded import die_with_parent, free_port, port_open
+from entrypoints.embedded.process import EmbeddedProcess
 from ioc.errors import EmbeddedServiceError
 from ioc.settings import ALL_TOPICS, SINGLE_PARTITION_TOPICS, Settings
 
