@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from alerts.inputs import Incident
 from alerts.model import TRANSITIONS, Alert, AlertEvent, AlertState, Audience, Severity, TransitionError, fingerprint
 from alerts.rules import (
     AbsenceRule,
@@ -47,13 +48,12 @@ from alerts.rules import (
     matchers_from,
     matches_all,
 )
+from ioc.contract import INCIDENT_STEPS, TZ
 from ioc.errors import IocError
-from streams.snapshot import Snapshot
-from streams.windows import TZ
+from ioc.snapshot import Snapshot
 
 if TYPE_CHECKING:
     from ioc.registry import Registry
-    from streams.cyber import IncidentState
 
 log = logging.getLogger(__name__)
 
@@ -263,8 +263,8 @@ class AlertEngine:
         self._advance(now)
         return self._drain()
 
-    def on_incident(self, state: IncidentState, now: dt.datetime) -> list[AlertEvent]:
-        """Evaluate the ``event`` rules on an incident's merged state (`streams.cyber.IncidentState`).
+    def on_incident(self, state: Incident, now: dt.datetime) -> list[AlertEvent]:
+        """Evaluate the ``event`` rules on an incident's merged state (`alerts.inputs.Incident`, e.g. `streams.cyber.IncidentState`).
 
         Pass the state after every change (the KPI engine's changed entities): detection fires,
         an ``acknowledged`` or ``contained`` step acknowledges (by ``soc``), ``resolved`` or
@@ -273,7 +273,7 @@ class AlertEngine:
         """
         _aware(now)
         steps: list[tuple[int, int, str, str]] = []  # (µs, order, step, event id)
-        for order, step in enumerate(("detected", "acknowledged", "contained", "resolved", "false_positive")):
+        for order, step in enumerate(INCIDENT_STEPS):
             value = getattr(state, step)
             if value is not None:
                 steps.append((value[0], order, step, value[1]))
@@ -604,7 +604,7 @@ class AlertEngine:
         assert s.obs is not None
         self._fire(s.rule, s.fp, s.key, at, s.obs)
 
-    def _incident(self, rule: EventRule, state: IncidentState, steps: list[tuple[int, int, str, str]]) -> None:
+    def _incident(self, rule: EventRule, state: Incident, steps: list[tuple[int, int, str, str]]) -> None:
         iid = state.incident_id
         fp = fingerprint(rule.id, f"incident:{iid}")
         matches = (
@@ -666,7 +666,7 @@ class AlertEngine:
         triggered = (snap.key, station) if station else (snap.key,)
         return _Observation(scope, commune, fields, labels, triggered, snap.value)
 
-    def _observe_incident(self, st: IncidentState) -> _Observation:
+    def _observe_incident(self, st: Incident) -> _Observation:
         scope = (
             f"commune:{st.commune_code}"
             if st.commune_code

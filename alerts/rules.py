@@ -33,6 +33,7 @@ from typing import Any
 import yaml
 
 from alerts.model import Audience, Severity
+from ioc.contract import INCIDENT_SEVERITIES
 from ioc.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,6 @@ KINDS = ("threshold", "rate_of_change", "absence", "event", "unacknowledged")
 DOMAINS = ("cyber", "env", "water", "dossier", "platform")
 OPERATORS = (">", ">=", "<", "<=")
 #: Incident fields (CONTRACT §1) an ``event`` rule can match.
-INCIDENT_SEVERITIES = ("low", "medium", "high", "critical")
 INCIDENT_CATEGORIES = (
     "malware", "phishing", "ddos", "intrusion", "defacement", "data_leak", "brute_force", "vulnerability", "other",
 )  # fmt: skip

@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 from api.live import LiveState
 from ioc.metrics import ApiMetrics
 from ioc.settings import FETCH_MAX_WAIT_MS, TOPIC_ALERTS, TOPIC_KPI, Settings
-from streams.snapshot import Snapshot, decode
+from ioc.snapshot import Snapshot, decode
 
 log = logging.getLogger(__name__)
 

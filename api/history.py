@@ -9,7 +9,7 @@ from typing import Any, Final
 from zoneinfo import ZoneInfo
 
 from ioc.settings import TIMEZONE
-from streams.snapshot import WINDOWS
+from ioc.snapshot import WINDOWS
 
 LOCAL: Final = ZoneInfo(TIMEZONE)
 #: Longest range one request may cover (raw history is kept 30 days by default).

@@ -28,7 +28,7 @@ from bench.clients import PROBE_KPI
 from bench.stats import percentiles, process_cpu
 from bench.workload import DossierIntake, dossier_topic, progress
 from ioc.settings import TOPIC_KPI, Settings
-from streams.snapshot import Snapshot, encode
+from ioc.snapshot import Snapshot, encode
 
 LATENCY_KPI = ("dossier.received", "province", "1h")
 #: Partitions per topic in the latency section. The embedded broker (tansu, memory storage) slows

@@ -17,7 +17,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from ioc.contract import US
+from ioc.contract import INCIDENT_SEVERITIES, US
 from ioc.registry import Registry
 from reports.period import Period
 from streams import aqi, cyber, dossier
@@ -309,7 +309,7 @@ def cyber_section(f: Figures, scope: str) -> dict[str, Any]:
             )
     return {
         "detected": r("detected", scope, "mtd"),
-        "by_severity": {sev: r(f"detected.{sev}", scope, "mtd") for sev in cyber.SEVERITIES},
+        "by_severity": {sev: r(f"detected.{sev}", scope, "mtd") for sev in INCIDENT_SEVERITIES},
         "by_category": dict(sorted(by_category.items(), key=lambda kv: (-kv[1], kv[0]))),
         "open_at_end": r("open", scope, "now"),
         "mtta_minutes": mean["cyber.mtta_minutes"],

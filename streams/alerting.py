@@ -28,8 +28,8 @@ from alerts.webhook import WebhookDispatcher, WebhookFailure
 from ioc import settings as cfg
 from ioc.registry import Registry
 from ioc.settings import Settings
+from ioc.snapshot import Snapshot
 from streams.cyber import IncidentState
-from streams.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ioc.registry import Registry
+from ioc.snapshot import Snapshot
 from streams import cyber, dossier, sensor
 from streams.kpi import US_PER_MIN, Contribution, Counters, KpiSpec, Value, published, status_of
-from streams.snapshot import Snapshot
 from streams.windows import TZ
 
 log = logging.getLogger(__name__)

@@ -25,9 +25,9 @@ from alerts.engine import AlertEngine
 from alerts.rules import default_rules
 from ioc.errors import InvalidEvent
 from ioc.registry import Registry
+from ioc.snapshot import Snapshot
 from streams.cyber import IncidentState
 from streams.engine import KINDS, Engine
-from streams.snapshot import Snapshot
 from streams.windows import TZ
 
 US = 1_000_000

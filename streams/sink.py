@@ -15,10 +15,10 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import psycopg
 
+from ioc.snapshot import Snapshot
 from streams import cyber, dossier
 from streams.engine import ENTITY_HORIZON_US, Engine
 from streams.sensor import KEEP_US, Parsed, Reading, SensorEvent
-from streams.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 US = 1_000_000
@@ -108,7 +108,7 @@ CREATE TEMP TABLE IF NOT EXISTS stage_kpi (kpi text, scope text, win text, value
     ON COMMIT DELETE ROWS;
 """
 #: Snapshots: one COPY into staging, then one set-based upsert into each table (the newest seq wins);
-#: `hist` marks the rows the history takes (`streams.snapshot.HistorySampler`).
+#: `hist` marks the rows the history takes (`ioc.snapshot.HistorySampler`).
 MERGE_LATEST = """
 INSERT INTO kpi_latest (kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra, updated_at)
 SELECT DISTINCT ON (kpi, scope, win) kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq,

@@ -40,11 +40,11 @@ from ioc.metrics import WorkerMetrics
 from ioc.produce import BatchSender, CachingPartitioner, stop_within
 from ioc.registry import Registry, load_registry
 from ioc.settings import Settings
+from ioc.snapshot import HistorySampler, encode
 from streams import sink
 from streams.alerting import Alerting
 from streams.cyber import IncidentState
 from streams.engine import KINDS, Engine
-from streams.snapshot import HistorySampler, encode
 from streams.windows import TZ
 
 log = logging.getLogger(__name__)

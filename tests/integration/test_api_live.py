@@ -17,7 +17,7 @@ from api.auth import create_token
 from api.context import ApiContext
 from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import TOPIC_KPI, Settings
-from streams.snapshot import Snapshot, encode
+from ioc.snapshot import Snapshot, encode
 
 pytestmark = pytest.mark.integration
 

@@ -14,11 +14,11 @@ import psycopg
 import pytest
 
 from ioc.registry import load_registry
+from ioc.snapshot import Snapshot
 from streams import sink
 from streams.cyber import IncidentState
 from streams.dossier import DossierState
 from streams.engine import Engine
-from streams.snapshot import Snapshot
 
 pytestmark = pytest.mark.integration
 AWKWARD = 'a\\b\tc\nd\re "q" \\n Nghệ An \u0001 end\\'

@@ -141,12 +141,10 @@ def graph() -> dict[str, set[str]]:
     return project_graph()
 
 
-@pytest.mark.xfail(strict=True, reason="until the restructuring (issue 17, phase B) lands")
 def test_no_package_imports_one_above_it(graph: dict[str, set[str]]) -> None:
     assert layer_violations(graph) == []
 
 
-@pytest.mark.xfail(strict=True, reason="until the restructuring (issue 17, phase B) lands")
 def test_no_cycle_between_packages(graph: dict[str, set[str]]) -> None:
     assert cycles(package_graph(graph)) == []
 

@@ -17,7 +17,7 @@ from api.broadcaster import Broadcaster
 from api.context import ApiContext
 from api.ws.frames import WsLimits
 from ioc.settings import Settings
-from streams.snapshot import Snapshot
+from ioc.snapshot import Snapshot
 from tests.factories import snap
 
 COMMUNE = "16681"

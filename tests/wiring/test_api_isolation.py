@@ -20,7 +20,7 @@ from api.context import ApiContext
 from api.ws.connection import Connection
 from api.ws.frames import WsLimits
 from ioc.settings import Settings
-from streams.snapshot import Snapshot
+from ioc.snapshot import Snapshot
 from tests.factories import snap
 from tests.fake_ws import FakeSocket
 from tests.waiting import until as eventually

@@ -19,7 +19,7 @@ from api.auth import create_token
 from api.broadcaster import Broadcaster, frame_type
 from api.context import ApiContext
 from ioc.settings import Settings
-from streams.snapshot import Snapshot
+from ioc.snapshot import Snapshot
 
 PUBLIC = {"/healthz", "/readyz", "/metrics"}
 #: Routes that check a scope or a role against the caller's rights (the registries are readable by every role;
