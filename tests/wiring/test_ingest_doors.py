@@ -323,7 +323,7 @@ def test_a_full_in_flight_queue_is_a_429_and_a_broker_failure_a_503(settings: Se
 def test_ioc_token_create_issues_a_producer_token(
     settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from ioc import cli
+    from entrypoints import cli
 
     monkeypatch.setenv("IOC_SIGNING_KEY", settings.signing_key.get_secret_value())
     argv = ["token", "create", "--role", "producer", "--source", "hydro", "--topics", SENSOR, "--stations", "WL-DUA"]
