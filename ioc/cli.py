@@ -208,8 +208,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         registry = load_registry(
             args.units or settings.units_file, args.stations or settings.stations_file, settings.targets_file
         )
+        from streams.anomaly import load_config
+
         snapshots, counts, alert_events = replay(
-            args.file, registry, args.until, progress=None if args.no_progress else sys.stderr
+            args.file,
+            registry,
+            args.until,
+            progress=None if args.no_progress else sys.stderr,
+            anomaly=load_config(settings.anomaly_config),
         )
         write(snapshots, sys.stdout.buffer, alert_events)
         sys.stdout.flush()

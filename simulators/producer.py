@@ -20,7 +20,7 @@ from ioc.registry import Registry
 from ioc.settings import Settings
 from simulators.envelope import VN_TZ
 from simulators.scenarios import Scenario
-from simulators.stream import SimRecord, generate, sensor_history
+from simulators.stream import SimRecord, generate, resolve_scenario, sensor_history
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +137,9 @@ async def run(
         seed = time.time_ns() % 1_000_000_007
     start = dt.datetime.now(VN_TZ)
     until = start + dt.timedelta(seconds=duration * speedup) if duration is not None else None
+    scenario = resolve_scenario(scenario, start, registry)
+    # A labelled-anomaly scenario starts its faults inside the warm-start history it asks for.
+    history_s = max(history_s, scenario.history_h * 3600)
     # Paced in simulated time: at speedup k a simulated second carries rate / k records.
     records = generate(
         seed,
@@ -182,7 +185,7 @@ async def run(
     began = clock()
     try:
         if history_s > 0:
-            for event in sensor_history(seed, start, history_s, registry):
+            for event in sensor_history(seed, start, history_s, registry, scenario):
                 topic = topics.get(event.topic) or topics.setdefault(event.topic, settings.topic(event.topic))
                 future = await producer.send(topic, value=orjson.dumps(event.value), key=event.key.encode())
                 future.add_done_callback(settled)
