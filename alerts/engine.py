@@ -114,6 +114,11 @@ def _from_us(us: int) -> dt.datetime:
     return (EPOCH + dt.timedelta(microseconds=us)).astimezone(TZ)
 
 
+def _fmt3(v: float | None) -> str:
+    """A measured value to at most three decimals (water levels are read to the centimetre)."""
+    return "?" if v is None else f"{round(v, 3):g}"
+
+
 def _fmt(v: float | None) -> str:
     if v is None:
         return "?"
@@ -721,9 +726,9 @@ class AlertEngine:
 
         lo, hi = f.expected_low, f.expected_high
         expected = (
-            f"{_fmt(lo)}–{_fmt(hi)}"
+            f"{_fmt3(lo)}–{_fmt3(hi)}"
             if lo is not None and hi is not None
-            else f"≥ {_fmt(lo)}"
+            else f"≥ {_fmt3(lo)}"
             if lo is not None
             else "?"
         )
@@ -731,10 +736,10 @@ class AlertEngine:
         fields = {
             "detector": f.detector,
             "quantity": f.quantity,
-            "observed": _fmt(f.observed),
+            "observed": _fmt3(f.observed),
             "expected": expected,
-            "expected_low": _fmt(lo),
-            "expected_high": _fmt(hi),
+            "expected_low": _fmt3(lo),
+            "expected_high": _fmt3(hi),
             "window_from": when(f.window_from),
             "window_to": when(f.window_to),
             "method": f.method,

@@ -82,8 +82,9 @@ def fault_plan(
             Fault("spike", SPIKE_STATIONS[0][0], "pm25", begins - 90 * M, begins - 90 * M + 5 * M, 6.0),
             Fault("spike", SPIKE_STATIONS[1][0], "water_level_m", begins - 60 * M, begins - 60 * M + 10 * M, 1.5),
             Fault("spike", SPIKE_STATIONS[2][0], "pm25", begins + 2 * M, begins + 7 * M, 6.0),
-            Fault("drift", DRIFT[0][0], "pm25", begins - 5 * H, begins + 2 * H, 0.5),
-            Fault("drift", wx, "temp_c", begins - 5 * H, begins + 2 * H, DRIFT[1][2]),
+            # Exaggerated drifts, so the hourly CUSUM has its evidence by the time the wall opens.
+            Fault("drift", DRIFT[0][0], "pm25", begins - 10 * H, begins + 2 * H, 0.6),
+            Fault("drift", wx, "temp_c", begins - 10 * H, begins + 2 * H, DRIFT[1][2]),
             Fault("jam", JAMMED[0], "water_level_m", begins - 4 * H, begins + H),
         ]
         bands.append(RainBand(begins - 4 * H, begins + H))
@@ -163,7 +164,7 @@ class SensorFaults(Scenario):
     bands: tuple[RainBand, ...] = ()
     seed: str = "sensor-faults"
     #: Hours of warm-start history the scenario needs (its faults begin inside it).
-    history_h: float = 12.0
+    history_h: float = 36.0
 
     @property
     def labels(self) -> list[Label]:

@@ -223,5 +223,10 @@ def build_scenario(
             return faults.SensorFaults(name, begins, span, faults=plan, bands=bands)
         if name == "dossier-surge-anomaly":
             return faults.DossierSurgeAnomaly(name, begins, span, extra=((begins, begins + span),))
-        return faults.IncidentBurst(name, begins, span, extra=((begins, begins + span),))
+        # A commune portal (few incidents of its own), Nam Đàn's when the registry has it.
+        portals = [s.system for s in systems if s.commune_code is not None]
+        system = next((s.system for s in systems if s.commune_code == "17935"), portals[0] if portals else None)
+        return faults.IncidentBurst(
+            name, begins, span, system=system or faults.IncidentBurst.system, extra=((begins, begins + span),)
+        )
     return SensorOutage(name, begins, span, silent=outage_group(stations or {}))

@@ -81,13 +81,13 @@ class SpikeConfig:
 class DriftConfig:
     """Two-sided CUSUM (Page 1954) of the hourly residual against the median of the nearest same-kind stations."""
 
-    neighbours: int = 4
+    neighbours: int = 6
     #: Quantities compared, by station kind; pm25 in log space (pollution is multiplicative).
     quantities: Mapping[str, str] = field(default_factory=lambda: {"air": "pm25", "weather": "temp_c"})
-    k: float = 1.0
-    h: float = 12.0
-    #: Hours of residuals learnt before the CUSUM runs.
-    warmup_h: int = 6
+    k: float = 1.5
+    h: float = 15.0
+    #: Hours of residuals learnt before the CUSUM runs (a day: the residual has a daily cycle).
+    warmup_h: int = 24
     #: Forgetting of the residual's mean and variance per hour (~50 hours of memory).
     decay: float = 0.98
     #: Hours in a row within ±k that clear a drift.
@@ -285,8 +285,8 @@ def _median(xs: list[float]) -> float:
 class _Series:
     """One quantity of one station: flat-step statistics, the recent readings, hourly sums."""
 
-    __slots__ = ("flat_n", "hours", "last_t", "last_x", "mad", "n", "recent", "run", "run_start", "spike_until",
-                 "stuck", "zeros")  # fmt: skip
+    __slots__ = ("flat_n", "hours", "last_t", "last_x", "longest", "mad", "n", "recent", "run", "run_start",
+                 "spike_until", "stuck", "zeros")  # fmt: skip
 
     def __init__(self, history: int) -> None:
         self.last_t: int | None = None
@@ -297,6 +297,7 @@ class _Series:
         self.mad = 0.0  # EW mean absolute difference
         self.run = 0
         self.run_start = 0
+        self.longest = 0.0  # the longest ordinary flat run lately (slowly forgotten)
         self.stuck = False
         self.recent: deque[tuple[int, float]] = deque(maxlen=history + 1)
         self.spike_until: int | None = None
@@ -461,6 +462,7 @@ class Detectors:
         s = self.series[(sid, q)]
         cfg = self.config
         if s.last_t is not None:
+            self._spike(sid, q, s, t, x)  # judged against the statistics before this step
             d = abs(x - s.last_x)
             tol = cfg.stuck.tolerance.get(q, 0.0)
             if d <= tol:
@@ -469,7 +471,9 @@ class Detectors:
                 s.run += 1
                 if not s.stuck and s.flat_n >= cfg.stuck.warmup:
                     p_flat = (s.zeros + 1) / (s.n + 2)
-                    need = flat_run_needed(p_flat, cfg.stuck.alpha, cfg.stuck.min_run)
+                    # Flat steps cluster (a tide at slack water): never less than twice the longest
+                    # ordinary run this sensor has had lately.
+                    need = max(flat_run_needed(p_flat, cfg.stuck.alpha, cfg.stuck.min_run), math.ceil(2 * s.longest))
                     if s.run >= need and t - s.run_start >= cfg.stuck.min_minutes * MIN_US:
                         s.stuck = True
                         spread = max(s.mad * 1.25, tol)
@@ -479,7 +483,9 @@ class Detectors:
                             f"flat-step rate {p_flat:.3f}, {need} in a row happen with p < {cfg.stuck.alpha:g}",
                         )  # fmt: skip
             else:
+                s.longest *= cfg.stuck.decay
                 if s.run and not s.stuck:
+                    s.longest = max(s.longest, float(s.run))
                     for _ in range(s.run):  # an ordinary flat stretch joins the station's statistics
                         s.n = s.n * cfg.stuck.decay + 1
                         s.zeros = s.zeros * cfg.stuck.decay + 1
@@ -492,8 +498,8 @@ class Detectors:
                 s.zeros *= cfg.stuck.decay
                 s.flat_n += 1
                 weight = max(1.0 - cfg.stuck.decay, 1.0 / s.flat_n)
-                s.mad += (d - s.mad) * weight
-            self._spike(sid, q, s, t, x)
+                # Winsorised at 5 × the current scale, so a spike does not widen what counts as normal.
+                s.mad += ((min(d, 5 * s.mad) if s.flat_n > cfg.spike.warmup else d) - s.mad) * weight
         s.last_t, s.last_x = t, x
         s.recent.append((t, x))
         if q == self.config.drift.quantities.get(self.stations[sid].kind):
@@ -514,7 +520,11 @@ class Detectors:
         back = cx - x
         thr = max(cfg.n_sigma * 1.25 * s.mad, cfg.min_jump.get(q, math.inf))
         if abs(jump) > thr and abs(back) > cfg.revert * abs(jump) and (jump > 0) == (back > 0):
-            s.recent.pop()  # the outlier must not bend the median of what follows
+            s.recent.pop()  # the outlier must not bend the median of what follows, nor the hourly mean
+            acc = s.hours.get(ct // HOUR_US)
+            if acc is not None and acc[1] > 1:
+                acc[0] -= math.log1p(cx) if q == "pm25" else cx
+                acc[1] -= 1
             if s.spike_until is None:
                 low = med - thr if q == "temp_c" else max(0.0, med - thr)
                 self._open(
@@ -542,7 +552,8 @@ class Detectors:
         for sid, nbrs in self.neighbours.items():
             if sid not in means:
                 continue
-            others = [means[n] for n in nbrs if n in means]
+            # A station already found drifting is no reference for the others.
+            others = [means[n] for n in nbrs if n in means and not self.drift[n].active]
             if len(others) < 2:
                 continue
             ref = _median(others)
@@ -661,6 +672,13 @@ class Detectors:
 
     # --- incident bursts ----------------------------------------------------------------------
 
+    def burst_expected(self, key: str) -> float:
+        """Incidents expected for ``key`` in one window: the EW hourly rate (bias-corrected: it
+        started at 0 and has gathered ``1 − a^hours`` of its weight), at least the floor."""
+        cfg = self.config.burst
+        learnt = 1 - 0.5 ** (self.burst_hours / cfg.half_life_h) if self.burst_hours else 1.0
+        return max(self.rate.get(key, 0.0) / learnt, cfg.floor_per_h) * cfg.window_minutes / 60
+
     def _incidents_minute(self, m: int) -> None:
         cfg = self.config.burst
         for key, n in self.incidents.pop(m, {}).items():
@@ -673,7 +691,7 @@ class Detectors:
             while w and w[0][0] <= m - cfg.window_minutes:
                 self.window_n[key] -= w.popleft()[1]
             n = self.window_n[key]
-            lam = max(self.rate.get(key, 0.0), cfg.floor_per_h) * cfg.window_minutes / 60
+            lam = self.burst_expected(key)
             p = poisson_sf(n, lam)
             warm = self.burst_hours >= cfg.warmup_h
             if warm and key not in self.bursting and n >= cfg.min_count and n >= cfg.ratio * lam and p < cfg.alpha:
