@@ -25,13 +25,13 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ioc.registry import Registry, load_registry
+from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER
 from simulators.dossiers import DossierSimulator, load_catalogue
 from simulators.envelope import Event
 from simulators.faults import DossierSurgeAnomaly, IncidentBurst, Label, SensorFaults, fault_plan
 from simulators.incidents import PROVINCIAL_SYSTEMS, IncidentSimulator, commune_portals
 from simulators.sensors import SensorSimulator
 from simulators.stream import rate_split
-from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER
 from streams.anomaly import AnomalyConfig, Detectors, Finding
 from streams.engine import Engine
 
@@ -127,7 +127,7 @@ def score(findings: Sequence[Finding], labels: Sequence[Label], kinds: Sequence[
 
 def _p90(xs: list[float]) -> float:
     s = sorted(xs)
-    return s[min(len(s) - 1, int(round(0.9 * (len(s) - 1))))]
+    return s[min(len(s) - 1, round(0.9 * (len(s) - 1)))]
 
 
 def false_alarms(findings: Sequence[Finding], kinds: Sequence[str], since: dt.datetime, subjects: int,
