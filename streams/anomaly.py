@@ -114,9 +114,11 @@ class SurgeConfig:
 
     weeks: int = 4
     min_weeks: int = 2
-    alpha: float = 1e-6
+    alpha: float = 1e-5
     min_count: int = 8
     ratio: float = 2.5
+    #: The count must also exceed the pooled baseline by this many of its standard deviations.
+    spread_k: float = 4.0
     every_minutes: int = 15
 
 
@@ -649,9 +651,22 @@ class Detectors:
             hist = self.receipt_history.get((commune, how))
             surge = False
             if hist is not None and len(hist) >= cfg.min_weeks:
-                base = max(_median(list(hist)), sum(hist) / len(hist), 0.5)
+                # Receipts are over-dispersed (a queue at the counter): the baseline pools the hours on
+                # either side over the same weeks, and a surge must clear its spread as well as the
+                # Poisson tail.
+                pooled = [*hist]
+                for near in ((how - 1) % WEEK_H, (how + 1) % WEEK_H):
+                    pooled += self.receipt_history.get((commune, near), ())
+                mean = sum(pooled) / len(pooled)
+                spread = math.sqrt(sum((x - mean) ** 2 for x in pooled) / max(1, len(pooled) - 1))
+                base = max(_median(list(hist)), mean, 0.5)
                 lam = base * frac
-                surge = n >= cfg.min_count and n >= cfg.ratio * lam and poisson_sf(n, lam) < cfg.alpha
+                surge = (
+                    n >= cfg.min_count
+                    and n >= cfg.ratio * lam
+                    and n > (base + cfg.spread_k * spread) * frac
+                    and poisson_sf(n, lam) < cfg.alpha
+                )
                 if surge and commune not in self.surging:
                     self.surging.add(commune)
                     lo, hi = _poisson_range(lam)

@@ -25,6 +25,8 @@ from ioc.bench.workload import produce_backlog, progress
 from ioc.settings import Settings
 
 SECTIONS = ("baseline", "throughput", "latency", "fanout", "sink")
+#: Run only when asked for (``--only anomaly``): detection quality, not speed (ioc/bench/anomaly.py).
+ON_DEMAND = ("anomaly",)
 DEFAULT_EVENTS = 1_000_000
 
 
@@ -302,11 +304,25 @@ def run(
 def main(events: int | None, quick: bool, only: str | None, json_path: Path | None) -> int:
     """The CLI entry: run, print the table and the JSON path."""
     chosen = tuple(s.strip() for s in only.split(",")) if only else SECTIONS
-    unknown = [s for s in chosen if s not in SECTIONS]
+    unknown = [s for s in chosen if s not in SECTIONS + ON_DEMAND]
     if unknown:
-        print(f"ioc bench: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        known = ", ".join(SECTIONS + ON_DEMAND)
+        print(f"ioc bench: unknown section(s) {', '.join(unknown)}; choose from {known}", file=sys.stderr)
         return 2
     started = time.monotonic()
+    if "anomaly" in chosen:  # quality, not speed: no broker or database (ioc/bench/anomaly.py)
+        from ioc.bench import anomaly
+
+        figures = anomaly.run(quick=quick, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(anomaly.table(figures))
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        where = json_path if json_path and chosen == ("anomaly",) else Path("artifacts") / f"bench-anomaly-{stamp}.json"
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
+        print(f"\nanomaly figures: {where} ({time.monotonic() - started:.0f} s)")
+        chosen = tuple(s for s in chosen if s != "anomaly")
+        if not chosen:
+            return 0
     results, path = run(events=events, quick=quick, only=chosen, json_path=json_path)
     print(table(results))
     print(f"\nfigures: {path} ({time.monotonic() - started:.0f} s)")
