@@ -46,7 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--no-simulators", action="store_true", help="start without the simulators")
     dev.add_argument("--rate", type=float, default=50.0, help="simulated events per second (default 50)")
     dev.add_argument(
-        "--scenario", default=None, help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage)"
+        "--scenario",
+        default=None,
+        help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage, sensor-faults, dossier-surge-anomaly, incident-burst)",
     )
     dev.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
 
@@ -56,7 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="produce realistic events to the input topics")
     sim.add_argument("--rate", type=float, default=50.0, help="events per second across all topics")
     sim.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
-    sim.add_argument("--scenario", default=None, help="flood, ddos, dossier-surge or sensor-outage")
+    sim.add_argument(
+        "--scenario",
+        default=None,
+        help="flood, ddos, dossier-surge, sensor-outage, sensor-faults, dossier-surge-anomaly or incident-burst",
+    )
     sim.add_argument("--seed", type=int, default=348)
     sim.add_argument("--dup-rate", type=float, default=0.01, help="share of events sent twice")
     sim.add_argument("--ooo-rate", type=float, default=0.02, help="share of events delayed (out of order)")
