@@ -1,7 +1,7 @@
 """Anomaly detectors: stuck and spiking sensors, drift against neighbours, gauges deaf to rain, dossier surges, incident bursts.
 
 Pure and deterministic, like the rest of `streams`: no clock but the event-time watermark the
-`streams.engine.Engine` passes in. Every detector works on closed minute buckets: bucket ``m`` is
+`streams.engine.Engine` passes in (a low quantile of the stations' latest reading times). Every detector works on closed minute buckets: bucket ``m`` is
 evaluated once the watermark (the newest event time seen, never ahead of the engine's clock) is
 ``grace_s`` past its end, from what has arrived by then; a record later than that is left out of
 the detectors (it still counts in the KPIs). So the worker and `ioc replay` find the same anomalies
@@ -142,6 +142,10 @@ class BurstConfig:
 class AnomalyConfig:
     enabled: bool = True
     grace_s: int = 120
+    #: The event-time watermark is this quantile of the stations' latest reading times...
+    watermark_quantile: float = 0.1
+    #: ...but never more than this far behind the newest one (a regional outage must not stall it).
+    max_lag_s: int = 6 * 3600
     stuck: StuckConfig = field(default_factory=StuckConfig)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)
