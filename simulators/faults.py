@@ -83,8 +83,8 @@ def fault_plan(
             Fault("spike", SPIKE_STATIONS[1][0], "water_level_m", begins - 60 * M, begins - 60 * M + 10 * M, 1.5),
             Fault("spike", SPIKE_STATIONS[2][0], "pm25", begins + 2 * M, begins + 7 * M, 6.0),
             # Exaggerated drifts, so the hourly CUSUM has its evidence by the time the wall opens.
-            Fault("drift", DRIFT[0][0], "pm25", begins - 10 * H, begins + 2 * H, 0.6),
-            Fault("drift", wx, "temp_c", begins - 10 * H, begins + 2 * H, DRIFT[1][2]),
+            Fault("drift", DRIFT[0][0], "pm25", begins - 11 * H, begins + 2 * H, 1.2),
+            Fault("drift", wx, "temp_c", begins - 11 * H, begins + 2 * H, DRIFT[1][2]),
             Fault("jam", JAMMED[0], "water_level_m", begins - 4 * H, begins + H),
         ]
         bands.append(RainBand(begins - 4 * H, begins + H))

@@ -349,6 +349,7 @@ class Detectors:
             if st.kind in cfg.drift.quantities
         }
         self.drift: dict[str, _Drift] = {sid: _Drift() for sid in self.neighbours}
+        self.drift_done: dict[str, int] = {}  # station → last hour judged
         self.rain_near = {
             sid: self._nearest(st, "rain", cfg.unresponsive.rain_neighbours, cfg.unresponsive.max_km)
             for sid, st in self.stations.items()
@@ -542,60 +543,76 @@ class Detectors:
 
     # --- drift against neighbours -------------------------------------------------------------
 
-    def _drift_hour(self, h: int) -> None:
+    def _drift_hour(self, now_h: int) -> None:
+        """Judge, for each station, every hour it has complete data for and has not been judged for.
+
+        An hour is complete for a station once a later reading of it has been consumed (so an hour is
+        judged an hour after it ends); a station whose readings come late (a partition read behind
+        the others) is judged when they come, against the neighbours' means kept for 48 hours."""
         cfg = self.config.drift
-        means: dict[str, float] = {}
         for sid in self.neighbours:
-            q = cfg.quantities[self.stations[sid].kind]
-            s = self.series.get((sid, q))
-            if s is None:
+            s = self.series.get((sid, cfg.quantities[self.stations[sid].kind]))
+            if s is None or s.last_t is None or not s.hours:
                 continue
-            acc = s.hours.pop(h, None)
-            for old in [k for k in s.hours if k < h]:
+            complete = s.last_t // HOUR_US - 1
+            first = self.drift_done.get(sid, min(s.hours) - 1) + 1
+            for h in range(first, min(complete, now_h) + 1):
+                self._drift_step(sid, h)
+                self.drift_done[sid] = h
+            for old in [k for k in s.hours if k < now_h - 48]:
                 del s.hours[old]
-            if acc and acc[1] and not s.stuck and s.spike_until is None:
-                means[sid] = acc[0] / acc[1]
-        for sid, nbrs in self.neighbours.items():
-            if sid not in means:
-                continue
-            # A station already found drifting is no reference for the others.
-            others = [means[n] for n in nbrs if n in means and not self.drift[n].active]
-            if len(others) < 2:
-                continue
-            ref = _median(others)
-            r = means[sid] - ref
-            d = self.drift[sid]
-            q = cfg.quantities[self.stations[sid].kind]
-            if d.n >= cfg.warmup_h and d.var > 0:
-                sd = math.sqrt(d.var)
-                z = (r - d.mean) / sd
-                d.s_hi = min(2 * cfg.h, max(0.0, d.s_hi + z - cfg.k))
-                d.s_lo = min(2 * cfg.h, max(0.0, d.s_lo - z - cfg.k))
-                at = (h + 1) * HOUR_US
-                if not d.active and max(d.s_hi, d.s_lo) > cfg.h:
-                    d.active, d.calm = True, 0
-                    lo, hi = ref + d.mean - 2 * sd, ref + d.mean + 2 * sd
-                    observed = means[sid]
-                    if q == "pm25":
-                        lo, hi, observed = math.expm1(lo), math.expm1(hi), math.expm1(observed)
-                    self._open(
-                        "drift", sid, q, at, observed, max(0.0, lo) if q == "pm25" else lo, hi,
-                        at - max(1, int(max(d.s_hi, d.s_lo) / max(cfg.k, 0.1))) * HOUR_US, at,
-                        f"CUSUM (Page 1954) of the hourly residual against the median of {len(others)} nearest "
-                        f"{self.stations[sid].kind} stations: S = {_r(max(d.s_hi, d.s_lo), 1)} > h = {cfg.h:g} (k = {cfg.k:g})",
-                    )  # fmt: skip
-                elif d.active:
-                    d.calm = d.calm + 1 if abs(z) <= cfg.k else 0
-                    if d.calm >= cfg.clear_h:
-                        d.active, d.s_hi, d.s_lo = False, 0.0, 0.0
-                        self._close(sid, "drift", q, at)
-                if d.active or max(d.s_hi, d.s_lo) > cfg.h / 2:
-                    continue  # a suspicious residual must not teach the baseline
-            d.n += 1
-            w = max(1.0 - cfg.decay, 1.0 / d.n)
-            delta = r - d.mean
-            d.mean += w * delta
-            d.var = (1 - w) * (d.var + w * delta * delta)
+
+    def _hour_mean(self, sid: str, h: int) -> float | None:
+        s = self.series.get((sid, self.config.drift.quantities[self.stations[sid].kind]))
+        if s is None or s.last_t is None or s.last_t < (h + 1) * HOUR_US or s.stuck or s.spike_until is not None:
+            return None
+        acc = s.hours.get(h)
+        return acc[0] / acc[1] if acc and acc[1] else None
+
+    def _drift_step(self, sid: str, h: int) -> None:
+        cfg = self.config.drift
+        mine = self._hour_mean(sid, h)
+        if mine is None:
+            return
+        # A station already found drifting is no reference for the others.
+        others = [
+            m for n in self.neighbours[sid] if not self.drift[n].active and (m := self._hour_mean(n, h)) is not None
+        ]
+        if len(others) < 2:
+            return
+        ref = _median(others)
+        r = mine - ref
+        d = self.drift[sid]
+        q = cfg.quantities[self.stations[sid].kind]
+        if d.n >= cfg.warmup_h and d.var > 0:
+            sd = math.sqrt(d.var)
+            z = (r - d.mean) / sd
+            d.s_hi = min(2 * cfg.h, max(0.0, d.s_hi + z - cfg.k))
+            d.s_lo = min(2 * cfg.h, max(0.0, d.s_lo - z - cfg.k))
+            at = (h + 1) * HOUR_US
+            if not d.active and max(d.s_hi, d.s_lo) > cfg.h:
+                d.active, d.calm = True, 0
+                lo, hi, observed = ref + d.mean - 2 * sd, ref + d.mean + 2 * sd, mine
+                if q == "pm25":
+                    lo, hi, observed = max(0.0, math.expm1(lo)), math.expm1(hi), math.expm1(observed)
+                self._open(
+                    "drift", sid, q, at, observed, lo, hi,
+                    at - max(1, int(max(d.s_hi, d.s_lo) / max(cfg.k, 0.1))) * HOUR_US, at,
+                    f"CUSUM (Page 1954) of the hourly residual against the median of {len(others)} nearest "
+                    f"{self.stations[sid].kind} stations: S = {_r(max(d.s_hi, d.s_lo), 1)} > h = {cfg.h:g} (k = {cfg.k:g})",
+                )  # fmt: skip
+            elif d.active:
+                d.calm = d.calm + 1 if abs(z) <= cfg.k else 0
+                if d.calm >= cfg.clear_h:
+                    d.active, d.s_hi, d.s_lo = False, 0.0, 0.0
+                    self._close(sid, "drift", q, at)
+            if d.active or max(d.s_hi, d.s_lo) > cfg.h / 2:
+                return  # a suspicious residual must not teach the baseline
+        d.n += 1
+        w = max(1.0 - cfg.decay, 1.0 / d.n)
+        delta = r - d.mean
+        d.mean += w * delta
+        d.var = (1 - w) * (d.var + w * delta * delta)
 
     # --- a gauge deaf to rain -----------------------------------------------------------------
 
