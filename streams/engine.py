@@ -236,16 +236,13 @@ class Engine:
             return
         cfg = self.anomaly.config
         seen = sorted(s.last_seen for s in self.sensors.stations.values() if s.last_seen is not None)
-        if seen:
-            # A low quantile of the stations' latest readings, not the newest: Kafka partitions are
-            # read unevenly (a backfill's partitions can be an hour apart in event time), and a
-            # bucket must not be judged before most stations have reported past it. Silent stations
-            # hold it back at most ``max_lag_s``.
-            low = seen[int(cfg.watermark_quantile * (len(seen) - 1))]
-            watermark = max(low, seen[-1] - cfg.max_lag_s * 1_000_000)
-        else:
-            watermark = self.anomaly.max_event_us
-        watermark = min(watermark, self.now_us)
+        # A low quantile of the stations' latest readings, not the newest: Kafka partitions are read
+        # unevenly (a backfill's partitions can be an hour apart in event time), and a bucket must
+        # not be judged before most stations have reported past it. Silent stations (or none, for
+        # dossiers and incidents alone) hold it back at most ``max_lag_s``.
+        low = seen[int(cfg.watermark_quantile * (len(seen) - 1))] if seen else 0
+        newest = max(seen[-1] if seen else 0, self.anomaly.max_event_us)
+        watermark = min(max(low, newest - cfg.max_lag_s * 1_000_000), self.now_us)
         self.anomaly.advance(watermark, self.sensors.stations)
         changed = self.anomaly.take_changed_stations()
         if changed:
