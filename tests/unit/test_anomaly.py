@@ -443,3 +443,18 @@ def test_open_findings_folds_opens_and_closes() -> None:
 
 
 _: Callable[..., object] = run
+
+
+def test_the_sensor_faults_scenario_labels_what_it_injects() -> None:
+    from simulators.scenarios import build_scenario
+    from simulators.stream import sensor_history
+
+    begins = T0 + 20 * H
+    scenario = build_scenario("sensor-faults", begins, stations=REGISTRY.stations)
+    labels = scenario.labels
+    assert {lab.kind for lab in labels} == {"stuck", "spike", "drift", "unresponsive"}
+    assert scenario.history_h >= 24
+    events = list(sensor_history(1, begins, 3 * 3600, REGISTRY, scenario))
+    stuck = [e.value["values"]["water_level_m"] for e in events
+             if e.key == "WL-QUYCHAU" and e.at >= begins - 3 * H]  # fmt: skip
+    assert len(stuck) > 10 and len(set(stuck)) == 1
