@@ -10,18 +10,29 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-from collections.abc import Mapping, Sequence
+import random
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ioc.errors import ConfigurationError
 from ioc.registry import Station
 from simulators.dossiers import DossierConditions
+from simulators.envelope import Event
 from simulators.incidents import IncidentConditions, InformationSystem
 from simulators.sensors import SensorConditions
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS = ("flood", "ddos", "dossier-surge", "sensor-outage")
+SCENARIOS = (
+    "flood",
+    "ddos",
+    "dossier-surge",
+    "sensor-outage",
+    "sensor-faults",
+    "dossier-surge-anomaly",
+    "incident-burst",
+)
 #: A named scenario begins this long after the simulation starts, so the baseline shows first.
 DEFAULT_LEAD = dt.timedelta(seconds=30)
 DEFAULT_SPAN: Mapping[str, dt.timedelta] = {
@@ -30,6 +41,10 @@ DEFAULT_SPAN: Mapping[str, dt.timedelta] = {
     "dossier-surge": dt.timedelta(minutes=30),
     # Longer than 3 × the slowest cadence (600 s), so every silent station counts as offline.
     "sensor-outage": dt.timedelta(minutes=40),
+    # Labelled anomalies (simulators/faults.py): their own timelines, partly in the warm-start history.
+    "sensor-faults": dt.timedelta(hours=2),
+    "dossier-surge-anomaly": dt.timedelta(hours=3),
+    "incident-burst": dt.timedelta(minutes=40),
 }
 #: Stations west of this longitude (the highland communes on the upper Cả) lose their uplink.
 OUTAGE_WEST_OF_LON = 105.1
@@ -72,6 +87,24 @@ class Scenario:
 
     def sensors(self, t: dt.datetime) -> SensorConditions:
         return SensorConditions()
+
+    # Hooks of the labelled-anomaly scenarios (simulators/faults.py): events bent or added.
+    #: Hours of warm-start sensor history the scenario needs at least.
+    history_h: float = 0.0
+
+    @property
+    def labels(self) -> list[Any]:
+        """The injected anomalies (`simulators.faults.Label`), for the benchmark."""
+        return []
+
+    def bend_sensors(self, events: Iterator[Event]) -> Iterator[Event]:
+        return events
+
+    def bend_dossiers(self, events: Iterator[Event]) -> Iterator[Event]:
+        return events
+
+    def extra_incidents(self, rng: random.Random) -> Iterator[Event]:
+        return iter(())
 
 
 @dataclass(frozen=True)
@@ -182,4 +215,18 @@ def build_scenario(
         return Ddos(name, begins, span, peak_ddos_rate_per_s=rate, targets=targets)
     if name == "dossier-surge":
         return DossierSurge(name, begins, span, peak_dossier_factor=4.0)
+    if name in ("sensor-faults", "dossier-surge-anomaly", "incident-burst"):
+        from simulators import faults
+
+        if name == "sensor-faults":
+            plan, bands = faults.fault_plan(stations or {}, begins)
+            return faults.SensorFaults(name, begins, span, faults=plan, bands=bands)
+        if name == "dossier-surge-anomaly":
+            return faults.DossierSurgeAnomaly(name, begins, span, extra=((begins, begins + span),))
+        # A commune portal (few incidents of its own), Nam Đàn's when the registry has it.
+        portals = [s.system for s in systems if s.commune_code is not None]
+        system = next((s.system for s in systems if s.commune_code == "17935"), portals[0] if portals else None)
+        return faults.IncidentBurst(
+            name, begins, span, system=system or faults.IncidentBurst.system, extra=((begins, begins + span),)
+        )
     return SensorOutage(name, begins, span, silent=outage_group(stations or {}))
