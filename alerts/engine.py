@@ -31,10 +31,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from alerts.inputs import Incident
+from alerts.inputs import Finding, Incident
 from alerts.model import TRANSITIONS, Alert, AlertEvent, AlertState, Audience, Severity, TransitionError, fingerprint
 from alerts.rules import (
     AbsenceRule,
+    AnomalyRule,
     EventRule,
     Matcher,
     RateOfChangeRule,
@@ -112,6 +113,11 @@ def _from_us(us: int) -> dt.datetime:
     return (EPOCH + dt.timedelta(microseconds=us)).astimezone(TZ)
 
 
+def _fmt3(v: float | None) -> str:
+    """A measured value to at most three decimals (water levels are read to the centimetre)."""
+    return "?" if v is None else f"{round(v, 3):g}"
+
+
 def _fmt(v: float | None) -> str:
     if v is None:
         return "?"
@@ -149,6 +155,8 @@ class _Observation:
     labels: dict[str, str]
     triggered_by: tuple[str, ...]
     value: float | None = None
+    #: An anomaly finding's evidence (expected range, observed value, evidence window, method).
+    explanation: dict[str, Any] | None = None
 
 
 @dataclass
@@ -233,6 +241,7 @@ class AlertEngine:
         self._by_kpi: dict[tuple[str, str], list[SnapshotRule]] = {}
         self._event_rules: list[EventRule] = []
         self._escalations: dict[str, list[UnacknowledgedRule]] = {}
+        self._anomaly_rules: list[AnomalyRule] = []
         for rule in self.rules.rules:
             if isinstance(rule, SnapshotRule):
                 self._by_kpi.setdefault((rule.kpi, rule.window), []).append(rule)
@@ -240,6 +249,8 @@ class AlertEngine:
                 self._event_rules.append(rule)
             elif isinstance(rule, UnacknowledgedRule):
                 self._escalations.setdefault(rule.target, []).append(rule)
+            elif isinstance(rule, AnomalyRule):
+                self._anomaly_rules.append(rule)
 
     # --- inputs -----------------------------------------------------------------------------
 
@@ -280,6 +291,25 @@ class AlertEngine:
         steps.sort()
         for rule in self._event_rules:
             self._incident(rule, state, steps)
+        self._advance(now)
+        return self._drain()
+
+    def on_finding(self, finding: Finding, now: dt.datetime) -> list[AlertEvent]:
+        """Evaluate the ``anomaly`` rules on a finding of `streams.anomaly`: an open finding fires
+        (after the rule's ``for``), a closed one resolves the alert after ``clear_for``. The finding is
+        judged at its own event time (or the engine's clock, when it comes late)."""
+        _aware(now)
+        rules = [r for r in self._anomaly_rules if r.applies_to(finding.detector, finding.scope)]
+        if rules:
+            t = finding.at if self._clock is None or finding.at > self._clock else self._clock
+            self._advance(t)
+            for rule in rules:
+                key = f"{rule.id}|{finding.scope}"
+                if key not in self._series and not finding.active:
+                    continue
+                s = self._series_for(rule, key, finding.scope)
+                obs = self._observe_finding(finding) if finding.active or s.obs is None else s.obs
+                self._condition(s, t, finding.active, not finding.active, rule.for_, rule.clear_for, obs)
         self._advance(now)
         return self._drain()
 
@@ -686,6 +716,45 @@ class AlertEngine:
                   "agency_code": st.agency_code or ""}  # fmt: skip
         return _Observation(scope, st.commune_code, fields, labels, (st.incident_id,))
 
+    def _observe_finding(self, f: Finding) -> _Observation:
+        station = f.station or ""
+        commune = f.commune or (self.station_communes.get(station) if station else None)
+
+        def when(t: dt.datetime | None) -> str:
+            return t.astimezone(TZ).strftime("%H:%M %d/%m") if t is not None else "?"
+
+        lo, hi = f.expected_low, f.expected_high
+        expected = (
+            f"{_fmt3(lo)}–{_fmt3(hi)}"
+            if lo is not None and hi is not None
+            else f"≥ {_fmt3(lo)}"
+            if lo is not None
+            else "?"
+        )
+        kind, _, name = f.scope.partition(":")
+        fields = {
+            "detector": f.detector,
+            "quantity": f.quantity,
+            "observed": _fmt3(f.observed),
+            "expected": expected,
+            "expected_low": _fmt3(lo),
+            "expected_high": _fmt3(hi),
+            "window_from": when(f.window_from),
+            "window_to": when(f.window_to),
+            "method": f.method,
+            "station": station,
+            "station_name": self.names.get(f"station:{station}", station) if station else "",
+            "category": name if kind == "category" else "",
+            "system": name if kind == "system" else "",
+        }
+        labels = {"detector": f.detector}
+        if station:
+            labels["station"] = station
+        if kind in ("category", "system"):
+            labels[kind] = name
+        triggered = (f.scope, station) if station else (f.scope,)
+        return _Observation(f.scope, commune, fields, labels, triggered, f.observed, f.explanation())
+
     def _series_for(self, rule: Rule, key: str, scope: str) -> _Series:
         s = self._series.get(key)
         if s is None:
@@ -721,6 +790,7 @@ class AlertEngine:
             triggered_by=obs.triggered_by,
             value=obs.value,
             labels=dict(obs.labels),
+            extra={"explanation": obs.explanation} if obs.explanation is not None else None,
         )
         rec = _Record(Alert.open(event), rule, key, fields, dict(obs.labels), obs.value)
         self._alerts[fp] = rec

@@ -75,7 +75,7 @@ class AlertEvent(msgspec.Struct, frozen=True, kw_only=True):
     scope: str
     severity: Severity
     state: AlertState
-    domain: str  # "cyber", "env", "water", "dossier", "platform"
+    domain: str  # "cyber", "env", "water", "dossier", "platform", "anomaly"
     audience: tuple[Audience, ...]
     commune_code: str | None = None
     message_vi: str
@@ -119,6 +119,8 @@ class Alert(msgspec.Struct, kw_only=True):
     acknowledged_by: str | None = None
     triggered_by: tuple[str, ...] = ()
     labels: dict[str, str] | None = None
+    #: An anomaly alert's evidence: detector, quantity, observed, expected range, evidence window, method.
+    explanation: dict[str, Any] | None = None
 
     @classmethod
     def open(cls, event: AlertEvent) -> Alert:
@@ -140,6 +142,7 @@ class Alert(msgspec.Struct, kw_only=True):
             updated_at=event.at,
             triggered_by=event.triggered_by,
             labels=event.labels,
+            explanation=(event.extra or {}).get("explanation"),
         )
 
     def apply(self, event: AlertEvent) -> None:

@@ -12,6 +12,9 @@ of ``inhibit`` entries. Rule kinds:
 - ``event``: a security incident matching severity/category/system level, firing at detection.
 - ``unacknowledged``: an alert of another rule still not acknowledged ``after`` a while is
   escalated to a wider audience.
+- ``anomaly``: a finding of the anomaly detectors (`streams.anomaly`: ``stuck``, ``spike``, ``drift``,
+  ``unresponsive``, ``dossier_surge``, ``incident_burst``) for a matching scope fires while it is
+  open, and resolves ``clear_for`` after the detector closes it.
 
 Every error names the rule and the field, e.g. ``rule 'env.aqi_bad', field 'value': must be a number``.
 """
@@ -38,8 +41,10 @@ from ioc.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
-KINDS = ("threshold", "rate_of_change", "absence", "event", "unacknowledged")
-DOMAINS = ("cyber", "env", "water", "dossier", "platform")
+KINDS = ("threshold", "rate_of_change", "absence", "event", "unacknowledged", "anomaly")
+DOMAINS = ("cyber", "env", "water", "dossier", "platform", "anomaly")
+#: The detectors of `streams.anomaly` an ``anomaly`` rule can name.
+ANOMALY_DETECTORS = ("stuck", "spike", "drift", "unresponsive", "dossier_surge", "incident_burst")
 OPERATORS = (">", ">=", "<", "<=")
 #: Incident fields (CONTRACT §1) an ``event`` rule can match.
 INCIDENT_CATEGORIES = (
@@ -48,14 +53,18 @@ INCIDENT_CATEGORIES = (
 #: Labels a matcher, ``group_by`` or ``equal`` may name (alert fields first, then rule-specific labels).
 LABELS = (
     "rule", "scope", "severity", "domain", "commune_code", "state",
-    "kpi", "window", "station", "incident", "category", "system", "agency_code",
+    "kpi", "window", "station", "incident", "category", "system", "agency_code", "detector",
 )  # fmt: skip
 SCOPE_PATTERN = re.compile(r"^(province|(commune|agency|station):[A-Za-z0-9_.*?\[\]-]+)$")
+#: Scopes an anomaly finding may have besides those of KPIs (incident bursts per category or system).
+ANOMALY_SCOPE_PATTERN = re.compile(r"^(province|(commune|agency|station|category|system):[A-Za-z0-9_.*?\[\]-]+)$")
 
 _COMMON = {"rule", "scope", "scope_name", "commune", "commune_name", "severity"}
 _SNAPSHOT = _COMMON | {"kpi", "window", "value", "unit", "threshold", "target", "station", "station_name",
                        "label_vi", "label_en"}  # fmt: skip
 _INCIDENT = _COMMON | {"incident", "category", "system", "system_level", "title", "incident_severity"}
+_ANOMALY = _COMMON | {"detector", "station", "station_name", "quantity", "observed", "expected", "expected_low",
+                      "expected_high", "window_from", "window_to", "method", "category", "system"}  # fmt: skip
 #: Which placeholders a message of each kind may use.
 PLACEHOLDERS: dict[str, frozenset[str]] = {
     "threshold": frozenset(_SNAPSHOT),
@@ -63,7 +72,10 @@ PLACEHOLDERS: dict[str, frozenset[str]] = {
     "absence": frozenset(_COMMON | {"kpi", "window", "after", "station", "station_name"}),
     "event": frozenset(_INCIDENT),
     # An escalation speaks about an alert of any kind; placeholders its alert lacks render as "?".
-    "unacknowledged": frozenset(_SNAPSHOT | _INCIDENT | {"increase", "within", "from_value", "after", "alert"}),
+    "anomaly": frozenset(_ANOMALY),
+    "unacknowledged": frozenset(
+        _SNAPSHOT | _INCIDENT | _ANOMALY | {"increase", "within", "from_value", "after", "alert"}
+    ),
 }
 
 
@@ -246,6 +258,21 @@ class UnacknowledgedRule(Rule):
     escalate_to: tuple[Audience, ...]
 
 
+@dataclass(frozen=True, kw_only=True)
+class AnomalyRule(Rule):
+    """Findings of the named detectors (all when None) for scopes matching ``scopes`` (globs)."""
+
+    detectors: tuple[str, ...] | None
+    scopes: tuple[str, ...]
+    for_: dt.timedelta = dt.timedelta(0)
+    clear_for: dt.timedelta = dt.timedelta(0)
+
+    def applies_to(self, detector: str, scope: str) -> bool:
+        return (self.detectors is None or detector in self.detectors) and any(
+            fnmatchcase(scope, p) for p in self.scopes
+        )
+
+
 @dataclass(frozen=True)
 class Inhibition:
     """While an active alert matches ``source``, notifications of alerts matching ``target`` (with the
@@ -283,6 +310,7 @@ _KIND_KEYS = {
     "absence": _SNAPSHOT_KEYS | {"after", "list", "list_scope", "for"},
     "event": {"match"},
     "unacknowledged": {"rule", "after", "escalate_to"},
+    "anomaly": {"detector", "scope", "for", "clear_for"},
 }
 _REQUIRED = {
     "threshold": ("kpi", "window", "scope", "op", "value"),
@@ -290,6 +318,7 @@ _REQUIRED = {
     "absence": ("kpi", "window", "scope"),
     "event": ("match",),
     "unacknowledged": ("rule", "after"),
+    "anomaly": ("scope",),
 }
 
 
@@ -521,6 +550,21 @@ def _rule(raw: Any, index: int, defaults: Mapping[str, Any], source: str) -> Rul
         except RuleError as e:
             raise r.error(f"match.{e.field}", str(e).rsplit(": ", 1)[-1]) from None
         return EventRule(**common, severities=severities, categories=categories, min_system_level=level)
+    if kind == "anomaly":
+        raw_scope = r.get("scope")
+        scopes = [raw_scope] if isinstance(raw_scope, str) else raw_scope
+        if not isinstance(scopes, list) or not scopes:
+            raise r.error("scope", "must be a scope pattern or a list of them")
+        for sc in scopes:
+            if not isinstance(sc, str) or not ANOMALY_SCOPE_PATTERN.match(sc):
+                raise r.error("scope", f"bad scope pattern {sc!r} (station:*, commune:*, category:*, system:*)")
+        return AnomalyRule(
+            **common,
+            detectors=r.choices("detector", ANOMALY_DETECTORS),
+            scopes=tuple(scopes),
+            for_=r.duration("for") or dt.timedelta(0),
+            clear_for=r.duration("clear_for") or dt.timedelta(0),
+        )
     # unacknowledged
     after = r.duration("after", required=True, positive=True)
     assert after is not None

@@ -29,14 +29,15 @@ log = logging.getLogger(__name__)
 
 
 LATEST_QUERY = """
-SELECT kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra
+SELECT kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra, quality
 FROM kpi_latest
 """
 
 
 def row_to_snapshot(row: tuple[Any, ...]) -> Snapshot:
     """A ``kpi_latest`` row as a Snapshot (the column ``win`` is the snapshot's ``window``)."""
-    kpi, scope, win, value, unit, num, den, target, status, as_of, seq, extra = row
+    kpi, scope, win, value, unit, num, den, target, status, as_of, seq, extra, *rest = row
+    quality = rest[0] if rest else None
     if isinstance(as_of, dt.datetime) and as_of.tzinfo is None:
         as_of = as_of.replace(tzinfo=dt.UTC)
     return Snapshot(
@@ -52,6 +53,7 @@ def row_to_snapshot(row: tuple[Any, ...]) -> Snapshot:
         as_of=as_of,
         seq=int(seq),
         extra=extra,
+        quality=quality,
     )
 
 

@@ -64,6 +64,11 @@ class KpiSnapshot(BaseModel):
     extra: dict[str, Any] | None = Field(
         None, description="KPI-specific detail (AQI band and colour, worst station ...)."
     )
+    quality: Literal["suspect"] | None = Field(
+        None,
+        description="`suspect` while an anomaly detector holds a finding on the station behind the value "
+        "(docs/anomaly.md); null otherwise. An extension of CONTRACT §4.",
+    )
 
 
 class KpiList(BaseModel):
@@ -168,7 +173,7 @@ class AlertModel(BaseModel):
     scope: str
     severity: Literal["info", "warning", "high", "critical"]
     state: Literal["firing", "acknowledged", "escalated", "silenced", "resolved"]
-    domain: str = Field(description="`cyber`, `env`, `water`, `dossier` or `platform`.")
+    domain: str = Field(description="`cyber`, `env`, `water`, `dossier`, `platform` or `anomaly`.")
     audience: list[Literal["operator", "security", "commune"]]
     commune_code: str | None
     message_vi: str
@@ -178,6 +183,11 @@ class AlertModel(BaseModel):
     acknowledged_by: str | None = None
     triggered_by: list[str] = []
     labels: dict[str, str] | None = None
+    explanation: dict[str, Any] | None = Field(
+        None,
+        description="An anomaly alert's evidence (docs/anomaly.md): detector, quantity, observed, expected_low, "
+        "expected_high, window_from, window_to, method.",
+    )
 
 
 class AlertEventModel(BaseModel):

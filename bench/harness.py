@@ -25,8 +25,9 @@ from bench.workload import produce_backlog, progress
 from ioc.settings import Settings
 
 SECTIONS = ("baseline", "throughput", "latency", "fanout", "sink")
-#: Sections run only when named (`--only ingest`): the ingest doors (bench.ingest).
-OPTIONAL_SECTIONS = ("ingest",)
+#: Sections run only when named (`--only ingest`, `--only anomaly`): the ingest doors (bench/ingest.py) and
+#: detection quality, not speed (bench/anomaly.py).
+OPTIONAL_SECTIONS = ("ingest", "anomaly")
 DEFAULT_EVENTS = 1_000_000
 
 
@@ -357,6 +358,19 @@ def main(events: int | None, quick: bool, only: str | None, json_path: Path | No
         print(f"ioc bench: unknown section(s) {', '.join(unknown)}; choose from {known}", file=sys.stderr)
         return 2
     started = time.monotonic()
+    if "anomaly" in chosen:  # quality, not speed: no broker or database (bench/anomaly.py)
+        from bench import anomaly
+
+        figures = anomaly.run(quick=quick, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+        print(anomaly.table(figures))
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        where = json_path if json_path and chosen == ("anomaly",) else Path("artifacts") / f"bench-anomaly-{stamp}.json"
+        where.parent.mkdir(parents=True, exist_ok=True)
+        where.write_bytes(orjson.dumps(figures, option=orjson.OPT_INDENT_2))
+        print(f"\nanomaly figures: {where} ({time.monotonic() - started:.0f} s)")
+        chosen = tuple(s for s in chosen if s != "anomaly")
+        if not chosen:
+            return 0
     results, path = run(events=events, quick=quick, only=chosen, json_path=json_path)
     print(table(results))
     print(f"\nfigures: {path} ({time.monotonic() - started:.0f} s)")

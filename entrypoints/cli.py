@@ -47,7 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument("--no-simulators", action="store_true", help="start without the simulators")
     dev.add_argument("--rate", type=float, default=50.0, help="simulated events per second (default 50)")
     dev.add_argument(
-        "--scenario", default=None, help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage)"
+        "--scenario",
+        default=None,
+        help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage, sensor-faults, dossier-surge-anomaly, incident-burst)",
     )
     dev.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
 
@@ -58,7 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="produce realistic events to the input topics")
     sim.add_argument("--rate", type=float, default=50.0, help="events per second across all topics")
     sim.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
-    sim.add_argument("--scenario", default=None, help="flood, ddos, dossier-surge or sensor-outage")
+    sim.add_argument(
+        "--scenario",
+        default=None,
+        help="flood, ddos, dossier-surge, sensor-outage, sensor-faults, dossier-surge-anomaly or incident-burst",
+    )
     sim.add_argument("--seed", type=int, default=348)
     sim.add_argument("--dup-rate", type=float, default=0.01, help="share of events sent twice")
     sim.add_argument("--ooo-rate", type=float, default=0.02, help="share of events delayed (out of order)")
@@ -109,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the performance harness: throughput, latency, fan-out, database writes")
     bench.add_argument("--events", type=int, default=None, help="backlog size for throughput (default 1,000,000)")
     bench.add_argument("--quick", action="store_true", help="small sizes (a smoke test for CI)")
-    bench.add_argument("--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink,ingest")
+    bench.add_argument("--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink,ingest,anomaly")
     bench.add_argument(
         "--json", type=Path, default=None, help="where to write the figures (default artifacts/bench-<time>.json)"
     )
@@ -269,8 +275,14 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         registry = load_registry(
             args.units or settings.units_file, args.stations or settings.stations_file, settings.targets_file
         )
+        from streams.anomaly import load_config
+
         snapshots, counts, alert_events = replay(
-            args.file, registry, args.until, progress=None if args.no_progress else sys.stderr
+            args.file,
+            registry,
+            args.until,
+            progress=None if args.no_progress else sys.stderr,
+            anomaly=load_config(settings.anomaly_config),
         )
         write(snapshots, sys.stdout.buffer, alert_events)
         sys.stdout.flush()

@@ -206,6 +206,11 @@ class Settings(BaseSettings):
     alert_rules: Path | None = Field(
         None, description="Alert rules YAML, reloaded when it changes; default: the rules shipped with the package."
     )
+    anomaly_config: Path | None = Field(
+        None,
+        description="Anomaly detector parameters YAML (docs/anomaly.md), read at start by the worker and "
+        "`ioc replay`; default: the documented defaults.",
+    )
     alert_webhook_timeout_s: float = Field(5.0, gt=0, description="Timeout of one webhook delivery attempt.")
     alert_webhook_max_attempts: int = Field(
         5, ge=1, description="Delivery attempts per webhook notification before it goes to `ioc.deadletter`."

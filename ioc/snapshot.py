@@ -26,6 +26,9 @@ class Snapshot(msgspec.Struct, frozen=True, omit_defaults=False):
     seq: int
     #: KPI-specific detail (AQI band, colour, dominant pollutant, advice; the station that is worst...).
     extra: dict[str, Any] | None = None
+    #: "suspect" while an anomaly detector holds a finding on the station behind the value
+    #: (`streams.anomaly`); null otherwise. A backward-compatible extension of CONTRACT §4.
+    quality: str | None = None
 
     @property
     def key(self) -> str:

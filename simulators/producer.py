@@ -19,9 +19,9 @@ from ioc.produce import stop_within
 from ioc.registry import Registry
 from ioc.settings import TOPIC_SENSOR as SENSOR_TOPIC
 from ioc.settings import Settings
+from simulators.baseline import Scenario
 from simulators.envelope import VN_TZ
-from simulators.scenarios import Scenario
-from simulators.stream import SimRecord, generate, sensor_history
+from simulators.stream import SimRecord, generate, resolve_scenario, sensor_history
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +142,9 @@ async def run(
         seed = time.time_ns() % 1_000_000_007
     start = dt.datetime.now(VN_TZ)
     until = start + dt.timedelta(seconds=duration * speedup) if duration is not None else None
+    scenario = resolve_scenario(scenario, start, registry)
+    # A labelled-anomaly scenario starts its faults inside the warm-start history it asks for.
+    history_s = max(history_s, scenario.history_h * 3600)
     # Paced in simulated time: at speedup k a simulated second carries rate / k records.
     records = generate(
         seed,
@@ -193,7 +196,7 @@ async def run(
     began = clock()
     try:
         if history_s > 0:
-            for event in sensor_history(seed, start, history_s, registry):
+            for event in sensor_history(seed, start, history_s, registry, scenario):
                 if mqtt is not None:
                     mqtt.publish(event.key, orjson.dumps(event.value))
                     stats.sent += 1

@@ -15,13 +15,23 @@ from dataclasses import dataclass, field
 
 from ioc.errors import ConfigurationError
 from ioc.registry import Station
+from simulators import faults
+from simulators.baseline import Scenario
 from simulators.dossiers import DossierConditions
 from simulators.incidents import IncidentConditions, InformationSystem
 from simulators.sensors import SensorConditions
 
 logger = logging.getLogger(__name__)
 
-SCENARIOS = ("flood", "ddos", "dossier-surge", "sensor-outage")
+SCENARIOS = (
+    "flood",
+    "ddos",
+    "dossier-surge",
+    "sensor-outage",
+    "sensor-faults",
+    "dossier-surge-anomaly",
+    "incident-burst",
+)
 #: A named scenario begins this long after the simulation starts, so the baseline shows first.
 DEFAULT_LEAD = dt.timedelta(seconds=30)
 DEFAULT_SPAN: Mapping[str, dt.timedelta] = {
@@ -30,6 +40,10 @@ DEFAULT_SPAN: Mapping[str, dt.timedelta] = {
     "dossier-surge": dt.timedelta(minutes=30),
     # Longer than 3 × the slowest cadence (600 s), so every silent station counts as offline.
     "sensor-outage": dt.timedelta(minutes=40),
+    # Labelled anomalies (simulators/faults.py): their own timelines, partly in the warm-start history.
+    "sensor-faults": dt.timedelta(hours=2),
+    "dossier-surge-anomaly": dt.timedelta(hours=3),
+    "incident-burst": dt.timedelta(minutes=40),
 }
 #: Stations west of this longitude (the highland communes on the upper Cả) lose their uplink.
 OUTAGE_WEST_OF_LON = 105.1
@@ -39,39 +53,6 @@ DDOS_TARGETS = 24
 def _smoothstep(x: float) -> float:
     x = min(1.0, max(0.0, x))
     return x * x * (3 - 2 * x)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """Normal operation; subclasses bend the conditions between ``begins`` and ``begins + span``."""
-
-    name: str = "normal"
-    begins: dt.datetime | None = None
-    span: dt.timedelta = dt.timedelta(minutes=20)
-    #: Upper bounds of the rate factors this scenario ever applies (for Poisson thinning).
-    peak_dossier_factor: float = 1.0
-    peak_incident_factor: float = 1.0
-    peak_ddos_rate_per_s: float = 0.0
-
-    @property
-    def ends(self) -> dt.datetime | None:
-        """When the span is over (effects such as a receding river may linger)."""
-        return self.begins + self.span if self.begins is not None else None
-
-    def phase(self, t: dt.datetime) -> float | None:
-        """Progress: 0 at the scenario's start, 1 at the end of its span; None before it."""
-        if self.begins is None or t < self.begins:
-            return None
-        return (t - self.begins) / self.span
-
-    def dossiers(self, t: dt.datetime) -> DossierConditions:
-        return DossierConditions()
-
-    def incidents(self, t: dt.datetime) -> IncidentConditions:
-        return IncidentConditions()
-
-    def sensors(self, t: dt.datetime) -> SensorConditions:
-        return SensorConditions()
 
 
 @dataclass(frozen=True)
@@ -182,4 +163,16 @@ def build_scenario(
         return Ddos(name, begins, span, peak_ddos_rate_per_s=rate, targets=targets)
     if name == "dossier-surge":
         return DossierSurge(name, begins, span, peak_dossier_factor=4.0)
+    if name in ("sensor-faults", "dossier-surge-anomaly", "incident-burst"):
+        if name == "sensor-faults":
+            plan, bands = faults.fault_plan(stations or {}, begins)
+            return faults.SensorFaults(name, begins, span, faults=plan, bands=bands)
+        if name == "dossier-surge-anomaly":
+            return faults.DossierSurgeAnomaly(name, begins, span, extra=((begins, begins + span),))
+        # A commune portal (few incidents of its own), Nam Đàn's when the registry has it.
+        portals = [s.system for s in systems if s.commune_code is not None]
+        system = next((s.system for s in systems if s.commune_code == "17935"), portals[0] if portals else None)
+        return faults.IncidentBurst(
+            name, begins, span, system=system or faults.IncidentBurst.system, extra=((begins, begins + span),)
+        )
     return SensorOutage(name, begins, span, silent=outage_group(stations or {}))

@@ -29,6 +29,7 @@ import orjson
 
 from ioc.registry import Registry, Station, load_registry
 from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, TOPIC_SENSOR
+from simulators.baseline import Scenario
 from simulators.dossiers import (
     EVENTS_PER_DOSSIER,
     DossierSimulator,
@@ -42,7 +43,7 @@ from simulators.incidents import (
     IncidentSimulator,
     commune_portals,
 )
-from simulators.scenarios import DEFAULT_LEAD, Scenario, build_scenario
+from simulators.scenarios import DEFAULT_LEAD, build_scenario
 from simulators.sensors import SensorSimulator
 
 logger = logging.getLogger(__name__)
@@ -133,14 +134,7 @@ def generate(
     registry = registry or load_registry()
     catalogue = load_catalogue(registry.units)
     systems = [*PROVINCIAL_SYSTEMS, *commune_portals(registry.units, catalogue.commune_agency)]
-    if not isinstance(scenario, Scenario):
-        scenario = build_scenario(
-            scenario,
-            start + DEFAULT_LEAD,
-            span=scenario_span,
-            stations=registry.stations,
-            systems=systems,
-        )
+    scenario = resolve_scenario(scenario, start, registry, scenario_span)
     per_dossier = mean_events_within(catalogue, registry.units, dt.timedelta(days=400), start)
     split = rate_split(rate_per_s, registry.stations, dup_rate, bad_rate, per_dossier)
     logger.debug("rate split %s, scenario %s", split, scenario.name)
@@ -170,13 +164,31 @@ def generate(
         registry.units,
         conditions=scenario.sensors,
     )
+    extra = (e for e in scenario.extra_incidents(random.Random(f"{seed}/extra-incidents")) if e.at >= start)
+    if until is not None:
+        extra = (e for e in extra if e.at <= until)
     merged = heapq.merge(
-        dossiers.events(start, until),
-        incidents.events(start, until),
-        sensors.events(start, until),
+        scenario.bend_dossiers(dossiers.events(start, until)),
+        heapq.merge(incidents.events(start, until), extra, key=lambda e: e.at),
+        scenario.bend_sensors(sensors.events(start, until)),
         key=lambda e: e.at,
     )
     yield from _perturb(merged, random.Random(f"{seed}/faults"), dup_rate, ooo_rate, bad_rate, until)
+
+
+def resolve_scenario(
+    scenario: str | Scenario | None,
+    start: dt.datetime,
+    registry: Registry | None = None,
+    span: dt.timedelta | None = None,
+) -> Scenario:
+    """The scenario object for a name (beginning 30 s after ``start``), or the one given."""
+    if isinstance(scenario, Scenario):
+        return scenario
+    registry = registry or load_registry()
+    catalogue = load_catalogue(registry.units)
+    systems = [*PROVINCIAL_SYSTEMS, *commune_portals(registry.units, catalogue.commune_agency)]
+    return build_scenario(scenario, start + DEFAULT_LEAD, span=span, stations=registry.stations, systems=systems)
 
 
 def _perturb(
@@ -366,9 +378,17 @@ def _write_lines(handle: IO[str], records: Iterator[SimRecord]) -> int:
 
 
 def sensor_history(
-    seed: int | str, now: dt.datetime, seconds: float, registry: Registry | None = None
+    seed: int | str,
+    now: dt.datetime,
+    seconds: float,
+    registry: Registry | None = None,
+    scenario: Scenario | None = None,
 ) -> Iterator[Event]:
-    """Every station's readings over the ``seconds`` before ``now``, in time order (a warm start)."""
+    """Every station's readings over the ``seconds`` before ``now``, in time order (a warm start);
+    a scenario's sensor conditions and faults apply to the past too."""
     registry = registry or load_registry()
-    sensors = SensorSimulator(random.Random(f"{seed}/history"), registry.stations, registry.units)
-    yield from sensors.events(now - dt.timedelta(seconds=seconds), now - dt.timedelta(seconds=1))
+    scenario = scenario or Scenario()
+    sensors = SensorSimulator(
+        random.Random(f"{seed}/history"), registry.stations, registry.units, conditions=scenario.sensors
+    )
+    yield from scenario.bend_sensors(sensors.events(now - dt.timedelta(seconds=seconds), now - dt.timedelta(seconds=1)))

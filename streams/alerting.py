@@ -29,6 +29,7 @@ from ioc import settings as cfg
 from ioc.registry import Registry
 from ioc.settings import Settings
 from ioc.snapshot import Snapshot
+from streams.anomaly import Finding
 from streams.cyber import IncidentState
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,11 @@ class Alerting:
     def on_incidents(self, states: Sequence[IncidentState], now: dt.datetime) -> None:
         for state in states:
             self.pending.extend(self.engine.on_incident(state, now))
+
+    def on_findings(self, findings: Sequence[Finding], now: dt.datetime) -> None:
+        """Anomaly findings (`streams.anomaly`) to the ``anomaly`` rules."""
+        for finding in findings:
+            self.pending.extend(self.engine.on_finding(finding, now))
 
     def on_batch(self, dead: int, total: int, at: float) -> None:
         self._recent.append((at, dead, total))

@@ -12,15 +12,16 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ioc.contract import US
 from ioc.registry import Registry
 from ioc.snapshot import Snapshot
 from streams import cyber, dossier, sensor
+from streams.anomaly import AnomalyConfig, Detectors
 from streams.kpi import US_PER_MIN, Contribution, Counters, KpiSpec, Value, published, status_of
 from streams.windows import TZ
 
 log = logging.getLogger(__name__)
 
-US = 1_000_000
 #: Terminal dossiers and incidents whose last event is older than this are dropped from memory:
 #: every window they could count in has closed (month-to-date is the longest).
 ENTITY_HORIZON_US = 40 * 86400 * US
@@ -159,9 +160,11 @@ class EntityAggregator:
 class Engine:
     """Every KPI of the catalogue, fed one validated event at a time."""
 
-    def __init__(self, registry: Registry, now_us: int) -> None:
+    def __init__(self, registry: Registry, now_us: int, anomaly: AnomalyConfig | None = None) -> None:
         self.registry = registry
         self.now_us = now_us
+        #: The anomaly detectors (`streams.anomaly`), driven by the same event times as the KPIs.
+        self.anomaly = Detectors(registry, anomaly)
         self.dossiers = EntityAggregator(DOSSIER, now_us)
         self.incidents = EntityAggregator(CYBER, now_us)
         self.sensor_counters = Counters(now_us)
@@ -187,8 +190,33 @@ class Engine:
         """`apply` for the events of one topic, without the dispatch (the worker's batch loop takes
         it once per partition)."""
         if topic == SENSOR.topic:
-            return self.sensors.apply
-        return self.entities[topic].apply
+            return self.sensors.apply  # the detectors read the stations' readings themselves
+        fold = self.entities[topic].apply
+        if not self.anomaly.config.enabled:
+            return fold
+        if topic == DOSSIER.topic:
+            on_dossier = self.anomaly.on_dossier
+
+            def apply_dossier(key: str, parsed: Any, *, record: bool = True) -> bool:
+                if not fold(key, parsed, record=record):
+                    return False
+                e = parsed.event
+                if e.type == "received":
+                    on_dossier(parsed.t, e.commune_code)
+                return True
+
+            return apply_dossier
+        on_incident = self.anomaly.on_incident
+
+        def apply_incident(key: str, parsed: Any, *, record: bool = True) -> bool:
+            if not fold(key, parsed, record=record):
+                return False
+            e = parsed.event
+            if e.type == "detected":
+                on_incident(parsed.t, e.category, e.system)
+            return True
+
+        return apply_incident
 
     def advance(self, now_us: int) -> None:
         """Move the clock forward (sliding windows slide, overdue counts grow, stations go offline)."""
@@ -200,6 +228,25 @@ class Engine:
         self.now_us = now_us
         if moved:
             self._all_dirty = True
+        self._detect()
+
+    def _detect(self) -> None:
+        """Run the anomaly detectors up to the event-time watermark (never past the clock)."""
+        if not self.anomaly.config.enabled:
+            return
+        cfg = self.anomaly.config
+        seen = sorted(s.last_seen for s in self.sensors.stations.values() if s.last_seen is not None)
+        # A low quantile of the stations' latest readings, not the newest: Kafka partitions are read
+        # unevenly (a backfill's partitions can be an hour apart in event time), and a bucket must
+        # not be judged before most stations have reported past it. Silent stations (or none, for
+        # dossiers and incidents alone) hold it back at most ``max_lag_s``.
+        low = seen[int(cfg.watermark_quantile * (len(seen) - 1))] if seen else 0
+        newest = max(seen[-1] if seen else 0, self.anomaly.max_event_us)
+        watermark = min(max(low, newest - cfg.max_lag_s * 1_000_000), self.now_us)
+        self.anomaly.advance(watermark, self.sensors.stations)
+        changed = self.anomaly.take_changed_stations()
+        if changed:
+            self.sensors.dirty.update(changed)
 
     def prune(self) -> None:
         for agg in (self.dossiers, self.incidents):
@@ -252,7 +299,8 @@ class Engine:
         target = self.registry.targets.get(kpi)
         status = status_of(v, target, self.registry.warn_band)
         key = f"{kpi}|{scope}|{window}"
-        fingerprint = (v, num, den, status, extra)
+        quality = self.anomaly.quality(scope[8:]) if scope.startswith("station:") else None
+        fingerprint = (v, num, den, status, extra, quality)
         if changed_only and self.last.get(key) == fingerprint:
             return
         if changed_only or key not in self.seq:
@@ -272,6 +320,7 @@ class Engine:
                 as_of=dt.datetime.fromtimestamp(as_of_us / US, TZ),
                 seq=self.seq[key],
                 extra=extra,
+                quality=quality,
             )
         )
 

@@ -23,14 +23,15 @@ import msgspec
 from alerts import AlertEvent
 from alerts.engine import AlertEngine
 from alerts.rules import default_rules
+from ioc.contract import US
 from ioc.errors import InvalidEvent
 from ioc.registry import Registry
 from ioc.snapshot import Snapshot
+from streams.anomaly import AnomalyConfig
 from streams.cyber import IncidentState
 from streams.engine import KINDS, Engine
 from streams.windows import TZ
 
-US = 1_000_000
 _encoder = msgspec.json.Encoder(order="sorted")
 
 
@@ -64,6 +65,7 @@ def replay(
     *,
     progress: IO[str] | None = None,
     with_alerts: bool = True,
+    anomaly: AnomalyConfig | None = None,
 ) -> tuple[list[Snapshot], dict[str, int], list[AlertEvent]]:
     """Snapshots as of ``until`` for the events in ``path``, counts, and the alert events on the way.
 
@@ -100,7 +102,7 @@ def replay(
     parsed.sort(key=lambda e: (e[2].t, e[0], e[1], e[2].event.event_id))
     first_step = max(until_us - ALERT_SPAN_US, parsed[0][2].t if parsed else until_us)
     first_step -= first_step % STEP_US
-    engine = Engine(registry, first_step)
+    engine = Engine(registry, first_step, anomaly)
     alerting = AlertEngine.for_registry(default_rules(), registry) if with_alerts else None
     alert_events: list[AlertEvent] = []
     i = 0
@@ -119,6 +121,8 @@ def replay(
         engine.dossiers.changed, engine.incidents.changed, engine.sensors.changed = {}, {}, {}
         for state in incidents:
             alert_events.extend(alerting.on_incident(state, now))
+        for finding in engine.anomaly.take():
+            alert_events.extend(alerting.on_finding(finding, now))
         for snapshot in engine.snapshots():
             alert_events.extend(alerting.on_snapshot(snapshot, now))
         alert_events.extend(alerting.tick(now))

@@ -15,13 +15,13 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import psycopg
 
+from ioc.contract import US
 from ioc.snapshot import Snapshot
 from streams import cyber, dossier
 from streams.engine import ENTITY_HORIZON_US, Engine
 from streams.sensor import KEEP_US, Parsed, Reading, SensorEvent
 
 log = logging.getLogger(__name__)
-US = 1_000_000
 
 _encode = msgspec.json.Encoder().encode
 S = TypeVar("S", dossier.DossierState, cyber.IncidentState)
@@ -104,20 +104,22 @@ CREATE TEMP TABLE IF NOT EXISTS stage_incident (id text, state jsonb, terminal b
 CREATE TEMP TABLE IF NOT EXISTS stage_reading (station_id text, observed_us bigint, kind text, event_id text, vals jsonb)
     ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_kpi (kpi text, scope text, win text, value float8, unit text, numerator float8,
-    denominator float8, target float8, status text, as_of timestamptz, seq bigint, extra jsonb, hist boolean)
+    denominator float8, target float8, status text, as_of timestamptz, seq bigint, extra jsonb, hist boolean,
+    quality text)
     ON COMMIT DELETE ROWS;
 """
 #: Snapshots: one COPY into staging, then one set-based upsert into each table (the newest seq wins);
 #: `hist` marks the rows the history takes (`ioc.snapshot.HistorySampler`).
 MERGE_LATEST = """
-INSERT INTO kpi_latest (kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra, updated_at)
+INSERT INTO kpi_latest (kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra, updated_at,
+    quality)
 SELECT DISTINCT ON (kpi, scope, win) kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq,
-    extra, now()
+    extra, now(), quality
 FROM stage_kpi ORDER BY kpi, scope, win, seq DESC
 ON CONFLICT (kpi, scope, win) DO UPDATE
 SET value = EXCLUDED.value, unit = EXCLUDED.unit, numerator = EXCLUDED.numerator, denominator = EXCLUDED.denominator,
     target = EXCLUDED.target, status = EXCLUDED.status, as_of = EXCLUDED.as_of, seq = EXCLUDED.seq,
-    extra = EXCLUDED.extra, updated_at = now()
+    extra = EXCLUDED.extra, updated_at = now(), quality = EXCLUDED.quality
 WHERE kpi_latest.seq <= EXCLUDED.seq
 """
 MERGE_HISTORY = """
@@ -220,7 +222,7 @@ def _snapshot_rows(snapshots: Sequence[Snapshot], hist: bool) -> str:
     return "".join(
         f"{_text(s.kpi)}\t{_text(s.scope)}\t{_text(s.window)}\t{num(s.value)}\t{_text(s.unit)}\t{num(s.numerator)}\t"
         f"{num(s.denominator)}\t{num(s.target)}\t{txt(s.status)}\t{s.as_of.isoformat()}\t{s.seq}\t"
-        f"{NULL if s.extra is None else _json(encode(s.extra))}\t{flag}\n"
+        f"{NULL if s.extra is None else _json(encode(s.extra))}\t{flag}\t{txt(s.quality)}\n"
         for s in snapshots
     )
 

@@ -32,6 +32,7 @@ from prometheus_client import start_http_server
 from ioc import settings as cfg
 from ioc.consume import RAW, LeanRecord, full_record
 from ioc.consume import install as lean_records
+from ioc.contract import US
 from ioc.db.migrate import Storage, drop_expired, ensure_partitions, refresh_rollups, storage_of
 from ioc.errors import InvalidEvent
 from ioc.loop import install as install_loop
@@ -43,12 +44,12 @@ from ioc.settings import Settings
 from ioc.snapshot import HistorySampler, encode
 from streams import sink
 from streams.alerting import Alerting
+from streams.anomaly import load_config
 from streams.cyber import IncidentState
 from streams.engine import KINDS, Engine
 from streams.windows import TZ
 
 log = logging.getLogger(__name__)
-US = 1_000_000
 DEADLETTER_HEADERS = (
     "ioc.error.stage",
     "ioc.error.reason",
@@ -90,7 +91,7 @@ class Ingest:
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
         self.registry = registry
-        self.engine = Engine(registry, now_us())
+        self.engine = Engine(registry, now_us(), load_config(settings.anomaly_config))
         self.logical = {settings.topic(t): t for t in cfg.INPUT_TOPICS}
         self.alerting = Alerting(settings, registry)
         self.consumer: AIOKafkaConsumer | None = None
@@ -544,6 +545,7 @@ class Ingest:
     async def _alert(self, snapshots: list[Any], now: dt.datetime) -> None:
         """Alert rules over the new snapshots and the clock; the audit trail first, then `ioc.alerts`."""
         alerting = self.alerting
+        alerting.on_findings(self.engine.anomaly.take(), now)
         alerting.on_snapshots(snapshots, now)
         await self._durably("snapshots", "reading silences", lambda c: alerting.sync_silences(c, now))
         alerting.tick(now)

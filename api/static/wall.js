@@ -22,7 +22,8 @@
       colReceived: "Tiếp nhận", colCompleted: "Đã giải quyết", colOnTime: "Đúng hạn", colOverdue: "Quá hạn",
       colCyber: "Sự cố ATTT", colAqi: "AQI", colWater: "Báo động lũ",
       province: "Toàn tỉnh", target: "Mục tiêu", noAlarm: "Dưới báo động I", level: "Báo động",
-      station: "Trạm", badToken: "Mã truy cập không hợp lệ hoặc đã hết hạn. Vui lòng dán mã mới.",
+      station: "Trạm", suspect: "nghi vấn", suspectHint: "Bộ phát hiện bất thường nghi ngờ số liệu của trạm này (xem cảnh báo)",
+      badToken: "Mã truy cập không hợp lệ hoặc đã hết hạn. Vui lòng dán mã mới.",
       notRecovered: "Đã tải lại toàn bộ số liệu sau khi mất kết nối (không khôi phục được phần bị lỡ).",
       forbidden: "Không có quyền xem kênh", tooSlow: "Kết nối quá chậm, đang kết nối lại…",
       notInRole: "Ngoài phạm vi quyền",
@@ -59,7 +60,8 @@
       colReceived: "Received", colCompleted: "Completed", colOnTime: "On time", colOverdue: "Overdue",
       colCyber: "Cyber", colAqi: "AQI", colWater: "Flood alarm",
       province: "Province", target: "Target", noAlarm: "Below alarm I", level: "Alarm",
-      station: "Station", badToken: "The access token is invalid or expired. Please paste a new one.",
+      station: "Station", suspect: "suspect", suspectHint: "An anomaly detector doubts this station's figures (see the alerts)",
+      badToken: "The access token is invalid or expired. Please paste a new one.",
       notRecovered: "Data reloaded in full after a disconnection (the missed updates could not be replayed).",
       forbidden: "Not allowed to view channel", tooSlow: "Connection too slow, reconnecting…",
       notInRole: "Outside your rights",
@@ -192,6 +194,8 @@
       alert_id: a.alert_id, severity: a.severity, state: a.state, domain: a.domain,
       message_vi: a.message_vi, message_en: a.message_en, at, ts,
       by: a.by || a.acknowledged_by || null, fresh: Boolean(fresh && (!held || held.state !== a.state)),
+      // An anomaly alert's evidence (REST: explanation; the firing event: extra.explanation).
+      explanation: a.explanation || (a.extra && a.extra.explanation) || (held && held.explanation) || null,
     });
   }
 
@@ -255,6 +259,7 @@
       const text = document.createElement("span");
       text.className = "text";
       text.textContent = state.lang === "vi" ? a.message_vi : a.message_en;
+      if (a.explanation && a.explanation.method) text.title = a.explanation.method;
       const st = document.createElement("span");
       st.className = "state";
       st.textContent = " · " + (t("states")[a.state] || a.state)
@@ -514,7 +519,7 @@
   }
 
   // The station's name, a muted line under it (river, commune), and a tag when it is silent.
-  function stationName(st, sub, offline) {
+  function stationName(st, sub, offline, suspect) {
     const cellEl = document.createElement("td");
     cellEl.className = "st-name";
     const main = document.createElement("span");
@@ -526,6 +531,13 @@
       const tag = document.createElement("span");
       tag.className = "tag";
       tag.textContent = t("offline");
+      cellEl.append(" ", tag);
+    }
+    if (suspect) {  // quality "suspect" on the station's snapshots: an anomaly detector doubts them
+      const tag = document.createElement("span");
+      tag.className = "tag suspect";
+      tag.textContent = t("suspect");
+      tag.title = t("suspectHint");
       cellEl.append(" ", tag);
     }
     const line = document.createElement("span");
@@ -549,7 +561,10 @@
       tr.dataset.commune = st.commune_code;
       const silent = offline.has(st.station_id);
       tr.classList.toggle("offline", silent);
-      tr.appendChild(stationName(st, state.unitNames.get(st.commune_code) || st.commune_code || "", silent));
+      const pm = seesStations() ? get("env.pm25", "station:" + st.station_id, "1h") : undefined;
+      const suspect = [aqi, pm].some((x) => x && x.quality === "suspect");
+      tr.classList.toggle("suspect", suspect);
+      tr.appendChild(stationName(st, state.unitNames.get(st.commune_code) || st.commune_code || "", silent, suspect));
       const aqiCell = td("", "aqi");
       if (v !== null) {
         const { badge, band } = aqiBadge(v);
@@ -560,7 +575,6 @@
         tr.dataset.band = String(band.index);
       } else aqiCell.textContent = "—";
       const dom = aqi && aqi.extra && aqi.extra.dominant;
-      const pm = seesStations() ? get("env.pm25", "station:" + st.station_id, "1h") : undefined;
       tr.append(aqiCell, td(dom ? (t("pollutants")[dom] || dom) : "—", "dominant"),
         td(hasValue(pm) ? pm1().format(pm.value) : "—", "num pm25"));
       frag.appendChild(tr);
@@ -607,10 +621,11 @@
       const alarm = stationItem("water.alarm_level", st, "now");
       const levelItem = seesStations() ? get("water.level_m", "station:" + st.station_id, "now") : undefined;
       const a = hasValue(alarm) ? Math.round(alarm.value) : null;
-      return { st, a, level: hasValue(levelItem) ? levelItem.value : null };
+      const suspect = [alarm, levelItem].some((x) => x && x.quality === "suspect");
+      return { st, a, level: hasValue(levelItem) ? levelItem.value : null, suspect };
     });
     rows.sort((x, y) => (y.a ?? -1) - (x.a ?? -1) || (x.st.name || "").localeCompare(y.st.name || "", "vi"));
-    for (const { st, a, level } of rows) {
+    for (const { st, a, level, suspect } of rows) {
       const bds = [st.bd1_m, st.bd2_m, st.bd3_m];
       const tr = document.createElement("tr");
       tr.dataset.station = st.station_id;
@@ -620,7 +635,8 @@
       tr.classList.toggle("offline", silent);
       const sub = [st.river ? t("river") + " " + st.river : "", state.unitNames.get(st.commune_code) || ""]
         .filter(Boolean).join(" · ");
-      tr.appendChild(stationName(st, sub, silent));
+      tr.classList.toggle("suspect", suspect);
+      tr.appendChild(stationName(st, sub, silent, suspect));
       const lv = td(level === null ? "—" : metres(level) + " m", "num level");
       if (level !== null) lv.dataset.value = String(level);
       else if (!seesStations()) lv.title = t("levelNotShared");

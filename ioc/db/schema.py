@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS kpi_latest (
     PRIMARY KEY (kpi, scope, win)
 );
 CREATE INDEX IF NOT EXISTS kpi_latest_scope ON kpi_latest (scope);
+-- "suspect" while an anomaly detector doubts the station behind the value (streams/anomaly.py).
+ALTER TABLE kpi_latest ADD COLUMN IF NOT EXISTS quality text;
 
 CREATE TABLE IF NOT EXISTS dossier_state (
     dossier_id      text PRIMARY KEY,

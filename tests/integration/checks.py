@@ -19,7 +19,7 @@ from ioc.registry import load_registry
 from ioc.settings import INPUT_TOPICS, TOPIC_DEADLETTER, TOPIC_KPI, Settings
 from streams.replay import replay
 
-FIELDS = ("value", "numerator", "denominator", "target", "status", "unit", "extra")
+FIELDS = ("value", "numerator", "denominator", "target", "status", "unit", "extra", "quality")
 Key = tuple[str, str, str]
 
 
@@ -117,10 +117,11 @@ def database_latest(url: str) -> tuple[dt.datetime, dict[Key, dict[str, Any]]]:
     """``kpi_latest`` as {(kpi, scope, window): fields}, with the newest ``as_of``."""
     with psycopg.connect(url) as conn:
         rows = conn.execute(
-            "SELECT kpi, scope, win, value, numerator, denominator, target, status, unit, extra, as_of FROM kpi_latest"
+            "SELECT kpi, scope, win, value, numerator, denominator, target, status, unit, extra, quality, as_of"
+            " FROM kpi_latest"
         ).fetchall()
-    as_of = max(r[10] for r in rows)
-    return as_of, {(r[0], r[1], r[2]): dict(zip(FIELDS, r[3:10], strict=True)) for r in rows}
+    as_of = max(r[11] for r in rows)
+    return as_of, {(r[0], r[1], r[2]): dict(zip(FIELDS, r[3:11], strict=True)) for r in rows}
 
 
 def replayed(path: Path, as_of: dt.datetime) -> dict[Key, dict[str, Any]]:

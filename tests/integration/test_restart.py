@@ -86,10 +86,11 @@ def test_restart_after_uncommitted_batches_counts_nothing_twice(
     assert all(after[k] >= s for k, s in before.items())
     with psycopg.connect(settings.database_url) as conn:
         rows = conn.execute(
-            "SELECT kpi, scope, win, value, numerator, denominator, target, status, unit, extra, as_of FROM kpi_latest"
+            "SELECT kpi, scope, win, value, numerator, denominator, target, status, unit, extra, quality, as_of"
+            " FROM kpi_latest"
         ).fetchall()
-    as_of = max(r[10] for r in rows)
-    worker = {(r[0], r[1], r[2]): dict(zip(FIELDS, r[3:10], strict=True)) for r in rows}
+    as_of = max(r[11] for r in rows)
+    worker = {(r[0], r[1], r[2]): dict(zip(FIELDS, r[3:11], strict=True)) for r in rows}
     snapshots, _, _ = replay(path, load_registry(), as_of)
     expected = {(s.kpi, s.scope, s.window): {f: getattr(s, f) for f in FIELDS} for s in snapshots}
     assert expected.keys() == worker.keys()

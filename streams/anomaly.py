@@ -1,0 +1,827 @@
+"""Anomaly detectors: stuck and spiking sensors, drift against neighbours, gauges deaf to rain, dossier surges, incident bursts.
+
+Pure and deterministic, like the rest of `streams`: no clock but the event-time watermark the
+`streams.engine.Engine` passes in (a low quantile of the stations' latest reading times). Every detector works on closed minute buckets: bucket ``m`` is
+evaluated once the watermark (the newest event time seen, never ahead of the engine's clock) is
+``grace_s`` past its end, from what has arrived by then; a record later than that is left out of
+the detectors (it still counts in the KPIs). So the worker and `ioc replay` find the same anomalies
+at the same event times. Per event the cost is O(1): readings are consumed once, in time order,
+into incremental statistics; per minute every station is looked at once. Methods and references:
+docs/anomaly.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import datetime as dt
+import math
+from collections import deque
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from ioc.contract import US
+from ioc.errors import ConfigurationError
+from ioc.registry import Registry, Station
+
+MIN_US = 60 * US
+HOUR_US = 3600 * US
+WEEK_H = 7 * 24
+#: Detectors and the alert domain of their findings.
+DETECTORS = ("stuck", "spike", "drift", "unresponsive", "dossier_surge", "incident_burst")
+#: The hour-of-week baseline is in local time (Asia/Ho_Chi_Minh, UTC+07:00).
+UTC_OFFSET_H = 7
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StuckConfig:
+    """Persistence test (WMO/TD-No. 1186 §6.3) scaled by the station's own chance of an unchanged step."""
+
+    #: Chance of a false "stuck" per reading the run length is chosen for.
+    alpha: float = 1e-5
+    min_run: int = 6
+    min_minutes: int = 45
+    #: Differences of a quantity seen before the test applies (the warm-up).
+    warmup: int = 24
+    #: Exponential forgetting of the flat-step statistics per reading (~200 readings of memory).
+    decay: float = 0.995
+    #: Two readings closer than this are "unchanged" (about the instrument's resolution).
+    tolerance: Mapping[str, float] = field(
+        default_factory=lambda: {"water_level_m": 0.005, "pm25": 0.05, "temp_c": 0.05, "humidity_pct": 0.05}
+    )
+
+
+@dataclass(frozen=True)
+class SpikeConfig:
+    """Hampel-style test (Hampel 1974; Pearson 2002): a reading far from the median of the ones before it
+    that the next reading takes back, beyond what the quantity can physically do in one interval."""
+
+    history: int = 5
+    n_sigma: float = 8.0
+    #: Smallest jump counted as implausible within one reporting interval, per quantity.
+    min_jump: Mapping[str, float] = field(
+        default_factory=lambda: {"water_level_m": 0.3, "pm25": 60.0, "temp_c": 5.0, "humidity_pct": 25.0}
+    )
+    #: The next reading must take back at least this share of the jump (a real event does not).
+    revert: float = 0.5
+    warmup: int = 12
+    #: How long a spike keeps the station's KPIs suspect and its finding active.
+    hold_minutes: int = 60
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """Two-sided CUSUM (Page 1954) of the hourly residual against the median of the nearest same-kind stations."""
+
+    neighbours: int = 6
+    #: Quantities compared, by station kind; pm25 in log space (pollution is multiplicative).
+    quantities: Mapping[str, str] = field(default_factory=lambda: {"air": "pm25", "weather": "temp_c"})
+    k: float = 1.5
+    h: float = 15.0
+    #: Hours of residuals learnt before the CUSUM runs (a day: the residual has a daily cycle).
+    warmup_h: int = 24
+    #: Forgetting of the residual's mean and variance per hour (~50 hours of memory).
+    decay: float = 0.98
+    #: Hours in a row within ±k that clear a drift.
+    clear_h: int = 2
+
+
+@dataclass(frozen=True)
+class UnresponsiveConfig:
+    """A gauge whose level does not move while the nearest rain gauges report heavy rain."""
+
+    rain_neighbours: int = 3
+    max_km: float = 40.0
+    window_h: float = 2.0
+    #: The river answers rain this much later: the rain window ends this long before the evaluation.
+    lag_h: float = 1.0
+    min_rain_mm: float = 20.0
+    min_response_m: float = 0.05
+    every_minutes: int = 10
+
+
+@dataclass(frozen=True)
+class SurgeConfig:
+    """Receipts per commune against the same hour of the week: Poisson upper tail over the robust baseline."""
+
+    weeks: int = 4
+    min_weeks: int = 2
+    alpha: float = 1e-5
+    min_count: int = 8
+    ratio: float = 2.5
+    #: The count must also exceed the pooled baseline by this many of its standard deviations.
+    spread_k: float = 4.0
+    every_minutes: int = 15
+
+
+@dataclass(frozen=True)
+class BurstConfig:
+    """Incidents per category and per system in a sliding hour against an exponentially weighted rate."""
+
+    window_minutes: int = 60
+    alpha: float = 1e-6
+    min_count: int = 5
+    ratio: float = 3.0
+    warmup_h: int = 24
+    half_life_h: float = 72.0
+    #: Rate assumed for a key never seen (per hour): a system that never had an incident.
+    floor_per_h: float = 0.2
+    #: The burst clears when the window's tail probability rises above this.
+    clear_alpha: float = 1e-2
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    enabled: bool = True
+    grace_s: int = 120
+    #: The event-time watermark is this quantile of the stations' latest reading times...
+    watermark_quantile: float = 0.1
+    #: ...but never more than this far behind the newest one (a regional outage must not stall it).
+    max_lag_s: int = 6 * 3600
+    stuck: StuckConfig = field(default_factory=StuckConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    drift: DriftConfig = field(default_factory=DriftConfig)
+    unresponsive: UnresponsiveConfig = field(default_factory=UnresponsiveConfig)
+    surge: SurgeConfig = field(default_factory=SurgeConfig)
+    burst: BurstConfig = field(default_factory=BurstConfig)
+    #: Quantities the single-station detectors watch, by station kind (rain is mostly zero: no).
+    watched: Mapping[str, tuple[str, ...]] = field(
+        default_factory=lambda: {"air": ("pm25",), "water": ("water_level_m",), "weather": ("temp_c",)}
+    )
+
+
+def load_config(path: str | Path | None) -> AnomalyConfig:
+    """Defaults, overridden by a YAML file of the same shape (``spike: {n_sigma: 6}``); errors name the key."""
+    if path is None or str(path) == "":
+        return AnomalyConfig()
+    try:
+        raw = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigurationError(f"anomaly config {path}: {e}") from None
+    config: AnomalyConfig = _override(AnomalyConfig(), raw, str(path))
+    return config
+
+
+def _override(obj: Any, raw: Any, where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigurationError(f"{where}: must be a mapping")
+    names = {f.name: f for f in dataclasses.fields(obj)}
+    changes: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in names:
+            raise ConfigurationError(f"{where}: unknown key {key!r} (known: {', '.join(names)})")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            changes[key] = _override(current, value, f"{where}.{key}")
+        elif isinstance(current, Mapping):
+            if not isinstance(value, Mapping):
+                raise ConfigurationError(f"{where}.{key}: must be a mapping")
+            changes[key] = {**current, **value}
+        elif isinstance(current, bool):
+            if not isinstance(value, bool):
+                raise ConfigurationError(f"{where}.{key}: must be true or false")
+            changes[key] = value
+        elif isinstance(current, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigurationError(f"{where}.{key}: must be a number, not {value!r}")
+            changes[key] = type(current)(value)
+        else:
+            changes[key] = value
+    return dataclasses.replace(obj, **changes)
+
+
+# --- findings ---------------------------------------------------------------------------------
+
+
+class Finding(msgspec.Struct, frozen=True, kw_only=True):
+    """A detector's verdict on one subject: opened (``active``) or closed, with its evidence."""
+
+    detector: str
+    #: ``station:<id>``, ``commune:<code>``, ``category:<name>`` or ``system:<name>``.
+    scope: str
+    active: bool
+    #: Event time the verdict was reached (the end of the evaluated bucket).
+    at: dt.datetime
+    domain: str
+    quantity: str
+    observed: float | None = None
+    expected_low: float | None = None
+    expected_high: float | None = None
+    window_from: dt.datetime | None = None
+    window_to: dt.datetime | None = None
+    station: str | None = None
+    commune: str | None = None
+    #: How the verdict was reached, in a line (statistic and parameters).
+    method: str = ""
+
+    def explanation(self) -> dict[str, Any]:
+        """The evidence as the alert carries it."""
+        return {
+            "detector": self.detector,
+            "quantity": self.quantity,
+            "observed": self.observed,
+            "expected_low": self.expected_low,
+            "expected_high": self.expected_high,
+            "window_from": self.window_from.isoformat() if self.window_from else None,
+            "window_to": self.window_to.isoformat() if self.window_to else None,
+            "method": self.method,
+        }
+
+
+def _dt(us: int) -> dt.datetime:
+    return dt.datetime.fromtimestamp(us / US, dt.timezone(dt.timedelta(hours=UTC_OFFSET_H)))
+
+
+def _r(x: float, digits: int = 3) -> float:
+    return round(x, digits)
+
+
+# --- statistics -------------------------------------------------------------------------------
+
+
+def poisson_sf(n: int, lam: float) -> float:
+    """P(X ≥ n) for X ~ Poisson(lam), summed from n upwards (accurate far into the tail)."""
+    if n <= 0:
+        return 1.0
+    if lam <= 0:
+        return 0.0
+    term = math.exp(-lam + n * math.log(lam) - math.lgamma(n + 1))
+    total, i = 0.0, n
+    while term > 1e-300:
+        total += term
+        i += 1
+        term *= lam / i
+        if i > n + 10_000 or (i > lam and term < total * 1e-16):
+            break
+    return min(1.0, total)
+
+
+def flat_run_needed(p_flat: float, alpha: float, min_run: int) -> int:
+    """Run of unchanged steps whose chance under the station's own flat-step probability is below alpha."""
+    if p_flat <= 0:
+        return min_run
+    if p_flat >= 1:
+        return 1 << 30
+    return max(min_run, math.ceil(math.log(alpha) / math.log(p_flat)))
+
+
+def haversine_km(a: Station, b: Station) -> float:
+    la1, lo1, la2, lo2 = map(math.radians, (a.lat, a.lon, b.lat, b.lon))
+    h = math.sin((la2 - la1) / 2) ** 2 + math.cos(la1) * math.cos(la2) * math.sin((lo2 - lo1) / 2) ** 2
+    return 2 * 6371.0 * math.asin(math.sqrt(h))
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    n = len(s)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+# --- single-station series --------------------------------------------------------------------
+
+
+class _Series:
+    """One quantity of one station: flat-step statistics, the recent readings, hourly sums."""
+
+    __slots__ = ("flat_n", "hours", "last_t", "last_x", "longest", "mad", "n", "recent", "run", "run_start",
+                 "spike_until", "stuck", "zeros")  # fmt: skip
+
+    def __init__(self, history: int) -> None:
+        self.last_t: int | None = None
+        self.last_x = 0.0
+        self.n = 0.0  # EW count of differences
+        self.flat_n = 0  # differences seen (warm-up)
+        self.zeros = 0.0  # EW count of unchanged steps
+        self.mad = 0.0  # EW mean absolute difference
+        self.run = 0
+        self.run_start = 0
+        self.longest = 0.0  # the longest ordinary flat run lately (slowly forgotten)
+        self.stuck = False
+        self.recent: deque[tuple[int, float]] = deque(maxlen=history + 1)
+        self.spike_until: int | None = None
+        self.hours: dict[int, list[float]] = {}
+
+
+class _Drift:
+    __slots__ = ("active", "calm", "mean", "n", "s_hi", "s_lo", "var")
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean = 0.0
+        self.var = 0.0
+        self.s_hi = self.s_lo = 0.0
+        self.active = False
+        self.calm = 0
+
+
+class Detectors:
+    """Every detector of the province, fed by the engine; `take()` hands out the findings made."""
+
+    def __init__(self, registry: Registry, config: AnomalyConfig | None = None) -> None:
+        self.registry = registry
+        self.config = config or AnomalyConfig()
+        cfg = self.config
+        self.stations = dict(sorted(registry.stations.items()))
+        self.series: dict[tuple[str, str], _Series] = {
+            (sid, q): _Series(cfg.spike.history)
+            for sid, st in self.stations.items()
+            for q in cfg.watched.get(st.kind, ())
+        }
+        self.done: dict[str, int] = {}  # station → last reading time consumed
+        #: Next minute bucket (index, µs // 60 s) to evaluate; None until the first evaluation.
+        self.next_minute: int | None = None
+        self.findings: list[Finding] = []
+        #: Station → detectors holding a finding open on it (its KPIs are suspect).
+        self.suspect: dict[str, set[str]] = {}
+        #: Stations whose suspect state changed since the engine last took them.
+        self.changed_stations: set[str] = set()
+        self.neighbours = {
+            sid: self._nearest(st, st.kind, cfg.drift.neighbours, None)
+            for sid, st in self.stations.items()
+            if st.kind in cfg.drift.quantities
+        }
+        self.drift: dict[str, _Drift] = {sid: _Drift() for sid in self.neighbours}
+        self.drift_done: dict[str, int] = {}  # station → last hour judged
+        self.rain_near = {
+            sid: self._nearest(st, "rain", cfg.unresponsive.rain_neighbours, cfg.unresponsive.max_km)
+            for sid, st in self.stations.items()
+            if st.kind == "water"
+        }
+        self.deaf: set[str] = set()
+        # Dossier receipts: minute → commune → n (open minutes); the hour's running counts; history.
+        self.receipts: dict[int, dict[str, int]] = {}
+        self.hour_receipts: dict[str, int] = {}
+        self.receipt_history: dict[tuple[str, int], deque[int]] = {}
+        self.surging: set[str] = set()
+        # Incidents: minute → key → n; sliding window per key; EW hourly rate per key.
+        self.incidents: dict[int, dict[str, int]] = {}
+        self.window: dict[str, deque[tuple[int, int]]] = {}
+        self.window_n: dict[str, int] = {}
+        self.hour_incidents: dict[str, int] = {}
+        self.rate: dict[str, float] = {}
+        self.burst_hours = 0
+        self.bursting: set[str] = set()
+        self.max_event_us = 0
+
+    def _nearest(self, st: Station, kind: str, k: int, max_km: float | None) -> tuple[str, ...]:
+        others = [
+            (haversine_km(st, o), o.station_id)
+            for o in self.stations.values()
+            if o.kind == kind and o.station_id != st.station_id
+        ]
+        others.sort()
+        return tuple(sid for d, sid in others[:k] if max_km is None or d <= max_km)
+
+    # --- inputs -------------------------------------------------------------------------------
+
+    def on_dossier(self, t: int, commune: str | None) -> None:
+        """A new ``received`` event at ``t`` (µs) in ``commune``."""
+        self.max_event_us = max(self.max_event_us, t)
+        m = t // MIN_US
+        if commune is None or (self.next_minute is not None and m < self.next_minute):
+            return  # provincial level, or later than the detectors' grace: the KPIs still count it
+        bucket = self.receipts.setdefault(m, {})
+        bucket[commune] = bucket.get(commune, 0) + 1
+
+    def on_incident(self, t: int, category: str | None, system: str | None) -> None:
+        """A new ``detected`` incident at ``t`` (µs)."""
+        self.max_event_us = max(self.max_event_us, t)
+        m = t // MIN_US
+        if self.next_minute is not None and m < self.next_minute:
+            return
+        bucket = self.incidents.setdefault(m, {})
+        for key in (f"category:{category}" if category else None, f"system:{system}" if system else None):
+            if key is not None:
+                bucket[key] = bucket.get(key, 0) + 1
+
+    def take(self) -> list[Finding]:
+        out, self.findings = self.findings, []
+        return out
+
+    def take_changed_stations(self) -> set[str]:
+        out, self.changed_stations = self.changed_stations, set()
+        return out
+
+    def quality(self, station_id: str) -> str | None:
+        return "suspect" if self.suspect.get(station_id) else None
+
+    # --- the clock ----------------------------------------------------------------------------
+
+    def advance(self, watermark_us: int, readings: Mapping[str, Any]) -> None:
+        """Evaluate every minute bucket that ended ``grace_s`` before ``watermark_us``.
+
+        ``readings`` maps station id → `streams.sensor.StationState` (readings by time).
+        """
+        if not self.config.enabled:
+            return
+        last = (watermark_us - self.config.grace_s * US) // MIN_US - 1  # the newest closed bucket
+        if self.next_minute is None:
+            starts = [s.times()[0] // MIN_US for s in readings.values() if s.readings]
+            starts += [*self.receipts, *self.incidents]
+            if not starts:
+                return  # nothing seen yet: the first data, however old, starts the buckets
+            self.next_minute = min(*starts, last + 1)
+        while self.next_minute <= last:
+            self._minute(self.next_minute, readings)
+            self.next_minute += 1
+
+    def _minute(self, m: int, readings: Mapping[str, Any]) -> None:
+        end = (m + 1) * MIN_US  # readings with t < end belong to this bucket or before
+        for sid, state in readings.items():
+            kind = self.stations[sid].kind if sid in self.stations else None
+            quantities = self.config.watched.get(kind or "", ())
+            if not quantities or not state.readings:
+                continue
+            times = state.times()
+            lo = bisect.bisect_right(times, self.done.get(sid, -1))
+            hi = bisect.bisect_left(times, end)
+            for t in times[lo:hi]:
+                values = state.readings[t].values
+                for q in quantities:
+                    x = values.get(q)
+                    if x is not None:
+                        self._reading(sid, q, t, float(x))
+            if hi > lo:
+                self.done[sid] = times[hi - 1]
+        for (sid, q), s in self.series.items():
+            if s.spike_until is not None and s.spike_until < end:
+                s.spike_until = None
+                self._close(sid, "spike", q, end)
+        minute_of_hour = (m + 1) % 60
+        if minute_of_hour == 0:
+            self._drift_hour(m // 60)
+        if (m + 1) % self.config.unresponsive.every_minutes == 0:
+            self._unresponsive(end, readings)
+        self._receipts_minute(m)
+        self._incidents_minute(m)
+
+    # --- stuck and spike ----------------------------------------------------------------------
+
+    def _reading(self, sid: str, q: str, t: int, x: float) -> None:
+        s = self.series[(sid, q)]
+        cfg = self.config
+        if s.last_t is not None:
+            self._spike(sid, q, s, t, x)  # judged against the statistics before this step
+            d = abs(x - s.last_x)
+            tol = cfg.stuck.tolerance.get(q, 0.0)
+            if d <= tol:
+                if s.run == 0:
+                    s.run_start = s.last_t
+                s.run += 1
+                if not s.stuck and s.flat_n >= cfg.stuck.warmup:
+                    p_flat = (s.zeros + 1) / (s.n + 2)
+                    # Flat steps cluster (a tide at slack water): never less than twice the longest
+                    # ordinary run this sensor has had lately.
+                    need = max(flat_run_needed(p_flat, cfg.stuck.alpha, cfg.stuck.min_run), math.ceil(2 * s.longest))
+                    if s.run >= need and t - s.run_start >= cfg.stuck.min_minutes * MIN_US:
+                        s.stuck = True
+                        spread = max(s.mad * 1.25, tol)
+                        self._open(
+                            "stuck", sid, q, t, x, x - 3 * spread, x + 3 * spread, s.run_start, t,
+                            f"persistence: {s.run} unchanged readings (|Δ| ≤ {tol:g}); at this station's "
+                            f"flat-step rate {p_flat:.3f}, {need} in a row happen with p < {cfg.stuck.alpha:g}",
+                        )  # fmt: skip
+            else:
+                s.longest *= cfg.stuck.decay
+                if s.run and not s.stuck:
+                    s.longest = max(s.longest, float(s.run))
+                    for _ in range(s.run):  # an ordinary flat stretch joins the station's statistics
+                        s.n = s.n * cfg.stuck.decay + 1
+                        s.zeros = s.zeros * cfg.stuck.decay + 1
+                    s.flat_n += s.run
+                if s.stuck:
+                    s.stuck = False
+                    self._close(sid, "stuck", q, t)
+                s.run = 0
+                s.n = s.n * cfg.stuck.decay + 1
+                s.zeros *= cfg.stuck.decay
+                s.flat_n += 1
+                weight = max(1.0 - cfg.stuck.decay, 1.0 / s.flat_n)
+                # Winsorised at 5 × the current scale, so a spike does not widen what counts as normal.
+                s.mad += ((min(d, 5 * s.mad) if s.flat_n > cfg.spike.warmup else d) - s.mad) * weight
+        s.last_t, s.last_x = t, x
+        s.recent.append((t, x))
+        if q == self.config.drift.quantities.get(self.stations[sid].kind):
+            h = t // HOUR_US
+            acc = s.hours.setdefault(h, [0.0, 0.0])
+            acc[0] += math.log1p(x) if q == "pm25" else x
+            acc[1] += 1
+
+    def _spike(self, sid: str, q: str, s: _Series, t: int, x: float) -> None:
+        """Judge the previous reading (``s.recent[-1]``) now that the next one (``x``) is known."""
+        cfg = self.config.spike
+        if s.flat_n < cfg.warmup or len(s.recent) < 4:
+            return
+        ct, cx = s.recent[-1]
+        prior = [v for _, v in list(s.recent)[:-1]]
+        med = _median(prior)
+        jump = cx - med
+        back = cx - x
+        thr = max(cfg.n_sigma * 1.25 * s.mad, cfg.min_jump.get(q, math.inf))
+        if abs(jump) > thr and abs(back) > cfg.revert * abs(jump) and (jump > 0) == (back > 0):
+            s.recent.pop()  # the outlier must not bend the median of what follows, nor the hourly mean
+            acc = s.hours.get(ct // HOUR_US)
+            if acc is not None and acc[1] > 1:
+                acc[0] -= math.log1p(cx) if q == "pm25" else cx
+                acc[1] -= 1
+            if s.spike_until is None:
+                low = med - thr if q == "temp_c" else max(0.0, med - thr)
+                self._open(
+                    "spike", sid, q, ct, cx, low, med + thr, s.recent[0][0], t,
+                    f"Hampel-style: |{_r(cx)} − median {_r(med)}| > {_r(thr)} (max({cfg.n_sigma:g}·σ, "
+                    f"{cfg.min_jump.get(q, 0):g})) and the next reading returned to {_r(x)}",
+                )  # fmt: skip
+            s.spike_until = ct + cfg.hold_minutes * MIN_US
+
+    # --- drift against neighbours -------------------------------------------------------------
+
+    def _drift_hour(self, now_h: int) -> None:
+        """Judge, for each station, every hour it has complete data for and has not been judged for.
+
+        An hour is complete for a station once a later reading of it has been consumed (so an hour is
+        judged an hour after it ends); a station whose readings come late (a partition read behind
+        the others) is judged when they come, against the neighbours' means kept for 48 hours."""
+        cfg = self.config.drift
+        for sid in self.neighbours:
+            s = self.series.get((sid, cfg.quantities[self.stations[sid].kind]))
+            if s is None or s.last_t is None or not s.hours:
+                continue
+            complete = s.last_t // HOUR_US - 1
+            first = self.drift_done.get(sid, min(s.hours) - 1) + 1
+            for h in range(first, min(complete, now_h) + 1):
+                self._drift_step(sid, h)
+                self.drift_done[sid] = h
+            for old in [k for k in s.hours if k < now_h - 48]:
+                del s.hours[old]
+
+    def _hour_mean(self, sid: str, h: int) -> float | None:
+        s = self.series.get((sid, self.config.drift.quantities[self.stations[sid].kind]))
+        if s is None or s.last_t is None or s.last_t < (h + 1) * HOUR_US or s.stuck or s.spike_until is not None:
+            return None
+        acc = s.hours.get(h)
+        return acc[0] / acc[1] if acc and acc[1] else None
+
+    def _drift_step(self, sid: str, h: int) -> None:
+        cfg = self.config.drift
+        mine = self._hour_mean(sid, h)
+        if mine is None:
+            return
+        # A station already found drifting is no reference for the others.
+        others = [
+            m for n in self.neighbours[sid] if not self.drift[n].active and (m := self._hour_mean(n, h)) is not None
+        ]
+        if len(others) < 2:
+            return
+        ref = _median(others)
+        r = mine - ref
+        d = self.drift[sid]
+        q = cfg.quantities[self.stations[sid].kind]
+        if d.n >= cfg.warmup_h and d.var > 0:
+            sd = math.sqrt(d.var)
+            z = (r - d.mean) / sd
+            d.s_hi = min(2 * cfg.h, max(0.0, d.s_hi + z - cfg.k))
+            d.s_lo = min(2 * cfg.h, max(0.0, d.s_lo - z - cfg.k))
+            at = (h + 1) * HOUR_US
+            if not d.active and max(d.s_hi, d.s_lo) > cfg.h:
+                d.active, d.calm = True, 0
+                lo, hi, observed = ref + d.mean - 2 * sd, ref + d.mean + 2 * sd, mine
+                if q == "pm25":
+                    lo, hi, observed = max(0.0, math.expm1(lo)), math.expm1(hi), math.expm1(observed)
+                self._open(
+                    "drift", sid, q, at, observed, lo, hi,
+                    at - max(1, int(max(d.s_hi, d.s_lo) / max(cfg.k, 0.1))) * HOUR_US, at,
+                    f"CUSUM (Page 1954) of the hourly residual against the median of {len(others)} nearest "
+                    f"{self.stations[sid].kind} stations: S = {_r(max(d.s_hi, d.s_lo), 1)} > h = {cfg.h:g} (k = {cfg.k:g})",
+                )  # fmt: skip
+            elif d.active:
+                d.calm = d.calm + 1 if abs(z) <= cfg.k else 0
+                if d.calm >= cfg.clear_h:
+                    d.active, d.s_hi, d.s_lo = False, 0.0, 0.0
+                    self._close(sid, "drift", q, at)
+            if d.active or max(d.s_hi, d.s_lo) > cfg.h / 2:
+                return  # a suspicious residual must not teach the baseline
+        d.n += 1
+        w = max(1.0 - cfg.decay, 1.0 / d.n)
+        delta = r - d.mean
+        d.mean += w * delta
+        d.var = (1 - w) * (d.var + w * delta * delta)
+
+    # --- a gauge deaf to rain -----------------------------------------------------------------
+
+    def _unresponsive(self, end: int, readings: Mapping[str, Any]) -> None:
+        cfg = self.config.unresponsive
+        rain_to = end - int(cfg.lag_h * HOUR_US)
+        since = rain_to - int(cfg.window_h * HOUR_US)
+        for sid, gauges in self.rain_near.items():
+            sums = []
+            for g in gauges:
+                state = readings.get(g)
+                if state is None or not state.readings:
+                    continue
+                times = state.times()
+                window = times[bisect.bisect_right(times, since) : bisect.bisect_left(times, rain_to)]
+                if window:
+                    sums.append(sum(state.readings[t].values.get("rain_mm", 0.0) for t in window))
+            state = readings.get(sid)
+            deaf = False
+            levels: list[float] = []
+            if len(sums) >= 2 and state is not None and state.readings:
+                times = state.times()
+                window = times[bisect.bisect_right(times, since) : bisect.bisect_left(times, end)]
+                levels = [state.readings[t].values["water_level_m"] for t in window
+                          if "water_level_m" in state.readings[t].values]  # fmt: skip
+                rain = _median(sums)
+                deaf = rain >= cfg.min_rain_mm and len(levels) >= 3 and max(levels) - min(levels) < cfg.min_response_m
+            if deaf and sid not in self.deaf:
+                self.deaf.add(sid)
+                rain = _median(sums)
+                self._open(
+                    "unresponsive", sid, "water_level_m", end, _r(max(levels) - min(levels)), cfg.min_response_m,
+                    None, since, end,
+                    f"level moved {_r(max(levels) - min(levels))} m while the median of {len(sums)} nearby rain "
+                    f"gauges had {_r(rain, 1)} mm (≥ {cfg.min_rain_mm:g}) in {cfg.window_h:g} h, lag {cfg.lag_h:g} h",
+                )  # fmt: skip
+            elif not deaf and sid in self.deaf:
+                self.deaf.discard(sid)
+                self._close(sid, "unresponsive", "water_level_m", end)
+
+    # --- dossier receipts ---------------------------------------------------------------------
+
+    def _receipts_minute(self, m: int) -> None:
+        cfg = self.config.surge
+        for commune, n in self.receipts.pop(m, {}).items():
+            self.hour_receipts[commune] = self.hour_receipts.get(commune, 0) + n
+        if (m + 1) % cfg.every_minutes:
+            return
+        hour = m // 60
+        how = (hour + UTC_OFFSET_H) % WEEK_H
+        frac = ((m % 60) + 1) / 60
+        closing = (m + 1) % 60 == 0
+        end = (m + 1) * MIN_US
+        seen = set(self.hour_receipts) | {c for c, h in self.receipt_history if h == how}
+        for commune in sorted(seen):
+            n = self.hour_receipts.get(commune, 0)
+            hist = self.receipt_history.get((commune, how))
+            surge = False
+            if hist is not None and len(hist) >= cfg.min_weeks:
+                # Receipts are over-dispersed (a queue at the counter): the baseline pools the hours on
+                # either side over the same weeks, and a surge must clear its spread as well as the
+                # Poisson tail.
+                pooled = [*hist]
+                for near in ((how - 1) % WEEK_H, (how + 1) % WEEK_H):
+                    pooled += self.receipt_history.get((commune, near), ())
+                mean = sum(pooled) / len(pooled)
+                spread = math.sqrt(sum((x - mean) ** 2 for x in pooled) / max(1, len(pooled) - 1))
+                base = max(_median(list(hist)), mean, 0.5)
+                lam = base * frac
+                surge = (
+                    n >= cfg.min_count
+                    and n >= cfg.ratio * lam
+                    and n > (base + cfg.spread_k * spread) * frac
+                    and poisson_sf(n, lam) < cfg.alpha
+                )
+                if surge and commune not in self.surging:
+                    self.surging.add(commune)
+                    lo, hi = _poisson_range(lam)
+                    self._open_scope(
+                        "dossier_surge", f"commune:{commune}", "dossier", "dossier.received", end, float(n), lo, hi,
+                        hour * HOUR_US, end, commune,
+                        f"{n} receipts since {(hour * 60) % 60:02d}:00 vs {_r(lam, 1)} expected (median of "
+                        f"{len(hist)} same hours of the week); Poisson P(X ≥ {n}) = {poisson_sf(n, lam):.1e} < {cfg.alpha:g}",
+                    )  # fmt: skip
+            if closing:
+                if not surge and commune in self.surging:
+                    self.surging.discard(commune)
+                    self._close_scope("dossier_surge", f"commune:{commune}", "dossier", "dossier.received", end,
+                                      commune)  # fmt: skip
+                self.receipt_history.setdefault((commune, how), deque(maxlen=cfg.weeks)).append(n)
+        if closing:
+            self.hour_receipts = {}
+
+    # --- incident bursts ----------------------------------------------------------------------
+
+    def burst_expected(self, key: str) -> float:
+        """Incidents expected for ``key`` in one window: the EW hourly rate (bias-corrected: it
+        started at 0 and has gathered ``1 − a^hours`` of its weight), at least the floor."""
+        cfg = self.config.burst
+        learnt = 1 - 0.5 ** (self.burst_hours / cfg.half_life_h) if self.burst_hours else 1.0
+        return max(self.rate.get(key, 0.0) / learnt, cfg.floor_per_h) * cfg.window_minutes / 60
+
+    def _incidents_minute(self, m: int) -> None:
+        cfg = self.config.burst
+        for key, n in self.incidents.pop(m, {}).items():
+            self.window.setdefault(key, deque()).append((m, n))
+            self.window_n[key] = self.window_n.get(key, 0) + n
+            self.hour_incidents[key] = self.hour_incidents.get(key, 0) + n
+        end = (m + 1) * MIN_US
+        for key in sorted(self.window):
+            w = self.window[key]
+            while w and w[0][0] <= m - cfg.window_minutes:
+                self.window_n[key] -= w.popleft()[1]
+            n = self.window_n[key]
+            lam = self.burst_expected(key)
+            p = poisson_sf(n, lam)
+            warm = self.burst_hours >= cfg.warmup_h
+            if warm and key not in self.bursting and n >= cfg.min_count and n >= cfg.ratio * lam and p < cfg.alpha:
+                self.bursting.add(key)
+                lo, hi = _poisson_range(lam)
+                self._open_scope(
+                    "incident_burst", key, "cyber", "cyber.incidents", end, float(n), lo, hi,
+                    end - cfg.window_minutes * MIN_US, end, None,
+                    f"{n} incidents in {cfg.window_minutes} min vs {_r(lam, 2)} expected (EW rate, half-life "
+                    f"{cfg.half_life_h:g} h); Poisson P(X ≥ {n}) = {p:.1e} < {cfg.alpha:g}",
+                )  # fmt: skip
+            elif key in self.bursting and p > cfg.clear_alpha:
+                self.bursting.discard(key)
+                self._close_scope("incident_burst", key, "cyber", "cyber.incidents", end, None)
+            if not w and key not in self.bursting:
+                del self.window[key], self.window_n[key]
+        if (m + 1) % 60 == 0:
+            a = 0.5 ** (1 / cfg.half_life_h)
+            for key in sorted(set(self.rate) | set(self.hour_incidents)):
+                n = self.hour_incidents.get(key, 0)
+                if key in self.bursting:
+                    continue  # a burst must not become the baseline
+                self.rate[key] = a * self.rate.get(key, 0.0) + (1 - a) * n
+            self.hour_incidents = {}
+            self.burst_hours += 1
+
+    # --- output -------------------------------------------------------------------------------
+
+    def _open(
+        self, detector: str, sid: str, q: str, t: int, observed: float | None, lo: float | None, hi: float | None,
+        since: int, until: int, method: str,
+    ) -> None:  # fmt: skip
+        st = self.stations[sid]
+        domain = "water" if st.kind in ("water", "rain") else "env"
+        self.suspect.setdefault(sid, set()).add(detector)
+        self.changed_stations.add(sid)
+        self.findings.append(
+            Finding(
+                detector=detector, scope=f"station:{sid}", active=True, at=_dt(t), domain=domain, quantity=q,
+                observed=None if observed is None else _r(observed), expected_low=None if lo is None else _r(lo),
+                expected_high=None if hi is None else _r(hi), window_from=_dt(since), window_to=_dt(until),
+                station=sid, commune=st.commune_code, method=method,
+            )
+        )  # fmt: skip
+
+    def _close(self, sid: str, detector: str, q: str, t: int) -> None:
+        st = self.stations[sid]
+        held = self.suspect.get(sid)
+        if held is not None:
+            held.discard(detector)
+            if not held:
+                del self.suspect[sid]
+        self.changed_stations.add(sid)
+        domain = "water" if st.kind in ("water", "rain") else "env"
+        self.findings.append(
+            Finding(detector=detector, scope=f"station:{sid}", active=False, at=_dt(t), domain=domain, quantity=q,
+                    station=sid, commune=st.commune_code)
+        )  # fmt: skip
+
+    def _open_scope(
+        self, detector: str, scope: str, domain: str, q: str, t: int, observed: float, lo: float, hi: float,
+        since: int, until: int, commune: str | None, method: str,
+    ) -> None:  # fmt: skip
+        self.findings.append(
+            Finding(
+                detector=detector, scope=scope, active=True, at=_dt(t), domain=domain, quantity=q, observed=observed,
+                expected_low=_r(lo, 1), expected_high=_r(hi, 1), window_from=_dt(since), window_to=_dt(until),
+                commune=commune, method=method,
+            )
+        )  # fmt: skip
+
+    def _close_scope(self, detector: str, scope: str, domain: str, q: str, t: int, commune: str | None) -> None:
+        self.findings.append(
+            Finding(detector=detector, scope=scope, active=False, at=_dt(t), domain=domain, quantity=q, commune=commune)
+        )
+
+
+def _poisson_range(lam: float, p: float = 0.001) -> tuple[float, float]:
+    """The central (1 − 2p) range of Poisson(lam): what "expected" means in a finding."""
+    lo = 0
+    while lo < lam and poisson_sf(lo + 1, lam) > 1 - p:
+        lo += 1
+    hi = max(0, math.floor(lam))
+    while poisson_sf(hi + 1, lam) > p:
+        hi += 1
+    return float(lo), float(hi)
+
+
+def open_findings(findings: Iterable[Finding]) -> dict[tuple[str, str], Finding]:
+    """The findings still open after a sequence of opens and closes, by (detector, scope)."""
+    out: dict[tuple[str, str], Finding] = {}
+    for f in findings:
+        if f.active:
+            out[(f.detector, f.scope)] = f
+        else:
+            out.pop((f.detector, f.scope), None)
+    return out
