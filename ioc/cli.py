@@ -49,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
         "--scenario", default=None, help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage)"
     )
     dev.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
+    dev.add_argument(
+        "--backfill", type=float, default=30.0, metavar="DAYS", help="days of past history sent first (default 30; 0: none)"
+    )
 
     sub.add_parser("worker", help="the stream worker (IOC_KAFKA_BOOTSTRAP, IOC_DATABASE_URL)")
     sub.add_parser("api", help="the HTTP/WebSocket API")
@@ -69,6 +72,17 @@ def _parser() -> argparse.ArgumentParser:
         help="first send this many past hours of sensor readings (warm start)",
     )
     sim.add_argument("--no-progress", action="store_true")
+    sim.add_argument(
+        "--backfill",
+        type=float,
+        default=0.0,
+        metavar="DAYS",
+        help="first send this many past days of every kind of event and write their KPI history "
+        "(simulators/backfill.py); with --duration 0 only that",
+    )
+    sim.add_argument(
+        "--no-kpi-history", action="store_true", help="with --backfill: send the events only, write no KPI history"
+    )
 
     rep = sub.add_parser("replay", help="offline: events from a JSON-lines file → KPI snapshots as JSON lines")
     rep.add_argument("file", type=Path, help='JSON lines {"topic": ..., "value": {...}}; - for stdin')
@@ -166,7 +180,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from ioc.dev import run_dev
 
         return run_dev(
-            settings, simulators=not args.no_simulators, rate=args.rate, scenario=args.scenario, api_port=args.api_port
+            settings,
+            simulators=not args.no_simulators,
+            rate=args.rate,
+            scenario=args.scenario,
+            api_port=args.api_port,
+            backfill_days=args.backfill,
         )
     if args.command == "worker":
         from streams.worker import run
@@ -180,6 +199,19 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "simulate":
         from simulators.producer import run as simulate
+
+        if args.backfill > 0:
+            from simulators.backfill import run_backfill
+
+            filled = asyncio.run(
+                until_terminated(
+                    run_backfill(settings, days=args.backfill, seed=args.seed, history=not args.no_kpi_history)
+                )
+            )
+            if filled is None:
+                return 128 + signal.SIGTERM
+            if args.duration == 0:
+                return 0
 
         stats = asyncio.run(
             until_terminated(
