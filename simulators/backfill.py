@@ -30,9 +30,11 @@ import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import TextIO
+from typing import Any, TextIO
 
 import orjson
+from aiokafka import AIOKafkaProducer
+from aiokafka.partitioner import DefaultPartitioner
 
 from ioc.registry import Registry, load_registry
 from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, TOPIC_SENSOR, Settings
@@ -342,8 +344,6 @@ async def run_backfill(
     ``history`` writes the past of ``kpi_history`` (and refreshes the hourly rollups) in
     ``settings.database_url``; without it only events are sent.
     """
-    from aiokafka import AIOKafkaProducer
-
     plan = dataclasses.replace(plan or BackfillPlan(), days=days)
     registry = registry or load_registry(settings.units_file, settings.stations_file, settings.targets_file)
     now = now or dt.datetime.now(VN_TZ)
@@ -361,25 +361,22 @@ async def run_backfill(
     await producer.start()
     topics = {t: settings.topic(t) for t in (TOPIC_DOSSIER, TOPIC_CYBER, TOPIC_SENSOR)}
     began = time.monotonic()
-    in_flight: list[asyncio.Future[object]] = []
     try:
+        sender = _BatchSender(producer, topics)
         at = start
         for event in backfill_events(seed, now, plan, registry):
             raw = orjson.dumps(event.value)
             if recorder is not None:
                 recorder.add(event, raw)
-            in_flight.append(await producer.send(topics[event.topic], value=raw, key=event.key.encode()))
+            await sender.add(event.topic, event.key.encode(), raw)
             stats.events += 1
             stats.by_topic[event.topic] = stats.by_topic.get(event.topic, 0) + 1
             at = event.at
-            if len(in_flight) >= 20_000:  # bounded memory; lets the producer's batches go out
-                await asyncio.gather(*in_flight)
-                in_flight.clear()
+            if stats.events % 5000 == 0:
                 stats.elapsed_s = time.monotonic() - began
                 if display:
                     display.update(at, stats)
-        await producer.flush()
-        await asyncio.gather(*in_flight)
+        await sender.close()
     finally:
         await producer.stop()
     if recorder is not None:
@@ -398,6 +395,47 @@ async def run_backfill(
         stats.elapsed_s,
     )
     return stats
+
+
+class _BatchSender:
+    """Records gathered into one batch per partition and sent whole (the producer's per-record ``send``
+    caps a loop at a few thousand records a second); keys go to the partitions the live simulator's
+    records of the same key go to (the client's default partitioner)."""
+
+    def __init__(self, producer: AIOKafkaProducer, topics: dict[str, str]) -> None:
+        self.producer = producer
+        self.topics = topics
+        self.partitioner = DefaultPartitioner()
+        self.partitions: dict[str, list[int]] = {}
+        self.batches: dict[tuple[str, int], Any] = {}  # the client's BatchBuilder
+        self.sent: list[asyncio.Future[object]] = []
+
+    async def add(self, logical: str, key: bytes, value: bytes) -> None:
+        topic = self.topics[logical]
+        partitions = self.partitions.get(topic)
+        if partitions is None:
+            partitions = self.partitions[topic] = sorted(await self.producer.partitions_for(topic))
+        partition = self.partitioner(key, partitions, partitions)
+        batch = self.batches.get((topic, partition))
+        if batch is None:
+            batch = self.batches[(topic, partition)] = self.producer.create_batch()
+        if batch.append(key=key, value=value, timestamp=None) is None:  # full: send it, start another
+            await self._send(topic, partition, batch)
+            batch = self.batches[(topic, partition)] = self.producer.create_batch()
+            batch.append(key=key, value=value, timestamp=None)
+
+    async def _send(self, topic: str, partition: int, batch: Any) -> None:
+        self.sent.append(await self.producer.send_batch(batch, topic, partition=partition))
+        if len(self.sent) >= 64:  # bounded memory: wait for the oldest half
+            await asyncio.gather(*self.sent[:32])
+            del self.sent[:32]
+
+    async def close(self) -> None:
+        for (topic, partition), batch in self.batches.items():
+            if batch.record_count():
+                await self._send(topic, partition, batch)
+        self.batches.clear()
+        await asyncio.gather(*self.sent)
 
 
 _MERGE = """
