@@ -44,7 +44,12 @@ def _parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="the whole system on this machine (broker, PostgreSQL, worker, API, simulators)")
     dev.add_argument("--no-simulators", action="store_true", help="start without the simulators")
-    dev.add_argument("--rate", type=float, default=50.0, help="simulated events per second (default 50)")
+    dev.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="simulated events per second (default 50; 0.5 with a back-fill, a province's real dossier intake)",
+    )
     dev.add_argument(
         "--scenario", default=None, help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage)"
     )
@@ -182,7 +187,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return run_dev(
             settings,
             simulators=not args.no_simulators,
-            rate=args.rate,
+            rate=args.rate if args.rate is not None else (0.5 if args.backfill > 0 else 50.0),
             scenario=args.scenario,
             api_port=args.api_port,
             backfill_days=args.backfill,

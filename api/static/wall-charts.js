@@ -48,14 +48,27 @@ window.IocCharts = (function () {
     return { width, height: Math.max(80, Math.floor(height || el.clientHeight || 160)) };
   }
 
-  function baseAxes(yFormat, xTime) {
+  const DAY = new Intl.DateTimeFormat("vi-VN", { timeZone: TZ, day: "numeric", month: "numeric" });
+  const CLOCK = new Intl.DateTimeFormat("vi-VN", { timeZone: TZ, hour: "2-digit", minute: "2-digit", hour12: false });
+
+  // Axes sized from the page's font (so 4K reads like 1080p); times as Vietnamese read them (5/12, 14:00).
+  function baseAxes(yFormat, xTime, opts = {}) {
     const grid = { stroke: css("--line") || "#23304a", width: 1 };
-    const font = Math.round(parseFloat(getComputedStyle(document.documentElement).fontSize) * 0.7) + "px sans-serif";
-    const x = { stroke: css("--muted") || "#93a3bf", grid, ticks: grid, font, size: 28 };
+    const px = parseFloat(getComputedStyle(document.documentElement).fontSize) * 0.68;
+    const font = Math.round(px) + "px sans-serif";
+    const x = { stroke: css("--muted") || "#93a3bf", grid, ticks: grid, font, size: Math.round(px * 1.9), show: opts.x !== false };
     if (!xTime) x.values = (u, splits) => splits.map((v) => String(v).padStart(2, "0") + "h");
-    return [x, { stroke: css("--muted") || "#93a3bf", grid, ticks: grid, font, size: 46,
+    else x.values = (u, splits) => {
+      const span = u.scales.x.max - u.scales.x.min;
+      return splits.map((v) => (span > 36 * HOUR ? DAY : CLOCK).format(new Date(v * 1e3)));
+    };
+    if (!opts.x && opts.x !== undefined) x.size = 0;
+    return [x, { stroke: css("--muted") || "#93a3bf", grid, ticks: grid, font, size: Math.round(px * (opts.ySize || 3.6)),
       values: (u, splits) => splits.map(yFormat) }];
   }
+
+  // "Quan trắc không khí Vinh Phú" → "Vinh Phú": the kind is the panel's title already.
+  const shortName = (st) => (st.name || st.station_id).replace(/^(Quan trắc không khí|Trạm thủy văn|Trạm đo mưa|Trạm khí tượng)\s+/u, "");
 
   function makePlot(el, opts, data, height) {
     el.replaceChildren();
@@ -85,7 +98,8 @@ window.IocCharts = (function () {
       card.className = "chart-card hydro-card";
       card.dataset.station = st.station_id;
       const cap = document.createElement("figcaption");
-      cap.textContent = (st.name || st.station_id) + (st.river ? " · " + st.river : "");
+      cap.textContent = shortName(st) + (st.river ? " · " + st.river : "");
+      cap.title = st.name || st.station_id;
       const now_ = document.createElement("b");
       now_.className = "chart-now";
       cap.appendChild(now_);
@@ -109,9 +123,9 @@ window.IocCharts = (function () {
     const m = (v) => w.metres(v);
     const opts = {
       scales: { x: { time: true, range: () => [now() - 72 * HOUR, now()] }, y: { range: hydroRange(e.st) } },
-      axes: baseAxes((v) => m(v), true),
-      series: [{}, { stroke: css("--accent") || "#38bdf8", width: 2, spanGaps: true },
-        ...BD_COLOURS.map((c) => ({ stroke: c, width: 1.5, dash: [6, 4] }))],
+      axes: baseAxes((v) => w.nf().format(v), true, { ySize: 4.2 }),
+      series: [{}, { stroke: css("--accent") || "#38bdf8", width: 2, spanGaps: true, points: { show: false } },
+        ...BD_COLOURS.map((c) => ({ stroke: c, width: 1.5, dash: [6, 4], points: { show: false } }))],
     };
     e.plot = makePlot(e.el, opts, hydroData(e), e.el.clientHeight || 140);
     e.card.dataset.points = String(e.xs.length);
@@ -132,7 +146,8 @@ window.IocCharts = (function () {
       card.className = "chart-card aqi-card";
       card.dataset.station = st.station_id;
       const cap = document.createElement("figcaption");
-      cap.textContent = st.name || st.station_id;
+      cap.textContent = shortName(st);
+      cap.title = st.name || st.station_id;
       const plotEl = document.createElement("div");
       plotEl.className = "plot";
       card.append(cap, plotEl);
@@ -157,7 +172,7 @@ window.IocCharts = (function () {
     const opts = {
       scales: { x: { time: true, range: (u, a, b) => [a - HOUR / 2, b + HOUR / 2] },
         y: { range: (u, min, max) => [0, Math.max(100, Math.ceil(((max || 0) * 1.1) / 50) * 50)] } },
-      axes: baseAxes((v) => w.nf().format(v), true),
+      axes: baseAxes((v) => w.nf().format(v), true, { x: air.size <= 2, ySize: 3 }),
       series: [{}, { width: 0, fill: "#888", paths: uPlot.paths.bars({ size: [0.85, 64], disp: { fill: { unit: 3, values: colours } } }) }],
     };
     const data = airData(e);
@@ -211,12 +226,12 @@ window.IocCharts = (function () {
     const bars = (off) => uPlot.paths.bars({ size: [0.4, 40], align: 0, disp: { x0: { unit: 1, values: (u) => u.data[0].map((x) => x + off) }, size: { unit: 1, values: (u) => u.data[0].map(() => 0.4) } } });
     const opts = {
       scales: { x: { time: false, range: [-0.5, 23.5] }, y: { range: (u, min, max) => [0, Math.max(5, (max || 0) * 1.1)] } },
-      axes: baseAxes((v) => w.nf().format(v), false),
+      axes: baseAxes((v) => w.nf().format(v), false, { ySize: 4.2 }),
       series: [{},
         { label: w.t("chartReceivedToday"), stroke: "#38bdf8", fill: "#38bdf8", width: 0, paths: bars(-0.4) },
         { label: w.t("chartCompletedToday"), stroke: "#22c55e", fill: "#22c55e", width: 0, paths: bars(0) },
-        { label: w.t("chartReceivedWeek"), stroke: "#bae6fd", width: 2, dash: [5, 4], spanGaps: true },
-        { label: w.t("chartCompletedWeek"), stroke: "#bbf7d0", width: 2, dash: [5, 4], spanGaps: true }],
+        { label: w.t("chartReceivedWeek"), stroke: "#bae6fd", width: 2, dash: [5, 4], spanGaps: true, points: { show: false } },
+        { label: w.t("chartCompletedWeek"), stroke: "#bbf7d0", width: 2, dash: [5, 4], spanGaps: true, points: { show: false } }],
     };
     const data = dossierData();
     d.plot = makePlot(d.el, opts, data);
@@ -256,7 +271,7 @@ window.IocCharts = (function () {
     const opts = {
       scales: { x: { time: true, range: () => [now() - 24 * HOUR, now()] }, y: { range: (u, min, max) => [0, Math.max(4, Math.ceil((max || 0) * 1.15))] } },
       axes: baseAxes((v) => w.nf().format(v), true),
-      series: [{}, ...SEVERITIES.map((s) => ({ label: w.t("sev" + s[0].toUpperCase() + s.slice(1)), stroke: SEV_COLOURS[s], width: 2, spanGaps: true }))],
+      series: [{}, ...SEVERITIES.map((s) => ({ label: w.t("sev" + s[0].toUpperCase() + s.slice(1)), stroke: SEV_COLOURS[s], width: 2, spanGaps: true, points: { show: false } }))],
     };
     const data = incidentData();
     incidents.plot = makePlot(incidents.el, opts, data);
@@ -373,7 +388,7 @@ window.IocCharts = (function () {
     }
     svg.appendChild(grid);
     const offline = w.offlineSet();
-    const r = stations.length < 6 ? 16 : 10;
+    const r = stations.length < 6 ? 26 : 17;
     for (const st of [...stations].sort((a, b) => (a.kind === "water") - (b.kind === "water"))) {
       const g = document.createElementNS(svgNS, "g");
       g.setAttribute("class", "st st-" + st.kind + (offline.has(st.station_id) ? " st-offline" : "") + (selected === st.station_id ? " st-selected" : ""));
@@ -396,7 +411,7 @@ window.IocCharts = (function () {
       if (st.kind === "water" || stations.length < 6) {
         const label = document.createElementNS(svgNS, "text");
         label.setAttribute("x", r + 4); label.setAttribute("y", 4);
-        label.textContent = st.name || st.station_id;
+        label.textContent = shortName(st);
         g.appendChild(label);
       }
       g.addEventListener("click", () => { selected = st.station_id; showDetail(st); drawMap(); });

@@ -439,8 +439,8 @@
     setTile("cyber_open", get("cyber.open", s, "now"));
     for (const [tile, kpi] of [["mtta", "cyber.mtta_minutes"], ["mttr", "cyber.mttr_minutes"]]) {
       const mtd = get(kpi, s, "mtd");
-      setTile(tile, get(kpi, s, "24h"), { suffix: " " + t("minutes"), sub: mtd && mtd.value !== null && mtd.value !== undefined
-        ? t("monthToDate") + ": " + nf().format(mtd.value) + " " + t("minutes") : "" });
+      setTile(tile, get(kpi, s, "24h"), { sub: t("minutes") + (mtd && mtd.value !== null && mtd.value !== undefined
+        ? " · " + t("monthToDate") + ": " + nf().format(mtd.value) : "") });
     }
     for (const sev of SEVERITIES) {
       const it = get("cyber.open." + sev, s, "now");
