@@ -351,6 +351,8 @@ async def run_backfill(
     stats = BackfillStats()
     display = BackfillProgress(start, now) if progress else None
     recorder = KpiHistory(registry, start, now, plan.history_step) if history else None
+    if history:  # before any event: the worker then writes the past days' readings into their own partitions
+        await asyncio.to_thread(_ensure_partitions, settings.database_url, start)
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka_bootstrap,
         linger_ms=20,
@@ -445,15 +447,24 @@ ON CONFLICT (kpi, scope, win, as_of) DO NOTHING
 """
 
 
+def _ensure_partitions(database_url: str, start: dt.datetime) -> None:
+    """Daily partitions (plain PostgreSQL) for the back-filled days, so their rows do not land in the default one."""
+    import psycopg
+
+    from ioc.db.migrate import ensure_partitions
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        ensure_partitions(conn, start.astimezone(dt.UTC).date(), dt.datetime.now(dt.UTC).date())
+
+
 def write_history(database_url: str, rows: Iterable[Snapshot], start: dt.datetime) -> int:
     """Store back-filled history rows (a row already there is kept) and refresh the hourly rollups."""
     import psycopg
 
-    from ioc.db.migrate import ensure_partitions, refresh_rollups
+    from ioc.db.migrate import refresh_rollups
 
     count = 0
     with psycopg.connect(database_url, autocommit=False) as conn:
-        ensure_partitions(conn, start.astimezone(dt.UTC).date(), dt.datetime.now(dt.UTC).date())
         conn.execute(
             "CREATE TEMP TABLE stage_backfill (as_of timestamptz, kpi text, scope text, win text, value float8,"
             " numerator float8, denominator float8, status text, seq bigint) ON COMMIT DROP"

@@ -60,8 +60,12 @@ window.IocCharts = (function () {
     if (!xTime) x.values = (u, splits) => splits.map((v) => String(v).padStart(2, "0") + "h");
     else x.values = (u, splits) => {
       const span = u.scales.x.max - u.scales.x.min;
-      return splits.map((v) => (span > 36 * HOUR ? DAY : CLOCK).format(new Date(v * 1e3)));
+      // Over days: the date at local midnight, the hour elsewhere ("5/12", "12h").
+      return splits.map((v) => (span <= 36 * HOUR ? CLOCK.format(new Date(v * 1e3))
+        : (v + 7 * HOUR) % 86400 === 0 ? DAY.format(new Date(v * 1e3)) : String(((v + 7 * HOUR) % 86400) / HOUR) + "h"));
     };
+    if (!xTime) x.incrs = [1, 2, 3, 4, 6, 12];
+    else x.incrs = [HOUR, 2 * HOUR, 3 * HOUR, 6 * HOUR, 12 * HOUR, 86400];
     if (!opts.x && opts.x !== undefined) x.size = 0;
     return [x, { stroke: css("--muted") || "#93a3bf", grid, ticks: grid, font, size: Math.round(px * (opts.ySize || 3.6)),
       values: (u, splits) => splits.map(yFormat) }];
@@ -389,10 +393,15 @@ window.IocCharts = (function () {
     svg.appendChild(grid);
     const offline = w.offlineSet();
     const r = stations.length < 6 ? 26 : 17;
+    const taken = [];
     for (const st of [...stations].sort((a, b) => (a.kind === "water") - (b.kind === "water"))) {
+      // Stations at (nearly) one place, such as a commune's gauge and air station, side by side.
+      let px = x(st.lon), py = y(st.lat);
+      while (taken.some(([tx, ty]) => Math.hypot(tx - px, ty - py) < r * 1.6)) px += r * 2.2;
+      taken.push([px, py]);
       const g = document.createElementNS(svgNS, "g");
       g.setAttribute("class", "st st-" + st.kind + (offline.has(st.station_id) ? " st-offline" : "") + (selected === st.station_id ? " st-selected" : ""));
-      g.setAttribute("transform", `translate(${x(st.lon).toFixed(1)},${y(st.lat).toFixed(1)})`);
+      g.setAttribute("transform", `translate(${px.toFixed(1)},${py.toFixed(1)})`);
       g.setAttribute("tabindex", "0");
       g.setAttribute("role", "button");
       g.dataset.station = st.station_id;

@@ -402,7 +402,8 @@ async def test_wall_panels_for_a_commune_token_stay_in_that_commune(system: Sett
             await _matches_api_within(page, settings, token, f"commune:{commune}", 20)
 
             subscribed = {c for m in sent if m.get("type") == "subscribe" for c in m["channels"]}  # type: ignore[attr-defined]
-            assert subscribed == {f"kpi:commune:{commune}", "alerts"}
+            # Its own commune, the alerts, and its own stations' channels (issue 20), nothing else.
+            assert subscribed == {f"kpi:commune:{commune}", "alerts", "kpi:station:AIR-17935", "kpi:station:WL-NAMDAN"}
             assert not [e for e in errors if e.get("code") == "forbidden"]
             ARTIFACTS.mkdir(exist_ok=True)
             await page.screenshot(path=str(ARTIFACTS / "wall-panels-commune.png"), full_page=True)
