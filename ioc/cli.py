@@ -55,7 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
     dev.add_argument(
-        "--backfill", type=float, default=30.0, metavar="DAYS", help="days of past history sent first (default 30; 0: none)"
+        "--backfill",
+        type=float,
+        default=30.0,
+        metavar="DAYS",
+        help="days of past history sent first (default 30; 0: none)",
     )
 
     sub.add_parser("worker", help="the stream worker (IOC_KAFKA_BOOTSTRAP, IOC_DATABASE_URL)")

@@ -69,9 +69,10 @@ class BackfillPlan:
     #: Sensors report at the registry cadence over the last ``fine_hours``, this many times slower before.
     fine_hours: float = 72.0
     coarse_factor: int = 6
-    #: The flood episode: when its rain begins (before now) and how long its story lasts.
-    flood_ago: dt.timedelta = dt.timedelta(hours=60)
-    flood_span: dt.timedelta = dt.timedelta(hours=30)
+    #: The flood episode: when its rain begins (before now) and its span (`simulators.scenarios.Flood`: the
+    #: river peaks at half-span and is back to normal at three spans, just before now, where live takes over).
+    flood_ago: dt.timedelta = dt.timedelta(hours=64)
+    flood_span: dt.timedelta = dt.timedelta(hours=21)
     #: Step of the KPI history written for the past (the live worker writes one every 10 s).
     history_step: dt.timedelta = dt.timedelta(minutes=15)
 
@@ -107,6 +108,7 @@ def backfill_events(
     incidents = IncidentSimulator(
         random.Random(f"{seed}/backfill/incidents"), systems, incidents_per_s=plan.incidents_per_day / 86400
     )
+
     def sensor_conditions(t: dt.datetime) -> SensorConditions:
         # The gauges keep their cadence: a month of minute readings would cost more than it shows.
         return dataclasses.replace(flood.sensors(t), fast_kinds=frozenset())
@@ -236,17 +238,28 @@ class KpiHistory:
                 as_of = _local(_hour_end_us(hour))
                 if province or hour in chart_hours:
                     for kpi, name in self.PROVINCE_DAY:
-                        self.rows.append(self._row(kpi, "dossiers", scope, "today", (float(daily[name]), None, None, None), as_of))
+                        self.rows.append(
+                            self._row(kpi, "dossiers", scope, "today", (float(daily[name]), None, None, None), as_of)
+                        )
                 if province:
                     self.rows.append(
-                        self._row("dossier.on_time_rate", "%", scope, "today", ratio(daily["comp_ontime"], daily["comp_due"], 100), as_of)
+                        self._row(
+                            "dossier.on_time_rate",
+                            "%",
+                            scope,
+                            "today",
+                            ratio(daily["comp_ontime"], daily["comp_due"], 100),
+                            as_of,
+                        )
                     )
                     for kpi, name, unit in (
                         ("dossier.in_progress", "in_progress", "dossiers"),
                         ("dossier.overdue", "overdue", "dossiers"),
                         ("cyber.open", "open", "incidents"),
                     ):
-                        self.rows.append(self._row(kpi, unit, scope, "now", (float(running[name]), None, None, None), as_of))
+                        self.rows.append(
+                            self._row(kpi, unit, scope, "now", (float(running[name]), None, None, None), as_of)
+                        )
                 if province or hour in last_day_hours:
                     for sev in SEVERITIES:
                         value = (float(running[f"open.{sev}"]), None, None, None)
