@@ -471,6 +471,26 @@ window.IocCharts = (function () {
   }
 
   // --- lifecycle -----------------------------------------------------------------------------------
+  // History is reloaded every few minutes, and soon when it was thin (a wall opened while `ioc dev`
+  // is still back-filling sees the past once the back-fill has written it).
+  const RELOAD_MS = 300000;
+  const RETRY_MS = 15000;
+  let reloadTimer = null;
+  let retries = 0;
+
+  function thin() {
+    const hydroThin = [...hydro.values()].some((e) => e.xs.length < 24);
+    const weekThin = dossiers && ![...dossiers.weekReceived.values()].some((v) => v > 0);
+    return hydroThin || Boolean(weekThin) || (incidents && incidents.points.length < 4);
+  }
+
+  function scheduleReload() {
+    clearTimeout(reloadTimer);
+    const soon = thin() && retries < 12;
+    retries = soon ? retries + 1 : 0;
+    reloadTimer = setTimeout(() => { loadedFor = null; load(); }, soon ? RETRY_MS : RELOAD_MS);
+  }
+
   async function load() {
     const role = w.role();
     const key = sessionStorage.getItem("ioc.token") + "|" + w.mainScope();
@@ -485,6 +505,7 @@ window.IocCharts = (function () {
     }
     drawMap();
     await Promise.all(tasks);
+    scheduleReload();
   }
 
   function redrawAll() {
