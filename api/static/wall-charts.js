@@ -5,6 +5,7 @@
 window.IocCharts = (function () {
   const TZ = "Asia/Ho_Chi_Minh";
   const HOUR = 3600;
+  const BUCKET = 1800;  // the hydrographs' and incident lines' step: the history's buckets
   const REDRAW_MS = 1000;
   const SEV_COLOURS = { critical: "#ef4444", high: "#fb923c", medium: "#facc15", low: "#60a5fa" };
   const SEVERITIES = ["critical", "high", "medium", "low"];
@@ -133,6 +134,7 @@ window.IocCharts = (function () {
     };
     e.plot = makePlot(e.el, opts, hydroData(e), e.el.clientHeight || 140);
     e.card.dataset.points = String(e.xs.length);
+    e.card.dataset.last = String(e.xs.length ? e.xs[e.xs.length - 1] : 0);
     const last = e.ys.length ? e.ys[e.ys.length - 1] : null;
     e.cap.textContent = last === null || last === undefined ? "" : " " + m(last) + " m";
   }
@@ -290,7 +292,11 @@ window.IocCharts = (function () {
     if (item.kpi === "water.level_m" && scope.startsWith("station:")) {
       const e = hydro.get(scope.slice(8));
       if (e && item.value !== null && (!e.xs.length || t > e.xs[e.xs.length - 1])) {
-        e.xs.push(t); e.ys.push(item.value);
+        // One point per half hour, its latest value (as the history's buckets): while the worker
+        // catches up on a backlog, "now" passes through old readings, and only the last one stands.
+        const n = e.xs.length;
+        if (n && Math.floor(e.xs[n - 1] / BUCKET) === Math.floor(t / BUCKET)) { e.xs[n - 1] = t; e.ys[n - 1] = item.value; }
+        else { e.xs.push(t); e.ys.push(item.value); }
         while (e.xs.length && e.xs[0] < t - 72 * HOUR) { e.xs.shift(); e.ys.shift(); }
         e.changed = true; dirty = true;
       }
@@ -306,8 +312,9 @@ window.IocCharts = (function () {
     } else if (incidents && scope === incidents.scope && item.kpi.startsWith("cyber.open.")) {
       const sev = item.kpi.slice(11);
       const last = incidents.points[incidents.points.length - 1];
-      if (last && Math.abs(last[0] - t) < 5) last[1][sev] = item.value;
-      else if (!last || t > last[0]) incidents.points.push([t, { [sev]: item.value }]);
+      if (last && t >= last[0] && Math.floor(last[0] / BUCKET) === Math.floor(t / BUCKET)) {
+        last[0] = t; last[1][sev] = item.value;  // one point per half hour, as above
+      } else if (!last || t > last[0]) incidents.points.push([t, { ...(last ? last[1] : {}), [sev]: item.value }]);
       incidents.changed = true; dirty = true;
     }
     if (scope.startsWith("station:")) mapDirty = true;
@@ -318,6 +325,7 @@ window.IocCharts = (function () {
     dirty = false;
     for (const e of hydro.values()) if (e.changed && e.plot) {
       e.changed = false; e.plot.setData(hydroData(e)); e.card.dataset.points = String(e.xs.length);
+      e.card.dataset.last = String(e.xs[e.xs.length - 1]);
       e.cap.textContent = " " + w.metres(e.ys[e.ys.length - 1]) + " m";
     }
     for (const e of air.values()) if (e.changed && e.plot) {
@@ -397,7 +405,8 @@ window.IocCharts = (function () {
     for (const st of [...stations].sort((a, b) => (a.kind === "water") - (b.kind === "water"))) {
       // Stations at (nearly) one place, such as a commune's gauge and air station, side by side.
       let px = x(st.lon), py = y(st.lat);
-      while (taken.some(([tx, ty]) => Math.hypot(tx - px, ty - py) < r * 1.6)) px += r * 2.2;
+      let moved = false;
+      while (taken.some(([tx, ty]) => Math.hypot(tx - px, ty - py) < r * 1.6)) { px -= r * 2.2; moved = true; }
       taken.push([px, py]);
       const g = document.createElementNS(svgNS, "g");
       g.setAttribute("class", "st st-" + st.kind + (offline.has(st.station_id) ? " st-offline" : "") + (selected === st.station_id ? " st-selected" : ""));
@@ -419,7 +428,9 @@ window.IocCharts = (function () {
       g.append(title, shape);
       if (st.kind === "water" || stations.length < 6) {
         const label = document.createElementNS(svgNS, "text");
-        label.setAttribute("x", r + 4); label.setAttribute("y", 4);
+        // A station moved aside (to the left) is labelled on its left, clear of its neighbour's label.
+        label.setAttribute("x", moved ? -(r + 6) : r + 6); label.setAttribute("y", 8);
+        if (moved) label.setAttribute("text-anchor", "end");
         label.textContent = shortName(st);
         g.appendChild(label);
       }

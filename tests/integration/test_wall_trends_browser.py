@@ -53,6 +53,8 @@ async def _chart_state(page: Any) -> dict[str, Any]:
         """() => ({
           hydro: Object.fromEntries([...document.querySelectorAll('.hydro-card')]
             .map(c => [c.dataset.station, Number(c.dataset.points || 0)])),
+          hydroLast: Object.fromEntries([...document.querySelectorAll('.hydro-card')]
+            .map(c => [c.dataset.station, Number(c.dataset.last || 0)])),
           air: Object.fromEntries([...document.querySelectorAll('.aqi-card')]
             .map(c => [c.dataset.station, Number(c.dataset.bars || 0)])),
           dossierToday: Number(document.querySelector('#dossier-chart').dataset.today || 0),
@@ -145,8 +147,8 @@ async def test_operator_wall_draws_every_chart_and_the_map_then_moves_them_live(
             await _wait(
                 page,
                 """(before) => { const cards = [...document.querySelectorAll('.hydro-card')];
-                   return cards.some(c => Number(c.dataset.points) > before[c.dataset.station]); }""",
-                arg=before["hydro"],
+                   return cards.some(c => Number(c.dataset.last) > before[c.dataset.station]); }""",
+                arg=before["hydroLast"],
                 timeout=60_000,
             )
             await _wait(
