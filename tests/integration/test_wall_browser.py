@@ -347,7 +347,8 @@ async def test_wall_panels_show_station_aqi_rivers_and_open_incidents_by_severit
             assert await page.inner_text("#air-title") == "Air quality by station"
             assert await page.inner_text("#rivers-title") == "Rivers"
             assert await page.inner_text('[data-open-sev="critical"] span') == "Critical"
-            assert await page.inner_text('#river-rows tr[data-station="WL-NAMDAN"] .bd1 .bd-value') == "5.40"
+            # Labels switch; numbers stay Vietnamese (docs/wall.md): the wall's figures are Vietnamese figures.
+            assert await page.inner_text('#river-rows tr[data-station="WL-NAMDAN"] .bd1 .bd-value') == "5,40"
 
             subscribed = [c for m in sent if m.get("type") == "subscribe" for c in m["channels"]]  # type: ignore[attr-defined]
             assert {f"kpi:station:{s}" for s in air | water} <= set(subscribed)
