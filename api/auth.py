@@ -59,7 +59,7 @@ class Principal:
     commune: str | None = None
     expires_at: dt.datetime | None = None
     #: A commune user's own stations (those whose commune_code is theirs): their KPIs are visible too.
-    stations: frozenset[str] = frozenset()
+    own_stations: frozenset[str] = frozenset()
 
     @property
     def sees_everything(self) -> bool:
@@ -76,7 +76,7 @@ class Principal:
             if self.commune is None:
                 return False
             if scope.startswith("station:"):
-                return scope[8:] in self.stations
+                return scope[8:] in self.own_stations
             return scope == f"commune:{self.commune}"
         return False
 
@@ -203,7 +203,7 @@ def verify_token(settings: Settings, token: str | None, *, communes: Collection[
         role=role,
         commune=commune if role == "commune" else None,
         expires_at=dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC),
-        stations=commune_stations(settings, commune) if role == "commune" and commune else frozenset(),
+        own_stations=commune_stations(settings, commune) if role == "commune" and commune else frozenset(),
     )
 
 
