@@ -30,7 +30,9 @@ from api.alert_store import AlertPublisher, AlertStore, KafkaAlertPublisher, Pos
 from api.auth import Caller
 from api.broadcaster import Broadcaster
 from api.feed import Feed
+from api.ingest import install as install_ingest
 from api.live import LiveState, snapshot_item
+from api.report_routes import report_router
 from api.ws import WsLimits, websocket_endpoint
 from api.ws_protocol import DirectWebSocketRoute
 from ioc.loop import settle_heap
@@ -72,6 +74,8 @@ TAGS: Final = [
         "description": "Alerts, their audit trail, acknowledgement and resolution, and silences (CONTRACT §2, §7).",
     },
     {"name": "registries", "description": "Communes and environmental stations."},
+    {"name": "reports", "description": "Monthly and quarterly reports as PDF, XLSX, CSV or JSON (docs/reports.md)."},
+    {"name": "ingest", "description": "Events from systems that cannot speak Kafka; producer tokens only (CONTRACT §7)."},
     {"name": "operations", "description": "Liveness, readiness and Prometheus metrics; no token needed."},
 ]
 
@@ -459,6 +463,8 @@ def create_app(
         return {"items": ctx.stations_json, "count": len(ctx.stations_json)}
 
     app.include_router(alert_router(ctx))
+    app.include_router(report_router(ctx))
+    app.state.ingest = install_ingest(app, settings, registry, metrics.registry, connect=connect)
 
     @app.get("/wall", include_in_schema=False)
     async def wall() -> FileResponse:

@@ -22,7 +22,10 @@ from ioc.settings import Settings
 log = logging.getLogger(__name__)
 
 ALGORITHM: Final = "HS256"
-ROLES: Final = frozenset({"operator", "security", "commune", "admin"})
+ROLES: Final = frozenset({"operator", "security", "commune", "admin", "producer"})
+#: Topics a producer token may name (CONTRACT §1); ``*`` as its only station = every registry station.
+PRODUCER_TOPICS: Final = ("ioc.dossier.events", "ioc.cyber.incidents", "ioc.sensor.readings")
+ANY_STATION: Final = "*"
 #: Clock skew tolerated between the machine that issued a token and this one.
 LEEWAY: Final = dt.timedelta(seconds=30)
 ALERTS_CHANNEL: Final = "alerts"
@@ -60,6 +63,18 @@ class Principal:
     expires_at: dt.datetime | None = None
     #: A commune user's own stations (those whose commune_code is theirs): their KPIs are visible too.
     own_stations: frozenset[str] = frozenset()
+    #: A producer's source name, the topics it may write and, for sensors, the stations it reports for.
+    source: str | None = None
+    topics: tuple[str, ...] = ()
+    stations: tuple[str, ...] = ()
+
+    def may_write(self, topic: str) -> bool:
+        """Whether this producer may write events to ``topic`` (a logical topic name)."""
+        return self.role == "producer" and topic in self.topics
+
+    def may_report_for(self, station_id: str) -> bool:
+        """Whether this producer may send readings of ``station_id``."""
+        return self.role == "producer" and (ANY_STATION in self.stations or station_id in self.stations)
 
     @property
     def sees_everything(self) -> bool:
@@ -111,6 +126,20 @@ class Principal:
         return False
 
 
+def _check_producer(source: object, topics: object, stations: object) -> None:
+    if not isinstance(source, str) or not source or len(source) > 100:
+        raise AuthError("role producer needs a source name of 1-100 characters")
+    if not isinstance(topics, list | tuple) or not topics or not all(isinstance(t, str) for t in topics):
+        raise AuthError("role producer needs the topics it may write")
+    unknown = [t for t in topics if t not in PRODUCER_TOPICS]
+    if unknown:
+        raise AuthError(f"a producer may write only {', '.join(PRODUCER_TOPICS)}, not {unknown[0]!r}")
+    if not isinstance(stations, list | tuple) or not all(isinstance(s, str) for s in stations):
+        raise AuthError("a producer's stations must be a list of station ids")
+    if "ioc.sensor.readings" in topics and not stations:
+        raise AuthError("a producer of ioc.sensor.readings needs the stations it reports for (or '*')")
+
+
 def _check_claims(role: str, commune: str | None, communes: Collection[str]) -> None:
     if role not in ROLES:
         raise AuthError(f"unknown role {role!r}")
@@ -130,10 +159,16 @@ def create_token(
     *,
     now: dt.datetime | None = None,
     communes: Collection[str] | None = None,
+    source: str | None = None,
+    topics: Collection[str] = (),
+    stations: Collection[str] = (),
 ) -> str:
-    """Issue a signed access token; raises ConfigurationError for a bad role or commune."""
+    """Issue a signed access token; raises ConfigurationError for a bad role or commune (or, for a
+    producer, a missing source, topics outside CONTRACT §1, or a sensor producer without stations)."""
     try:
         _check_claims(role, commune, known_communes(settings) if communes is None else communes)
+        if role == "producer":
+            _check_producer(source, list(topics), list(stations))
     except AuthError as exc:
         raise ConfigurationError(str(exc)) from exc
     issued = now or dt.datetime.now(dt.UTC)
@@ -145,6 +180,9 @@ def create_token(
     }
     if role == "commune":
         claims["commune"] = commune
+    if role == "producer":
+        claims["sub"] = subject or f"producer:{source}"
+        claims.update(source=source, topics=list(topics), stations=list(stations))
     return jwt.encode(
         claims,
         settings.effective_signing_key(),
@@ -198,12 +236,18 @@ def verify_token(settings: Settings, token: str | None, *, communes: Collection[
     if commune is not None and not isinstance(commune, str):
         raise AuthError("invalid token: commune must be a string")
     _check_claims(role, commune, known_communes(settings) if communes is None else communes)
+    source, topics, stations = claims.get("source"), claims.get("topics"), claims.get("stations", [])
+    if role == "producer":
+        _check_producer(source, topics, stations)
     return Principal(
         subject=subject,
         role=role,
         commune=commune if role == "commune" else None,
         expires_at=dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC),
         own_stations=commune_stations(settings, commune) if role == "commune" and commune else frozenset(),
+        source=source if role == "producer" else None,
+        topics=tuple(topics or ()) if role == "producer" else (),
+        stations=tuple(stations or ()) if role == "producer" else (),
     )
 
 
@@ -232,9 +276,12 @@ async def current_principal(
         raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
     settings: Settings = request.app.state.ioc.settings
     try:
-        return verify_token(settings, credentials.credentials)
+        principal = verify_token(settings, credentials.credentials)
     except AuthError as exc:
         raise HTTPException(401, str(exc), headers={"WWW-Authenticate": "Bearer"}) from exc
+    if principal.role == "producer":  # CONTRACT §7: a producer writes events and reads nothing
+        raise HTTPException(403, "a producer token writes events (POST /api/ingest/...) and reads nothing")
+    return principal
 
 
 #: The authenticated caller of a route (a FastAPI dependency).

@@ -1,4 +1,4 @@
-"""The `ioc` command: dev, worker, api, simulate, replay, db migrate, topics create, token create, bench, soak."""
+"""The `ioc` command: dev, worker, api, mqtt-bridge, simulate, replay, db migrate, topics create, token create, report, bench, soak."""
 
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("worker", help="the stream worker (IOC_KAFKA_BOOTSTRAP, IOC_DATABASE_URL)")
     sub.add_parser("api", help="the HTTP/WebSocket API")
+    sub.add_parser("mqtt-bridge", help="sensor readings from MQTT (IOC_MQTT_URL) to ioc.sensor.readings")
 
     sim = sub.add_parser("simulate", help="produce realistic events to the input topics")
     sim.add_argument("--rate", type=float, default=50.0, help="events per second across all topics")
@@ -92,6 +93,12 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument(
         "--no-kpi-history", action="store_true", help="with --backfill: send the events only, write no KPI history"
     )
+    sim.add_argument(
+        "--sensors-via",
+        choices=["kafka", "mqtt"],
+        default="kafka",
+        help="send sensor readings to Kafka or to the MQTT broker of IOC_MQTT_URL (for the bridge)",
+    )
 
     rep = sub.add_parser("replay", help="offline: events from a JSON-lines file → KPI snapshots as JSON lines")
     rep.add_argument("file", type=Path, help='JSON lines {"topic": ..., "value": {...}}; - for stdin')
@@ -114,17 +121,24 @@ def _parser() -> argparse.ArgumentParser:
     tok = sub.add_parser("token", help="access tokens")
     tok_sub = tok.add_subparsers(dest="token_command", required=True)
     create = tok_sub.add_parser("create", help="issue a signed access token, printed alone on stdout")
-    create.add_argument("--role", required=True, choices=["operator", "security", "commune", "admin"])
+    create.add_argument("--role", required=True, choices=["operator", "security", "commune", "admin", "producer"])
     create.add_argument("--commune", default=None, help="commune code (required for --role commune)")
     create.add_argument("--ttl", type=_duration, default=dt.timedelta(hours=8), help="lifetime, e.g. 8h, 30d")
     create.add_argument("--subject", default=None, help="who the token is for (default: the role)")
+    create.add_argument("--source", default=None, help="producer: the source system's name (rate limits, metrics)")
+    create.add_argument("--topics", default="", help="producer: input topics it may write, comma-separated")
+    create.add_argument("--stations", default="", help="producer of sensor readings: its station ids, or '*'")
     bench = sub.add_parser("bench", help="the performance harness: throughput, latency, fan-out, database writes")
     bench.add_argument("--events", type=int, default=None, help="backlog size for throughput (default 1,000,000)")
     bench.add_argument("--quick", action="store_true", help="small sizes (a smoke test for CI)")
-    bench.add_argument("--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink")
+    bench.add_argument("--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink,ingest")
     bench.add_argument(
         "--json", type=Path, default=None, help="where to write the figures (default artifacts/bench-<time>.json)"
     )
+    from reports.cli import add_parser as add_report_parser
+
+    add_report_parser(sub)
+
     soak = sub.add_parser("soak", help="a steady stream through real worker and API processes: memory over time")
     soak.add_argument("--rate", type=float, default=500.0, help="events per second (default 500)")
     soak.add_argument("--duration", type=_duration, default=dt.timedelta(minutes=30), help="e.g. 90s, 30m, 1h")
@@ -171,6 +185,32 @@ async def until_terminated(work: Coroutine[Any, Any, T]) -> T | None:
         loop.remove_signal_handler(signal.SIGTERM)
 
 
+def _mqtt_url(settings: Settings) -> str:
+    from ioc.errors import ConfigurationError
+
+    url = settings.mqtt_url.get_secret_value()
+    if not url:
+        raise ConfigurationError("--sensors-via mqtt needs IOC_MQTT_URL (the mqtt: line of `ioc dev`)")
+    return url
+
+
+def _producer_claims(args: argparse.Namespace, settings: Settings) -> dict[str, Any]:
+    """A producer token's source, topics and stations; stations must be in the registry (or ``*``)."""
+    from ioc.errors import ConfigurationError
+    from ioc.registry import load_registry
+
+    stations = [s.strip() for s in args.stations.split(",") if s.strip()]
+    known = load_registry(settings.units_file, settings.stations_file, settings.targets_file).stations
+    unknown = [s for s in stations if s != "*" and s not in known]
+    if unknown:
+        raise ConfigurationError(f"unknown station {unknown[0]!r} (see GET /api/stations)")
+    return {
+        "source": args.source,
+        "topics": [t.strip() for t in args.topics.split(",") if t.strip()],
+        "stations": stations,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
@@ -206,6 +246,11 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         serve(settings)
         return 0
+    if args.command == "mqtt-bridge":
+        from ioc.mqtt_bridge import serve as bridge
+
+        asyncio.run(until_terminated(bridge(settings)))
+        return 0
     if args.command == "simulate":
         from simulators.producer import run as simulate
 
@@ -235,6 +280,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                     bad_rate=args.bad_rate,
                     progress=not args.no_progress,
                     history_s=args.history * 3600,
+                    sensors_via_mqtt=_mqtt_url(settings) if args.sensors_via == "mqtt" else None,
                 )
             )
         )
@@ -272,12 +318,18 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "token":
         from api.auth import create_token
 
-        print(create_token(settings, args.role, commune=args.commune, ttl=args.ttl, subject=args.subject or args.role))
+        producer = _producer_claims(args, settings) if args.role == "producer" else {}
+        subject = args.subject or (None if producer else args.role)
+        print(create_token(settings, args.role, commune=args.commune, ttl=args.ttl, subject=subject, **producer))
         return 0
     if args.command == "bench":
         from ioc.bench.harness import main as bench
 
         return bench(args.events, args.quick, args.only, args.json)
+    if args.command == "report":
+        from reports.cli import run as report
+
+        return report(args, settings)
     if args.command == "soak":
         from ioc.bench.soak import Plan
         from ioc.bench.soak import main as soak

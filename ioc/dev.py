@@ -1,6 +1,6 @@
-"""`ioc dev`: the whole system on one machine, supervised: broker, PostgreSQL, worker, API, simulators.
+"""`ioc dev`: the whole system on one machine, supervised: broker, PostgreSQL, MQTT, worker, API, bridge, simulators.
 
-Embedded services are used unless ``IOC_KAFKA_BOOTSTRAP`` / ``IOC_DATABASE_URL`` are set. Each
+Embedded services are used unless ``IOC_KAFKA_BOOTSTRAP`` / ``IOC_DATABASE_URL`` / ``IOC_MQTT_URL`` are set. Each
 component runs as a child process (`ioc worker`, `ioc api`, `ioc simulate`); one that exits is
 restarted with backoff and the restart logged. Ctrl-C (or SIGTERM) stops every child, then the
 embedded database (its directory removed) and broker.
@@ -142,6 +142,24 @@ def _embedded(settings: Settings) -> Iterator[tuple[str, str, list[str]]]:
         yield bootstrap, database_url, notes
 
 
+@contextlib.contextmanager
+def _mqtt(settings: Settings) -> Iterator[tuple[str | None, str | None]]:
+    """(the URL shown to users, the bridge's URL): ``IOC_MQTT_URL`` for both when set, else an embedded
+    mosquitto's development and bridge users; (None, None) when mosquitto is not installed."""
+    external = settings.mqtt_url.get_secret_value()
+    if external:
+        yield external, external
+        return
+    from ioc.embedded.mosquitto import BRIDGE_USER, EmbeddedMosquitto, mosquitto_binary
+
+    if mosquitto_binary() is None:
+        log.warning("mosquitto is not installed (scripts/setup installs it): no MQTT broker, no bridge")
+        yield None, None
+        return
+    with EmbeddedMosquitto() as broker:
+        yield broker.url(), broker.url(BRIDGE_USER)
+
+
 def run_dev(
     settings: Settings,
     *,
@@ -164,7 +182,7 @@ def run_dev(
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
     started = time.monotonic()
-    with _embedded(settings) as (bootstrap, database_url, _notes):
+    with _embedded(settings) as (bootstrap, database_url, _notes), _mqtt(settings) as (mqtt_url, bridge_url):
         port = api_port or free_port()
         settings = settings.model_copy(
             update={"kafka_bootstrap": bootstrap, "database_url": database_url, "api_port": port}
@@ -186,6 +204,9 @@ def run_dev(
         }
         exe = [sys.executable, "-m", "ioc.cli"]
         children = [Child("worker", [*exe, "worker"], env), Child("api", [*exe, "api"], env)]
+        if bridge_url:
+            bridge_env = {**env, "IOC_MQTT_URL": bridge_url, "IOC_MQTT_BRIDGE_METRICS_PORT": str(free_port())}
+            children.append(Child("mqtt-bridge", [*exe, "mqtt-bridge"], bridge_env))
         if simulators:
             # A warm start (3 h of past sensor readings) so AQI, rain and river levels show at once.
             sim = [*exe, "simulate", "--rate", str(rate), "--history", "3", "--no-progress"]
@@ -193,7 +214,8 @@ def run_dev(
                 sim += ["--scenario", scenario]
             children.append(Child("simulators", sim, env))
             if backfill_days > 0:  # first the past (simulators/backfill.py), then live; no warm start then
-                sim[len(exe) + 3 : len(exe) + 5] = [f"--backfill={backfill_days:g}"]
+                at = sim.index("--history")
+                sim[at : at + 2] = [f"--backfill={backfill_days:g}"]
         supervisor = Supervisor(children)
         supervisor.start()
         if simulators:  # a restarted simulator goes straight to live: its past is already sent
@@ -211,6 +233,8 @@ def run_dev(
             print(f"api: {base}", flush=True)
             print(f"wall: {base}/wall", flush=True)
             print(f"token: {token}", flush=True)
+            if mqtt_url:
+                print(f"mqtt: {mqtt_url}", flush=True)
             # Beyond the contract's five lines: where Prometheus finds each component.
             print(f"metrics: {base}/metrics http://{settings.api_host}:{metrics_port}/metrics", flush=True)
             log.info(

@@ -106,6 +106,16 @@ class AlertWebhook(BaseModel):
         return self.name or urlsplit(self.url).hostname or "webhook"
 
 
+class IngestLimits(BaseModel):
+    """One source's entry of ``IOC_INGEST_SOURCE_LIMITS``: what it may send, overriding the defaults."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    rate: float | None = Field(None, gt=0)
+    burst: int | None = Field(None, ge=1)
+    max_body_bytes: int | None = Field(None, ge=1024)
+
+
 class Settings(BaseSettings):
     """Configuration of every ``ioc`` component. Field docs feed the configuration reference."""
 
@@ -203,6 +213,32 @@ class Settings(BaseSettings):
     )
     alert_webhook_queue: int = Field(
         1000, ge=1, description="Notifications held per webhook while it is slow; beyond that they are dead-lettered."
+    )
+    ingest_max_body_bytes: int = Field(
+        4 << 20, ge=1024, description="Largest body `POST /api/ingest/...` reads (413 beyond), per request."
+    )
+    ingest_max_records: int = Field(5000, ge=1, description="Most records in one NDJSON ingest batch (413 beyond).")
+    ingest_rate: float = Field(
+        1000.0, gt=0, description="Records per second each ingest source may send on average (a token bucket; 429)."
+    )
+    ingest_burst: int = Field(10000, ge=1, description="Records an ingest source may send at once above its rate.")
+    ingest_source_limits: dict[str, IngestLimits] = Field(
+        default_factory=dict,
+        description='Per-source overrides, a JSON object `{"SOURCE": {"rate"?, "burst"?, "max_body_bytes"?}}`.',
+    )
+    ingest_max_in_flight: int = Field(
+        20000, ge=1, description="Records an API process holds unacknowledged by the broker; beyond, 429."
+    )
+    ingest_recent_ids: int = Field(
+        200000, ge=0, description="event_ids an ingest door remembers (per process) to answer re-sent ones duplicate."
+    )
+    mqtt_url: SecretStr = Field(
+        SecretStr(""),
+        description="`mqtt://USER:PASSWORD@HOST:PORT` of the MQTT broker the bridge reads; empty: `ioc dev` starts one.",
+    )
+    mqtt_client_id: str = Field("ioc-mqtt-bridge", description="MQTT client id (and persistent session) of the bridge.")
+    mqtt_bridge_metrics_port: int = Field(
+        9109, ge=0, le=65535, description="Port of the MQTT bridge's Prometheus `/metrics` (0 = a free port, logged)."
     )
 
     @model_validator(mode="after")

@@ -17,6 +17,7 @@ from aiokafka import AIOKafkaProducer
 
 from ioc.produce import stop_within
 from ioc.registry import Registry
+from ioc.settings import TOPIC_SENSOR as SENSOR_TOPIC
 from ioc.settings import Settings
 from simulators.envelope import VN_TZ
 from simulators.scenarios import Scenario
@@ -106,6 +107,7 @@ async def run(
     stats: Stats | None = None,
     clock: Callable[[], float] = time.monotonic,
     history_s: float = 0.0,
+    sensors_via_mqtt: str | None = None,
 ) -> Stats:
     """Produce realistic events to the three input topics for ``duration`` s or until cancelled.
 
@@ -129,6 +131,9 @@ async def run(
     ``history_s`` > 0 first sends, as fast as the broker takes them, the sensor readings of that
     many past seconds (a warm start: the hourly VN_AQI needs two of the last three hourly means,
     rain sums a day), then goes live.
+
+    ``sensors_via_mqtt`` (``mqtt://USER:PASSWORD@HOST:PORT``): sensor readings go to that MQTT broker
+    (QoS 1, ``ioc/sensors/<station_id>``, for the bridge) instead of straight to Kafka.
     """
     if rate <= 0 or speedup <= 0:
         raise ValueError("rate and speedup must be positive")
@@ -168,6 +173,12 @@ async def run(
         client_id="ioc-simulator",
     )
     await producer.start()
+    mqtt = None
+    if sensors_via_mqtt:
+        from simulators.mqtt import MqttSensorSender
+
+        mqtt = MqttSensorSender(sensors_via_mqtt)
+        logger.info("sensor readings go over MQTT")
     display = ProgressLine() if progress else None
     in_flight: collections.deque[asyncio.Future[object]] = collections.deque()
     topics: dict[str, str] = {}
@@ -183,6 +194,10 @@ async def run(
     try:
         if history_s > 0:
             for event in sensor_history(seed, start, history_s, registry):
+                if mqtt is not None:
+                    mqtt.publish(event.key, orjson.dumps(event.value))
+                    stats.sent += 1
+                    continue
                 topic = topics.get(event.topic) or topics.setdefault(event.topic, settings.topic(event.topic))
                 future = await producer.send(topic, value=orjson.dumps(event.value), key=event.key.encode())
                 future.add_done_callback(settled)
@@ -201,6 +216,10 @@ async def run(
                 await asyncio.sleep(due - now)
                 now = clock() - began
             stats.lag_s = max(0.0, now - due)
+            if mqtt is not None and record.topic == SENSOR_TOPIC:
+                mqtt.publish(record.key.decode(), record.value)
+                stats.count(record)
+                continue
             topic = topics.get(record.topic) or topics.setdefault(record.topic, settings.topic(record.topic))
             future = await producer.send(topic, value=record.value, key=record.key)
             future.add_done_callback(settled)
@@ -218,6 +237,8 @@ async def run(
             if rest > 0:
                 await asyncio.sleep(rest)
     finally:
+        if mqtt is not None:
+            await asyncio.shield(asyncio.to_thread(mqtt.close))
         try:
             # flushes what was handed over, within a bound (aiokafka's stop can hang after an outage)
             if not await asyncio.shield(stop_within(producer, "the simulator's producer")):

@@ -25,6 +25,8 @@ from ioc.bench.workload import produce_backlog, progress
 from ioc.settings import Settings
 
 SECTIONS = ("baseline", "throughput", "latency", "fanout", "sink")
+#: Sections run only when named (`--only ingest`): the ingest doors (ioc.bench.ingest).
+OPTIONAL_SECTIONS = ("ingest",)
 DEFAULT_EVENTS = 1_000_000
 
 
@@ -45,6 +47,10 @@ class Plan:
     #: Sending threads of the bare server that measures the fan-out floor, at the largest client count.
     fanout_floor_threads: tuple[int, ...] = (1, 2)
     sink_rows: int = 100_000
+    #: The ingest doors (ioc.bench.ingest): records through HTTP and MQTT, and one-at-a-time probes per door.
+    ingest_http_records: int = 50_000
+    ingest_mqtt_records: int = 10_000
+    ingest_probes: int = 20
 
     @classmethod
     def quick(cls) -> Plan:
@@ -56,6 +62,9 @@ class Plan:
             fanout_clients=(50,),
             fanout_floor_threads=(2,),
             sink_rows=5_000,
+            ingest_http_records=2_000,
+            ingest_mqtt_records=500,
+            ingest_probes=5,
         )
 
 
@@ -158,6 +167,39 @@ def table(results: dict[str, Any]) -> str:
                     f"{r['delivery_p50_ms']} / {r['delivery_p99_ms']} ms" + _cpu_per_delivery(r, "server"),
                 )
             )
+    if g := results.get("ingest"):
+        h, m, lat = g["http"], g["mqtt"], g["latency"]
+        rows.append(
+            (
+                f"ingest HTTP: {h['records']:,} dossiers, NDJSON x{h['batch']}, {h['senders']} senders",
+                f"{h['records_per_s']:,.0f} records/s (acknowledged)",
+            )
+        )
+        rows.append(
+            (
+                f"ingest MQTT: {m['records']:,} readings, QoS 1, one publisher",
+                f"{m['records_per_s']:,.0f} records/s (in Kafka)",
+            )
+        )
+        for name, label in (
+            ("dossier_kafka", "Kafka"),
+            ("dossier_http", "HTTP"),
+            ("sensor_kafka", "Kafka"),
+            ("sensor_mqtt", "MQTT"),
+        ):
+            r = lat[name]
+            rows.append(
+                (
+                    f"to the screen, {name.split('_')[0]} via {label}: p50/p95",
+                    f"{r['p50']} / {r['p95']} ms ({r['seen']} probes)",
+                )
+            )
+        rows.append(
+            (
+                "added to the screen by the door (p50): HTTP / MQTT",
+                f"{lat.get('http_added_p50_ms')} / {lat.get('mqtt_added_p50_ms')} ms",
+            )
+        )
     if s := results.get("sink"):
         rows.append(
             (
@@ -291,6 +333,13 @@ def run(
             s = settings_for("fan", database, api_port=live.free_port())
             ensure_topics(s)
             results["fanout"] = live.fanout(s, list(plan.fanout_clients), floor_threads=plan.fanout_floor_threads)
+        if "ingest" in only:
+            from ioc.bench import ingest
+
+            database = fresh_database(admin_url, "bench_ingest", own_db)
+            s = settings_for("ing", database, api_port=live.free_port())
+            ensure_topics(s)
+            results["ingest"] = ingest.doors(s, plan.ingest_http_records, plan.ingest_mqtt_records, plan.ingest_probes)
     results["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["goals"] = judge(results)
     path = json_path or Path("artifacts") / f"bench-{stamp}.json"
@@ -302,9 +351,10 @@ def run(
 def main(events: int | None, quick: bool, only: str | None, json_path: Path | None) -> int:
     """The CLI entry: run, print the table and the JSON path."""
     chosen = tuple(s.strip() for s in only.split(",")) if only else SECTIONS
-    unknown = [s for s in chosen if s not in SECTIONS]
+    unknown = [s for s in chosen if s not in SECTIONS + OPTIONAL_SECTIONS]
     if unknown:
-        print(f"ioc bench: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        known = ", ".join(SECTIONS + OPTIONAL_SECTIONS)
+        print(f"ioc bench: unknown section(s) {', '.join(unknown)}; choose from {known}", file=sys.stderr)
         return 2
     started = time.monotonic()
     results, path = run(events=events, quick=quick, only=chosen, json_path=json_path)

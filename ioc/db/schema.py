@@ -10,6 +10,7 @@ Tables
     alert_event     the audit trail: every alert lifecycle event (AlertEvent), who and when
     alert_current   the current state of every alert (one row per alert_id)
     alert_silence   silences (matchers, validity, who and why, who expired them)
+    report          stored monthly and quarterly reports (the document's numbers; files are rendered from it)
 
 The state tables are what the stream worker rebuilds its in-memory state from after a restart;
 the KPIs themselves are always derivable from them (docs/design.md).
@@ -112,6 +113,15 @@ CREATE TABLE IF NOT EXISTS alert_silence (
     created_at  timestamptz NOT NULL DEFAULT now(),
     expired_at  timestamptz,
     expired_by  text
+);
+
+CREATE TABLE IF NOT EXISTS report (
+    period      text        NOT NULL,
+    scope       text        NOT NULL,
+    made_at     timestamptz NOT NULL,
+    source      text        NOT NULL,
+    document    jsonb       NOT NULL,
+    PRIMARY KEY (period, scope)
 );
 """
 

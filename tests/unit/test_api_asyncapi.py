@@ -35,11 +35,11 @@ def messages(operation: dict[str, Any]) -> list[dict[str, Any]]:
 def test_spec_is_asyncapi_2_6_with_info_and_servers() -> None:
     assert SPEC["asyncapi"] == "2.6.0"
     assert SPEC["info"]["title"] and SPEC["info"]["version"]
-    assert {s["protocol"] for s in SPEC["servers"].values()} == {"kafka", "ws"}
+    assert {s["protocol"] for s in SPEC["servers"].values()} == {"kafka", "ws", "mqtt"}
 
 
 def test_every_contract_topic_and_the_websocket_are_channels() -> None:
-    assert set(SPEC["channels"]) == {*ALL_TOPICS, "/ws"}
+    assert set(SPEC["channels"]) == {*ALL_TOPICS, "/ws", "ioc/sensors/{station_id}"}
 
 
 @pytest.mark.parametrize("channel", sorted(SPEC["channels"]))

@@ -31,6 +31,10 @@ SCOPED = {
     ("/api/alerts/{alert_id}/resolve", "post"),
     ("/api/silences", "post"),
     ("/api/silences/{silence_id}", "delete"),
+    ("/api/reports", "get"),
+    ("/api/reports/{period}", "get"),
+    ("/api/ingest/{topic}", "post"),
+    ("/api/ingest/siem/wazuh", "post"),
 }
 ALERT_ROUTES = {"/api/alerts", "/api/alerts/{alert_id}", "/api/alerts/{alert_id}/ack", "/api/alerts/{alert_id}/resolve",
                 "/api/silences", "/api/silences/{silence_id}"}  # fmt: skip

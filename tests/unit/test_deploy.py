@@ -49,6 +49,7 @@ IOC_SUBCOMMANDS = {
     ("api",),
     ("simulate",),
     ("topics", "create"),
+    ("mqtt-bridge",),
 }
 ONE_SHOT = {"migrate", "topics"}
 TOP_LEVEL_KEYS = {"version", "name", "include", "services", "networks", "volumes", "secrets", "configs", "models"}
@@ -410,7 +411,9 @@ def test_proxy(services: dict[str, dict[str, Any]]) -> None:
     assert any(interpolate(p).endswith(":443") for p in proxy["ports"])
     assert depends_on(proxy)["api"]["condition"] == "service_healthy"
     published = [n for n, s in services.items() if s.get("ports")]
-    assert published == ["proxy"], f"only the proxy is published, not {published}"
+    # the proxy for HTTP(S), and the MQTT broker for field sensors, on its TLS listener only
+    assert sorted(published) == ["mosquitto", "proxy"], f"only the proxy and MQTT are published, not {published}"
+    assert [interpolate(p).rsplit(":", 1)[-1] for p in services["mosquitto"]["ports"]] == ["8883"]
 
 
 def test_env_example_covers_every_variable(compose: dict[str, Any]) -> None:

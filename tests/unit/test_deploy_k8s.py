@@ -36,7 +36,7 @@ NON_SETTINGS_ENV = {
     "TZ": "the C library's time zone",
     "FORWARDED_ALLOW_IPS": "uvicorn: proxies trusted for X-Forwarded-*",
 }
-IOC_SUBCOMMANDS = {("db", "migrate"), ("worker",), ("api",), ("topics", "create")}
+IOC_SUBCOMMANDS = {("db", "migrate"), ("worker",), ("api",), ("topics", "create"), ("report", "--scheduled")}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
 TEMPLATE_SECRET = "ioc-secrets"
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-PACKAGES = ["ioc", "streams", "api", "alerts", "simulators"]
+PACKAGES = ["ioc", "streams", "api", "alerts", "simulators", "reports"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
