@@ -179,7 +179,7 @@ window.IocCharts = (function () {
       scales: { x: { time: true, range: (u, a, b) => [a - HOUR / 2, b + HOUR / 2] },
         y: { range: (u, min, max) => [0, Math.max(100, Math.ceil(((max || 0) * 1.1) / 50) * 50)] } },
       axes: baseAxes((v) => w.nf().format(v), true, { x: air.size <= 2, ySize: 3 }),
-      series: [{}, { width: 0, fill: "#888", paths: uPlot.paths.bars({ size: [0.85, 64], disp: { fill: { unit: 3, values: colours } } }) }],
+      series: [{}, { width: 0, fill: "#888", points: { show: false }, paths: uPlot.paths.bars({ size: [0.85, 64], disp: { fill: { unit: 3, values: colours } } }) }],
     };
     const data = airData(e);
     e.plot = makePlot(e.el, opts, data, e.el.clientHeight || 90);
@@ -234,8 +234,8 @@ window.IocCharts = (function () {
       scales: { x: { time: false, range: [-0.5, 23.5] }, y: { range: (u, min, max) => [0, Math.max(5, (max || 0) * 1.1)] } },
       axes: baseAxes((v) => w.nf().format(v), false, { ySize: 4.2 }),
       series: [{},
-        { label: w.t("chartReceivedToday"), stroke: "#38bdf8", fill: "#38bdf8", width: 0, paths: bars(-0.4) },
-        { label: w.t("chartCompletedToday"), stroke: "#22c55e", fill: "#22c55e", width: 0, paths: bars(0) },
+        { label: w.t("chartReceivedToday"), stroke: "#38bdf8", fill: "#38bdf8", width: 0, paths: bars(-0.4), points: { show: false } },
+        { label: w.t("chartCompletedToday"), stroke: "#22c55e", fill: "#22c55e", width: 0, paths: bars(0), points: { show: false } },
         { label: w.t("chartReceivedWeek"), stroke: "#bae6fd", width: 2, dash: [5, 4], spanGaps: true, points: { show: false } },
         { label: w.t("chartCompletedWeek"), stroke: "#bbf7d0", width: 2, dash: [5, 4], spanGaps: true, points: { show: false } }],
     };
@@ -374,7 +374,8 @@ window.IocCharts = (function () {
     if (!stations.length) return;
     const lats = stations.map((s) => s.lat), lons = stations.map((s) => s.lon);
     const pad = 0.08;
-    let [la0, la1, lo0, lo1] = [Math.min(...lats) - pad, Math.max(...lats) + pad, Math.min(...lons) - pad, Math.max(...lons) + pad];
+    // More room on the left: a station moved aside is labelled on its left.
+    let [la0, la1, lo0, lo1] = [Math.min(...lats) - pad, Math.max(...lats) + pad, Math.min(...lons) - 1.5 * pad, Math.max(...lons) + pad];
     const k = Math.cos(((la0 + la1) / 2) * Math.PI / 180);  // equirectangular, true to scale at mid-latitude
     const W = 1000;
     const H = Math.max(300, Math.round(W * (la1 - la0) / ((lo1 - lo0) * k)));
@@ -402,7 +403,8 @@ window.IocCharts = (function () {
     const offline = w.offlineSet();
     const r = stations.length < 6 ? 26 : 17;
     const taken = [];
-    for (const st of [...stations].sort((a, b) => (a.kind === "water") - (b.kind === "water"))) {
+    // Gauges first: they keep their true place and their label; a station at the same place moves aside.
+    for (const st of [...stations].sort((a, b) => (b.kind === "water") - (a.kind === "water"))) {
       // Stations at (nearly) one place, such as a commune's gauge and air station, side by side.
       let px = x(st.lon), py = y(st.lat);
       let moved = false;
