@@ -16,7 +16,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from alerts.routing import visible_to
 from ioc.errors import AuthError, ConfigurationError
-from ioc.registry import load_units
+from ioc.registry import load_stations, load_units
 from ioc.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,17 @@ def known_communes(settings: Settings) -> frozenset[str]:
     return _registry_communes(settings.units_file)
 
 
+@functools.lru_cache(maxsize=8)
+def _registry_station_communes(stations_file: Path | None, units_file: Path | None) -> Mapping[str, str]:
+    return {s.station_id: s.commune_code for s in load_stations(stations_file, load_units(units_file)).values()}
+
+
+def commune_stations(settings: Settings, commune: str) -> frozenset[str]:
+    """The ids of the registered stations that stand in ``commune`` (cached per registry file)."""
+    stations = _registry_station_communes(settings.stations_file, settings.units_file)
+    return frozenset(sid for sid, code in stations.items() if code == commune)
+
+
 @dataclass(frozen=True, slots=True)
 class Principal:
     """Who is calling, and what they may see. Every check denies unless a rule allows."""
@@ -50,6 +61,8 @@ class Principal:
     role: str
     commune: str | None = None
     expires_at: dt.datetime | None = None
+    #: A commune user's own stations (those whose commune_code is theirs): their KPIs are visible too.
+    own_stations: frozenset[str] = frozenset()
     #: A producer's source name, the topics it may write and, for sensors, the stations it reports for.
     source: str | None = None
     topics: tuple[str, ...] = ()
@@ -68,13 +81,18 @@ class Principal:
         return self.role in ("operator", "admin")
 
     def can_see_scope(self, scope: str) -> bool:
-        """Whether any KPI of ``scope`` is visible (security: province only, cyber KPIs only)."""
+        """Whether any KPI of ``scope`` is visible (security: province only, cyber KPIs only; a commune: its
+        own commune and the stations in it)."""
         if self.sees_everything:
             return True
         if self.role == "security":
             return scope == "province"
         if self.role == "commune":
-            return self.commune is not None and scope == f"commune:{self.commune}"
+            if self.commune is None:
+                return False
+            if scope.startswith("station:"):
+                return scope[8:] in self.own_stations
+            return scope == f"commune:{self.commune}"
         return False
 
     def can_see_kpi(self, kpi: str, scope: str) -> bool:
@@ -226,6 +244,7 @@ def verify_token(settings: Settings, token: str | None, *, communes: Collection[
         role=role,
         commune=commune if role == "commune" else None,
         expires_at=dt.datetime.fromtimestamp(int(claims["exp"]), dt.UTC),
+        own_stations=commune_stations(settings, commune) if role == "commune" and commune else frozenset(),
         source=source if role == "producer" else None,
         topics=tuple(topics or ()) if role == "producer" else (),
         stations=tuple(stations or ()) if role == "producer" else (),

@@ -45,13 +45,25 @@ def _parser() -> argparse.ArgumentParser:
 
     dev = sub.add_parser("dev", help="the whole system on this machine (broker, PostgreSQL, worker, API, simulators)")
     dev.add_argument("--no-simulators", action="store_true", help="start without the simulators")
-    dev.add_argument("--rate", type=float, default=50.0, help="simulated events per second (default 50)")
+    dev.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="simulated events per second (default 50; 0.5 with a back-fill, a province's real dossier intake)",
+    )
     dev.add_argument(
         "--scenario",
         default=None,
         help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage, sensor-faults, dossier-surge-anomaly, incident-burst)",
     )
     dev.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
+    dev.add_argument(
+        "--backfill",
+        type=float,
+        default=30.0,
+        metavar="DAYS",
+        help="days of past history sent first (default 30; 0: none)",
+    )
 
     sub.add_parser("worker", help="the stream worker (IOC_KAFKA_BOOTSTRAP, IOC_DATABASE_URL)")
     sub.add_parser("api", help="the HTTP/WebSocket API")
@@ -77,6 +89,17 @@ def _parser() -> argparse.ArgumentParser:
         help="first send this many past hours of sensor readings (warm start)",
     )
     sim.add_argument("--no-progress", action="store_true")
+    sim.add_argument(
+        "--backfill",
+        type=float,
+        default=0.0,
+        metavar="DAYS",
+        help="first send this many past days of every kind of event and write their KPI history "
+        "(simulators/backfill.py); with --duration 0 only that",
+    )
+    sim.add_argument(
+        "--no-kpi-history", action="store_true", help="with --backfill: send the events only, write no KPI history"
+    )
     sim.add_argument(
         "--sensors-via",
         choices=["kafka", "mqtt"],
@@ -227,7 +250,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from entrypoints.dev import run_dev
 
         return run_dev(
-            settings, simulators=not args.no_simulators, rate=args.rate, scenario=args.scenario, api_port=args.api_port
+            settings,
+            simulators=not args.no_simulators,
+            rate=args.rate if args.rate is not None else (0.5 if args.backfill > 0 else 50.0),
+            scenario=args.scenario,
+            api_port=args.api_port,
+            backfill_days=args.backfill,
         )
     if args.command == "worker":
         from streams.worker import run
@@ -246,6 +274,19 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "simulate":
         from simulators.producer import run as simulate
+
+        if args.backfill > 0:
+            from simulators.backfill import run_backfill
+
+            filled = asyncio.run(
+                until_terminated(
+                    run_backfill(settings, days=args.backfill, seed=args.seed, history=not args.no_kpi_history)
+                )
+            )
+            if filled is None:
+                return 128 + signal.SIGTERM
+            if args.duration == 0:
+                return 0
 
         stats = asyncio.run(
             until_terminated(

@@ -161,7 +161,13 @@ def _mqtt(settings: Settings) -> Iterator[tuple[str | None, str | None]]:
 
 
 def run_dev(
-    settings: Settings, *, simulators: bool = True, rate: float = 50.0, scenario: str | None = None, api_port: int = 0
+    settings: Settings,
+    *,
+    simulators: bool = True,
+    rate: float = 50.0,
+    scenario: str | None = None,
+    api_port: int = 0,
+    backfill_days: float = 30.0,
 ) -> int:
     from entrypoints.embedded.broker import ensure_topics
     from ioc.db.migrate import migrate
@@ -207,8 +213,13 @@ def run_dev(
             if scenario:
                 sim += ["--scenario", scenario]
             children.append(Child("simulators", sim, env))
+            if backfill_days > 0:  # first the past (simulators/backfill.py), then live; no warm start then
+                at = sim.index("--history")
+                sim[at : at + 2] = [f"--backfill={backfill_days:g}"]
         supervisor = Supervisor(children)
         supervisor.start()
+        if simulators:  # a restarted simulator goes straight to live: its past is already sent
+            children[-1].argv = [a for a in children[-1].argv if not a.startswith("--backfill")]
         try:
             base = f"http://{settings.api_host}:{port}"
             _wait_ready(f"{base}/readyz", supervisor, stop_requested)

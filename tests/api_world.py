@@ -231,7 +231,11 @@ class Viewer:
             return True
         if self.role == "security":
             return scope == "province"
-        return self.role == "commune" and scope == f"commune:{self.commune}"
+        if self.role != "commune" or self.commune is None:
+            return False
+        if scope.startswith("station:"):  # its own stations' environment (issue 20)
+            return self.stations.get(scope.removeprefix("station:")) == self.commune
+        return scope == f"commune:{self.commune}"
 
     def sees_kpi(self, kpi: str, scope: str) -> bool:
         if self.role == "security":
@@ -261,7 +265,11 @@ class Viewer:
             return channel == "alerts" or channel.startswith("kpi:")
         if self.role == "security":
             return channel in ("alerts", "kpi:province")
-        return self.role == "commune" and channel in ("alerts", f"kpi:commune:{self.commune}")
+        if self.role != "commune":
+            return False
+        return channel in ("alerts", f"kpi:commune:{self.commune}") or (
+            channel.startswith("kpi:station:") and self.sees_scope(channel.removeprefix("kpi:"))
+        )
 
     def alert_scopes_allowed(self, scopes: list[str]) -> bool:
         """Whether ``GET /api/alerts?scope=`` may name these (a commune: its scope and its stations)."""

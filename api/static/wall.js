@@ -46,6 +46,20 @@
       levelNotShared: "Mực nước chi tiết chỉ hiển thị ở cấp tỉnh",
       rainMax: "Mưa 24 giờ lớn nhất", rainAt: "tại",
       pollutants: { pm25: "PM2.5", pm10: "PM10", o3: "O₃", no2: "NO₂", so2: "SO₂", co: "CO" },
+      progressIndex: "Chỉ số tiến độ hôm nay", mtta: "Thời gian xác nhận TB (24 giờ)", mttr: "Thời gian khắc phục TB (24 giờ)",
+      minutes: "phút", monthToDate: "Từ đầu tháng",
+      hydroTitle: "Mực nước 72 giờ", hydroHint: "Đường nét đứt: BĐ I (vàng), II (cam), III (đỏ)",
+      aqiTrendTitle: "VN_AQI 24 giờ theo trạm", aqiTrendHint: "Mỗi cột một giờ, màu theo mức AQI",
+      dossierTrendTitle: "Hồ sơ theo giờ hôm nay", dossierTrendHint: "Cột: hôm nay · nét đứt: cùng thứ tuần trước",
+      chartReceivedToday: "Tiếp nhận hôm nay", chartCompletedToday: "Giải quyết hôm nay",
+      chartReceivedWeek: "Tiếp nhận tuần trước", chartCompletedWeek: "Giải quyết tuần trước",
+      incidentTrendTitle: "Sự cố ATTT đang mở 24 giờ", incidentTrendHint: "Theo mức độ",
+      mapTitle: "Bản đồ trạm quan trắc", mapHint: "Màu theo AQI hoặc mức báo động lũ; bấm vào trạm để xem chi tiết",
+      mapNoOutline: "Không vẽ ranh giới tỉnh (chưa có nguồn mở được phép dùng)",
+      kind_air: "Không khí", kind_water: "Thủy văn", kind_rain: "Đo mưa", kind_weather: "Khí tượng",
+      kindLabel: "Loại trạm", coordinates: "Tọa độ", rain24: "Mưa 24 giờ", close: "Đóng",
+      staleBanner: "Dữ liệu không còn mới: chưa nhận được cập nhật trong hơn 1 phút",
+      offBanner: "Mất kết nối tới máy chủ: số liệu đang hiển thị có thể đã cũ, đang thử kết nối lại…",
     },
     en: {
       title: "Nghệ An Smart Operations Centre",
@@ -84,6 +98,20 @@
       levelNotShared: "Detailed levels are shown at province level only",
       rainMax: "Wettest 24 h", rainAt: "at",
       pollutants: { pm25: "PM2.5", pm10: "PM10", o3: "O₃", no2: "NO₂", so2: "SO₂", co: "CO" },
+      progressIndex: "Progress index today", mtta: "Mean time to acknowledge (24 h)", mttr: "Mean time to resolve (24 h)",
+      minutes: "min", monthToDate: "Month to date",
+      hydroTitle: "River levels, 72 h", hydroHint: "Dashed: BĐ I (yellow), II (orange), III (red)",
+      aqiTrendTitle: "VN_AQI by station, 24 h", aqiTrendHint: "One bar an hour, in the AQI band colour",
+      dossierTrendTitle: "Dossiers per hour today", dossierTrendHint: "Bars: today · dashed: same weekday last week",
+      chartReceivedToday: "Received today", chartCompletedToday: "Completed today",
+      chartReceivedWeek: "Received last week", chartCompletedWeek: "Completed last week",
+      incidentTrendTitle: "Open cyber incidents, 24 h", incidentTrendHint: "By severity",
+      mapTitle: "Station map", mapHint: "Coloured by AQI or flood alarm level; click a station for details",
+      mapNoOutline: "No province outline (no openly licensed source found)",
+      kind_air: "Air quality", kind_water: "River gauge", kind_rain: "Rain gauge", kind_weather: "Weather",
+      kindLabel: "Kind", coordinates: "Coordinates", rain24: "Rain, 24 h", close: "Close",
+      staleBanner: "Data is not fresh: no update for more than a minute",
+      offBanner: "Disconnected from the server: the figures shown may be out of date; reconnecting…",
     },
   };
   // VN_AQI bands (Decision 1459/QĐ-TCMT): upper bound and colour.
@@ -137,6 +165,12 @@
     const key = { on: "connected", wait: "connecting", off: "disconnected", stale: "stale" }[kind];
     $("conn-text").dataset.i18n = key;
     $("conn-text").textContent = t(key);
+    // The whole page says it too: a stale or lost feed must not pass for live figures.
+    document.body.dataset.feed = kind;
+    const banner = $("feed-banner");
+    const text = kind === "stale" ? "staleBanner" : kind === "off" && state.token ? "offBanner" : null;
+    banner.hidden = !text;
+    if (text) { banner.dataset.i18n = text; banner.textContent = t(text); }
   }
 
   function connect() {
@@ -171,15 +205,21 @@
 
   // Only channels the role may subscribe to (api/auth.py): a commune its own commune, security the
   // province; operators and admins also every air station and water gauge.
+  // A commune also its own stations (those whose commune_code is its own).
   function channelsFor() {
-    if (state.role === "commune") return ["kpi:commune:" + state.commune, "alerts"];
+    const withKpis = (s) => s.kind === "air" || s.kind === "water" || s.kind === "rain";
+    if (state.role === "commune") {
+      return ["kpi:commune:" + state.commune, "alerts"].concat(state.stations
+        .filter((s) => withKpis(s) && s.commune_code === state.commune).map((s) => "kpi:station:" + s.station_id));
+    }
     if (state.role === "security") return ["kpi:province", "alerts"];
-    const stations = state.stations.filter((s) => s.kind === "air" || s.kind === "water")
-      .map((s) => "kpi:station:" + s.station_id);
+    const stations = state.stations.filter(withKpis).map((s) => "kpi:station:" + s.station_id);
     return ["kpi:province", "alerts"].concat(state.units.map((u) => "kpi:commune:" + u.code), stations);
   }
 
   const seesStations = () => state.role === "operator" || state.role === "admin";
+  // Whether a station's own KPIs reach this wall: operators all, a commune those in it.
+  const seesStation = (st) => seesStations() || (state.role === "commune" && st.commune_code === state.commune);
 
   // --- alerts: the ticker --------------------------------------------------------------------------
   const authHeaders = () => ({ Authorization: "Bearer " + state.token });
@@ -316,6 +356,7 @@
     $("communes").hidden = state.role === "security";
     $("sensors").hidden = state.role === "security";
     render();
+    window.IocCharts.load();
   }
 
   function onMessage(ws, data) {
@@ -334,13 +375,13 @@
         for (const key of [...state.items.keys()]) {
           if ("kpi:" + key.split("|")[1] === msg.channel) state.items.delete(key);
         }
-        for (const item of msg.items) put(item);
+        for (const item of msg.items) { put(item); window.IocCharts.onItem(item); }
         state.seq[msg.channel] = msg.seq;
         if (msg.recovered === false) notice(t("notRecovered"));
         touched();
         break;
       case "resumed": state.seq[msg.channel] = msg.seq; break;
-      case "update": put(msg.item); state.seq[msg.channel] = msg.seq; touched(); break;
+      case "update": put(msg.item); window.IocCharts.onItem(msg.item); state.seq[msg.channel] = msg.seq; touched(); break;
       case "alert": putAlert(msg.item, msg.item.notify !== false); state.seq[msg.channel] = msg.seq; renderAlerts(); break;
       case "ping": ws.send(JSON.stringify({ type: "pong" })); if (state.ws === ws) setConn("on"); break;
       case "error":
@@ -362,7 +403,9 @@
   }
 
   // --- rendering -------------------------------------------------------------------------------
-  const nf = () => new Intl.NumberFormat(state.lang === "vi" ? "vi-VN" : "en-GB", { maximumFractionDigits: 1 });
+  // Numbers the Vietnamese way (1.234,5) in both languages: the wall's figures are Vietnamese figures.
+  const NUMBERS = "vi-VN";
+  const nf = () => new Intl.NumberFormat(NUMBERS, { maximumFractionDigits: 1 });
   const get = (kpi, scope, win) => state.items.get(kpi + "|" + scope + "|" + win);
   const fmt = (item, suffix) => (item && item.value !== null && item.value !== undefined)
     ? nf().format(item.value) + (suffix || "") : "—";
@@ -394,9 +437,16 @@
     setTile("completed", get("dossier.completed", s, "today"));
     const onTime = get("dossier.on_time_rate", s, "today");
     setTile("on_time", onTime, { suffix: "%", sub: target(onTime) });
+    const progress = get("dossier.progress_index", s, "today");
+    setTile("progress_index", progress, { sub: target(progress).replace("%", "") });
     setTile("in_progress", get("dossier.in_progress", s, "now"));
     setTile("overdue", get("dossier.overdue", s, "now"));
     setTile("cyber_open", get("cyber.open", s, "now"));
+    for (const [tile, kpi] of [["mtta", "cyber.mtta_minutes"], ["mttr", "cyber.mttr_minutes"]]) {
+      const mtd = get(kpi, s, "mtd");
+      setTile(tile, get(kpi, s, "24h"), { sub: t("minutes") + (mtd && mtd.value !== null && mtd.value !== undefined
+        ? " · " + t("monthToDate") + ": " + nf().format(mtd.value) : "") });
+    }
     for (const sev of SEVERITIES) {
       const it = get("cyber.open." + sev, s, "now");
       const li = document.querySelector(`[data-open-sev="${sev}"]`);
@@ -483,7 +533,8 @@
   }
 
   function stationItem(kpi, st, win) {
-    if (seesStations()) return get(kpi, "station:" + st.station_id, win);
+    const own = seesStation(st) ? get(kpi, "station:" + st.station_id, win) : undefined;
+    if (own || seesStations()) return own;
     const agg = get(kpi, "commune:" + st.commune_code, win);
     return agg && agg.extra && agg.extra.station === st.station_id ? agg : undefined;
   }
@@ -500,11 +551,10 @@
     return el;
   };
   const hasValue = (it) => Boolean(it) && it.value !== null && it.value !== undefined;
-  const pm1 = () => new Intl.NumberFormat(state.lang === "vi" ? "vi-VN" : "en-GB",
+  const pm1 = () => new Intl.NumberFormat(NUMBERS,
     { minimumFractionDigits: 1, maximumFractionDigits: 1 });
   const metres = (v) => (v === null || v === undefined) ? "—"
-    : new Intl.NumberFormat(state.lang === "vi" ? "vi-VN" : "en-GB",
-      { minimumFractionDigits: 2, maximumFractionDigits: 2 }).format(v);
+    : new Intl.NumberFormat(NUMBERS, { minimumFractionDigits: 2, maximumFractionDigits: 2 }).format(v);
 
   function aqiBadge(value) {
     const badge = document.createElement("span");
@@ -561,7 +611,7 @@
       tr.dataset.commune = st.commune_code;
       const silent = offline.has(st.station_id);
       tr.classList.toggle("offline", silent);
-      const pm = seesStations() ? get("env.pm25", "station:" + st.station_id, "1h") : undefined;
+      const pm = seesStation(st) ? get("env.pm25", "station:" + st.station_id, "1h") : undefined;
       const suspect = [aqi, pm].some((x) => x && x.quality === "suspect");
       tr.classList.toggle("suspect", suspect);
       tr.appendChild(stationName(st, state.unitNames.get(st.commune_code) || st.commune_code || "", silent, suspect));
@@ -619,7 +669,7 @@
     const gauges = visibleStations("water");
     const rows = gauges.map((st) => {
       const alarm = stationItem("water.alarm_level", st, "now");
-      const levelItem = seesStations() ? get("water.level_m", "station:" + st.station_id, "now") : undefined;
+      const levelItem = seesStation(st) ? get("water.level_m", "station:" + st.station_id, "now") : undefined;
       const a = hasValue(alarm) ? Math.round(alarm.value) : null;
       const suspect = [alarm, levelItem].some((x) => x && x.quality === "suspect");
       return { st, a, level: hasValue(levelItem) ? levelItem.value : null, suspect };
@@ -639,7 +689,7 @@
       tr.appendChild(stationName(st, sub, silent, suspect));
       const lv = td(level === null ? "—" : metres(level) + " m", "num level");
       if (level !== null) lv.dataset.value = String(level);
-      else if (!seesStations()) lv.title = t("levelNotShared");
+      else if (!seesStation(st)) lv.title = t("levelNotShared");
       tr.appendChild(lv);
       // Alarm reached, the bar, and the alarm levels under it.
       const cellEl = td("", "bar-col");
@@ -689,10 +739,19 @@
     $("lang").textContent = state.lang === "vi" ? "EN" : "VI";
     render();
     renderAlerts();
+    if (state.role) window.IocCharts.redrawAll();
   }
 
   // --- start -----------------------------------------------------------------------------------
   function start() {
+    window.IocCharts.init({
+      t, nf, metres, get, aqiBand, stationItem, offlineSet,
+      role: () => state.role, mainScope, unitNames: () => state.unitNames, authHeaders,
+      alarmColour: (level) => ALARM_COLOURS[level] || ALARM_COLOURS[0],
+      visibleStations: () => (state.role === "commune"
+        ? state.stations.filter((st) => st.commune_code === state.commune) : state.stations),
+      visibleStationsOf: (kind) => visibleStations(kind),
+    });
     takeTokenFromFragment();
     window.addEventListener("hashchange", () => { takeTokenFromFragment(); begin(); });
     $("lang").addEventListener("click", () => {
@@ -710,7 +769,7 @@
       ev.preventDefault();
       const token = $("token-input").value.trim();
       $("token-input").value = "";
-      if (token) { sessionStorage.setItem(TOKEN_KEY, token); begin(); }
+      if (token) { sessionStorage.setItem(TOKEN_KEY, token); window.IocCharts.reset(); begin(); }
     });
     $("filter").addEventListener("input", renderCommunes);
     setInterval(() => {

@@ -85,7 +85,7 @@ def _pids_alive(pids: list[int]) -> list[int]:
 
 
 def test_two_dev_instances_side_by_side_restart_a_crashed_worker_and_stop_cleanly() -> None:
-    a, b = Dev("--rate", "40"), Dev("--no-simulators")
+    a, b = Dev("--rate", "40", "--backfill", "1"), Dev("--no-simulators")
     try:
         a.wait_ready()
         b.wait_ready()
@@ -107,6 +107,9 @@ def test_two_dev_instances_side_by_side_restart_a_crashed_worker_and_stop_cleanl
                 break
             assert time.monotonic() < deadline, "no KPI within 60 s of ready"
             time.sleep(0.5)
+        # The back-fill went first (one day here; 30 by default), then the live simulators.
+        assert int(a.wait_log(r"backfill: 1 days, (\d+) events").group(1)) > 1000
+        a.wait_log(r"simulating at 40.0 records/s")
         # Both components' Prometheus metrics are where `ioc dev` says, and move under the simulators.
         api_metrics, worker_metrics = a.lines["metrics"].split()
         assert "ioc_http_requests_total" in httpx.get(api_metrics).text

@@ -130,7 +130,9 @@ def probe(ws: Any) -> list[dict[str, Any]]:
     [
         f"kpi:commune:{OTHER}",
         f"kpi:station:AIR-{OTHER}",
-        f"kpi:station:AIR-{COMMUNE}",
+        f"kpi:station:RAIN-{OTHER}",
+        "kpi:station:WL-NAMDAN",
+        "kpi:station:AIR-99999",
         "kpi:province",
         "kpi:agency:000.01.70.H40",
         "kpi:agency:000.00.16.H40",
@@ -220,7 +222,34 @@ def test_commune_rest_kpis_of_another_scope_are_403(
     headers = {"Authorization": f"Bearer {token(settings, 'commune', COMMUNE)}"}
     assert client.get("/api/kpis", params={"scope": f"commune:{COMMUNE},{scope}"}, headers=headers).status_code == 403
     items = client.get("/api/kpis", headers=headers).json()["items"]
-    assert {i["scope"] for i in items} == {f"commune:{COMMUNE}"}
+    assert {i["scope"] for i in items} == {f"commune:{COMMUNE}", f"station:AIR-{COMMUNE}"}
+
+
+# --- a commune token sees its own stations' environment (issue 20), and no other station ------------
+
+
+def test_commune_token_gets_its_own_station_channel_and_nothing_of_another(
+    client: TestClient, app: FastAPI, settings: Settings
+) -> None:
+    feed(client, app, *SAMPLE)
+    with client.websocket_connect("/ws", subprotocols=["bearer", token(settings, "commune", COMMUNE)]) as ws:
+        until(ws, "auth_ok")
+        answers = subscribe(ws, [f"kpi:station:AIR-{COMMUNE}", f"kpi:station:AIR-{OTHER}"])
+        by_type = {a["type"]: a for a in answers}
+        assert by_type["snapshot"]["channel"] == f"kpi:station:AIR-{COMMUNE}"
+        assert {i["scope"] for i in by_type["snapshot"]["items"]} == {f"station:AIR-{COMMUNE}"}
+        assert by_type["error"]["channel"] == f"kpi:station:AIR-{OTHER}"
+        feed(client, app, *(snap(s.kpi, s.scope, s.window, value=9, seq=2) for s in SAMPLE))
+        updates = [m for m in probe(ws) if m["type"] == "update"]
+        assert [m["item"]["scope"] for m in updates] == [f"station:AIR-{COMMUNE}"]
+
+
+def test_commune_history_of_its_own_station_passes_the_rights_check(settings: Settings, client: TestClient) -> None:
+    headers = {"Authorization": f"Bearer {token(settings, 'commune', COMMUNE)}"}
+    params = {"kpi": "env.aqi", "scope": f"station:AIR-{COMMUNE}", "window": "now"}
+    assert client.get("/api/kpis/history", params=params, headers=headers).status_code == 503  # no database here
+    params["scope"] = "station:WL-NAMDAN"  # Nam Đàn's gauge, not this commune's
+    assert client.get("/api/kpis/history", params=params, headers=headers).status_code == 403
 
 
 # --- a security token sees cyber.* only ----------------------------------------------------------
