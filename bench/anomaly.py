@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from ioc.contract import US
+from ioc.contract import UTC7 as VN
 from ioc.registry import Registry, load_registry
 from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER
 from simulators.dossiers import DossierSimulator, load_catalogue
@@ -36,7 +37,6 @@ from simulators.stream import rate_split
 from streams.anomaly import AnomalyConfig, Detectors, Finding
 from streams.engine import Engine
 
-VN = dt.timezone(dt.timedelta(hours=7))
 DAY = dt.timedelta(days=1)
 #: A finding up to this long after a label's end still belongs to it (drift and surges are judged hourly).
 TOLERANCE = dt.timedelta(hours=2)

@@ -29,9 +29,9 @@ from bench.live import child_env, component, token_for, wait_api_ready
 from bench.stats import percentiles
 from bench.workload import DossierIntake
 from entrypoints.embedded.mosquitto import BRIDGE_USER, EmbeddedMosquitto
+from ioc.contract import UTC7 as VN
 from ioc.settings import TOPIC_DOSSIER, TOPIC_SENSOR, Settings
 
-VN = dt.timezone(dt.timedelta(hours=7))
 STATION = "WL-NAMDAN"
 HTTP_BATCH = 500
 HTTP_SENDERS = 4

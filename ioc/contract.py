@@ -7,6 +7,7 @@ snapshot and its encoding in `ioc.snapshot`.
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Final, Literal, get_args
 from zoneinfo import ZoneInfo
 
@@ -14,6 +15,8 @@ from zoneinfo import ZoneInfo
 US: Final = 1_000_000
 #: The province's time zone (no daylight saving since 1975: UTC+7 for all data we take).
 TZ: Final = ZoneInfo("Asia/Ho_Chi_Minh")
+#: The same as a fixed offset: how the contract's producers write times (``+07:00``).
+UTC7: Final = dt.timezone(dt.timedelta(hours=7), "+07:00")
 
 #: Incident severities (``severity`` of ``ioc.incident.v1``), lowest first.
 IncidentSeverity = Literal["low", "medium", "high", "critical"]

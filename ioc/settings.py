@@ -14,8 +14,6 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from ioc.errors import ConfigurationError
 
-TIMEZONE = "Asia/Ho_Chi_Minh"
-
 #: The input and output topics of CONTRACT §1–2, before ``topic_prefix`` is applied.
 TOPIC_DOSSIER = "ioc.dossier.events"
 TOPIC_CYBER = "ioc.cyber.incidents"
