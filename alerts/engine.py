@@ -45,11 +45,11 @@ from alerts.rules import (
     ThresholdRule,
     UnacknowledgedRule,
     _Lenient,
-    format_duration,
     matchers_from,
     matches_all,
 )
 from ioc.contract import INCIDENT_STEPS, TZ
+from ioc.durations import format_duration
 from ioc.errors import IocError
 from ioc.snapshot import Snapshot
 

@@ -7,13 +7,13 @@ import asyncio
 import datetime as dt
 import importlib.util
 import logging
-import re
 import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ioc.durations import parse_duration
 from ioc.errors import IocError
 from ioc.logs import configure_logging
 from ioc.settings import Settings
@@ -22,11 +22,10 @@ log = logging.getLogger(__name__)
 
 
 def _duration(text: str) -> dt.timedelta:
-    m = re.fullmatch(r"(\d+)([smhd])", text.strip())
-    if not m:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 8h or 7d")
-    n, unit = int(m.group(1)), m.group(2)
-    return dt.timedelta(**{{"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[unit]: n})
+    try:
+        return parse_duration(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 8h or 7d") from None
 
 
 def _timestamp(text: str) -> dt.datetime:

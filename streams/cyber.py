@@ -22,7 +22,6 @@ from streams import events
 from streams.kpi import Contribution, KpiSpec, count, entity_scopes, mean
 
 SCHEMA = "ioc.incident.v1"
-TOPIC = "ioc.cyber.incidents"
 Severity = IncidentSeverity
 Category = Literal[
     "malware", "phishing", "ddos", "intrusion", "defacement", "data_leak", "brute_force", "vulnerability", "other"

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 from ioc.contract import US
 from ioc.registry import Registry
+from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, TOPIC_SENSOR
 from ioc.snapshot import Snapshot
 from streams import cyber, dossier, sensor
 from streams.anomaly import AnomalyConfig, Detectors
@@ -53,9 +54,9 @@ class Kind:
     kpis: tuple[KpiSpec, ...]
 
 
-DOSSIER = Kind("dossier", dossier.TOPIC, dossier.parse, dossier.DossierState, dossier.KPIS)
-CYBER = Kind("cyber", cyber.TOPIC, cyber.parse, cyber.IncidentState, cyber.KPIS)
-SENSOR = Kind("sensor", sensor.TOPIC, sensor.parse, None, ())
+DOSSIER = Kind("dossier", TOPIC_DOSSIER, dossier.parse, dossier.DossierState, dossier.KPIS)
+CYBER = Kind("cyber", TOPIC_CYBER, cyber.parse, cyber.IncidentState, cyber.KPIS)
+SENSOR = Kind("sensor", TOPIC_SENSOR, sensor.parse, None, ())
 KINDS = {k.topic: k for k in (DOSSIER, CYBER, SENSOR)}
 
 

@@ -16,6 +16,7 @@ import msgspec
 import psycopg
 
 from ioc.contract import US
+from ioc.settings import TOPIC_DOSSIER
 from ioc.snapshot import Snapshot
 from streams import cyber, dossier
 from streams.engine import ENTITY_HORIZON_US, Engine
@@ -249,7 +250,7 @@ async def load_entities(conn: psycopg.AsyncConnection[Any], engine: Engine, topi
     """Load the named dossiers or incidents (by logical topic) from the database into the engine."""
     table, column, decoder = (
         ("dossier_state", "dossier_id", _dossier_decoder)
-        if topic == dossier.TOPIC
+        if topic == TOPIC_DOSSIER
         else ("incident_state", "incident_id", _incident_decoder)
     )
     agg = engine.entities[topic]

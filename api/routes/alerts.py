@@ -30,10 +30,11 @@ from psycopg_pool import PoolTimeout
 from alerts.engine import Silence, UnknownAlert, operator_event, silence_id
 from alerts.model import Alert, AlertState, Severity, TransitionError
 from alerts.routing import SEES_ALL, visible_to
-from alerts.rules import matchers_from, parse_duration
+from alerts.rules import matchers_from
 from api import schemas
 from api.alert_store import AlertQuery, AlertStore, silence_over
 from api.auth import Caller, Principal
+from ioc.durations import parse_duration
 from streams.windows import TZ
 
 if TYPE_CHECKING:

@@ -17,8 +17,8 @@ from alerts.rules import (
     UnacknowledgedRule,
     default_rules,
     load_rules,
-    parse_duration,
 )
+from ioc.durations import parse_duration
 
 GOOD = """
 version: 1
