@@ -1,4 +1,4 @@
-"""Alerts: rules over KPI snapshots and raw events (`rules`), the alert lifecycle (`engine`), routing (`routing`)."""
+"""Alerts: rules (`rules`), the engine (`engine`: `conditions`, `lifecycle`, `notify`, `timers`), routing, webhooks."""
 
 from alerts.engine import (
     AlertEngine,
