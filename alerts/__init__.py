@@ -11,7 +11,8 @@ from alerts.engine import (
 )
 from alerts.model import Alert, AlertEvent, AlertState, Audience, Severity, TransitionError, fingerprint
 from alerts.routing import addressed_to, audience_of, visible_to
-from alerts.rules import RuleError, RuleSet, RuleWatcher, default_rules, load_rules
+from alerts.rule_files import RuleWatcher, default_rules, load_rules
+from alerts.rules import RuleError, RuleSet
 
 __all__ = [
     "Alert",

@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 
 from alerts import Alert, AlertEvent
 from alerts.engine import AlertEngine
-from alerts.rules import RuleWatcher, default_rules
+from alerts.rule_files import RuleWatcher, default_rules
 from alerts.webhook import WebhookDispatcher, WebhookFailure
 from ioc import settings as cfg
 from ioc.registry import Registry

@@ -22,7 +22,7 @@ import msgspec
 
 from alerts import AlertEvent
 from alerts.engine import AlertEngine
-from alerts.rules import default_rules
+from alerts.rule_files import default_rules
 from ioc.contract import US
 from ioc.errors import InvalidEvent
 from ioc.registry import Registry

@@ -12,7 +12,8 @@ import pytest
 
 from alerts.engine import AlertEngine, SilenceError, UnknownAlert, alert_id_for, operator_event
 from alerts.model import AlertEvent, AlertState, Audience, Severity, fingerprint
-from alerts.rules import RuleSet, default_rules, load_rules
+from alerts.rule_files import default_rules, load_rules
+from alerts.rules import RuleSet
 from ioc.snapshot import Snapshot
 from streams.cyber import IncidentState
 

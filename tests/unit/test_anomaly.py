@@ -14,7 +14,8 @@ import yaml
 
 from alerts.engine import AlertEngine
 from alerts.model import AlertState
-from alerts.rules import RuleError, default_rules, load_rules
+from alerts.rule_files import default_rules, load_rules
+from alerts.rules import RuleError
 from ioc.errors import ConfigurationError
 from ioc.registry import load_registry
 from streams.anomaly import (
