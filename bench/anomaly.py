@@ -34,7 +34,8 @@ from simulators.faults import DossierSurgeAnomaly, IncidentBurst, Label, SensorF
 from simulators.incidents import PROVINCIAL_SYSTEMS, IncidentSimulator, commune_portals
 from simulators.sensors import SensorSimulator
 from simulators.stream import rate_split
-from streams.anomaly import AnomalyConfig, Detectors, Finding
+from streams.anomaly import Detectors, Finding
+from streams.anomaly_config import AnomalyConfig
 from streams.engine import Engine
 
 DAY = dt.timedelta(days=1)

@@ -315,7 +315,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         registry = load_registry(
             args.units or settings.units_file, args.stations or settings.stations_file, settings.targets_file
         )
-        from streams.anomaly import load_config
+        from streams.anomaly_config import load_config
 
         snapshots, counts, alert_events = replay(
             args.file,

@@ -15,8 +15,9 @@ from zoneinfo import ZoneInfo
 US: Final = 1_000_000
 #: The province's time zone (no daylight saving since 1975: UTC+7 for all data we take).
 TZ: Final = ZoneInfo("Asia/Ho_Chi_Minh")
-#: The same as a fixed offset: how the contract's producers write times (``+07:00``).
-UTC7: Final = dt.timezone(dt.timedelta(hours=7), "+07:00")
+#: Its offset from UTC, in seconds, and as a fixed-offset zone: how the contract's producers write times (``+07:00``).
+UTC_OFFSET_S: Final = 7 * 3600
+UTC7: Final = dt.timezone(dt.timedelta(seconds=UTC_OFFSET_S), "+07:00")
 
 #: Incident severities (``severity`` of ``ioc.incident.v1``), lowest first.
 IncidentSeverity = Literal["low", "medium", "high", "critical"]

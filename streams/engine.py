@@ -17,7 +17,8 @@ from ioc.registry import Registry
 from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, TOPIC_SENSOR
 from ioc.snapshot import Snapshot
 from streams import cyber, dossier, sensor
-from streams.anomaly import AnomalyConfig, Detectors
+from streams.anomaly import Detectors
+from streams.anomaly_config import AnomalyConfig
 from streams.kpi import US_PER_MIN, Contribution, Counters, KpiSpec, Value, published, status_of
 from streams.windows import TZ
 

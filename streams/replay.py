@@ -27,7 +27,7 @@ from ioc.contract import US
 from ioc.errors import InvalidEvent
 from ioc.registry import Registry
 from ioc.snapshot import Snapshot
-from streams.anomaly import AnomalyConfig
+from streams.anomaly_config import AnomalyConfig
 from streams.cyber import IncidentState
 from streams.engine import KINDS, Engine
 from streams.windows import TZ

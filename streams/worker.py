@@ -44,7 +44,7 @@ from ioc.settings import Settings
 from ioc.snapshot import HistorySampler, encode
 from streams import sink
 from streams.alerting import Alerting
-from streams.anomaly import load_config
+from streams.anomaly_config import load_config
 from streams.cyber import IncidentState
 from streams.engine import KINDS, Engine
 from streams.windows import TZ
