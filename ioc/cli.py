@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         "--scenario", default=None, help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage)"
     )
     dev.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
+    dev.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="stream workers in the consumer group (default 1; at most the partitions)",
+    )
 
     sub.add_parser("worker", help="the stream worker (IOC_KAFKA_BOOTSTRAP, IOC_DATABASE_URL)")
     sub.add_parser("api", help="the HTTP/WebSocket API")
@@ -166,7 +172,12 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         from ioc.dev import run_dev
 
         return run_dev(
-            settings, simulators=not args.no_simulators, rate=args.rate, scenario=args.scenario, api_port=args.api_port
+            settings,
+            simulators=not args.no_simulators,
+            rate=args.rate,
+            scenario=args.scenario,
+            api_port=args.api_port,
+            workers=args.workers,
         )
     if args.command == "worker":
         from streams.worker import run

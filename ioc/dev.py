@@ -143,7 +143,13 @@ def _embedded(settings: Settings) -> Iterator[tuple[str, str, list[str]]]:
 
 
 def run_dev(
-    settings: Settings, *, simulators: bool = True, rate: float = 50.0, scenario: str | None = None, api_port: int = 0
+    settings: Settings,
+    *,
+    simulators: bool = True,
+    rate: float = 50.0,
+    scenario: str | None = None,
+    api_port: int = 0,
+    workers: int = 1,
 ) -> int:
     from ioc.db.migrate import migrate
     from ioc.embedded.broker import ensure_topics
@@ -157,6 +163,8 @@ def run_dev(
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
     started = time.monotonic()
     with _embedded(settings) as (bootstrap, database_url, _notes):
         port = api_port or free_port()
@@ -166,7 +174,7 @@ def run_dev(
         storage = migrate(database_url, retention_days=settings.kpi_history_days, rollup_days=settings.kpi_rollup_days)
         log.info("database storage: %s", storage.value)
         ensure_topics(settings)
-        metrics_port = free_port()
+        metrics_ports = [free_port() for _ in range(workers)]
         env = {
             **os.environ,
             "IOC_KAFKA_BOOTSTRAP": bootstrap,
@@ -175,11 +183,24 @@ def run_dev(
             "IOC_API_PORT": str(port),
             "IOC_TOPIC_PREFIX": settings.topic_prefix,
             "IOC_MODE": settings.mode.value,
-            # A free port, so two `ioc dev` side by side do not collide; the worker logs it.
-            "IOC_WORKER_METRICS_PORT": str(metrics_port),
         }
         exe = [sys.executable, "-m", "ioc.cli"]
-        children = [Child("worker", [*exe, "worker"], env), Child("api", [*exe, "api"], env)]
+        # One consumer group: each worker owns a share of the dossier partitions (docs/scaling.md).
+        # Free metrics ports, so two `ioc dev` side by side do not collide; each worker logs its own.
+        children = [
+            Child(
+                "worker" if workers == 1 else f"worker-{i + 1}",
+                [*exe, "worker"],
+                {**env, "IOC_WORKER_METRICS_PORT": str(port_)},
+            )
+            for i, port_ in enumerate(metrics_ports)
+        ]
+        children.append(Child("api", [*exe, "api"], env))
+        if workers > settings.topic_partitions:
+            log.warning(
+                "%d workers for %d partitions: %d will own no dossier partition",
+                workers, settings.topic_partitions, workers - settings.topic_partitions,
+            )  # fmt: skip
         if simulators:
             # A warm start (3 h of past sensor readings) so AQI, rain and river levels show at once.
             sim = [*exe, "simulate", "--rate", str(rate), "--history", "3", "--no-progress"]
@@ -202,7 +223,8 @@ def run_dev(
             print(f"wall: {base}/wall", flush=True)
             print(f"token: {token}", flush=True)
             # Beyond the contract's five lines: where Prometheus finds each component.
-            print(f"metrics: {base}/metrics http://{settings.api_host}:{metrics_port}/metrics", flush=True)
+            worker_metrics = " ".join(f"http://{settings.api_host}:{p}/metrics" for p in metrics_ports)
+            print(f"metrics: {base}/metrics {worker_metrics}", flush=True)
             log.info(
                 "ready in %.1f s (storage: %s); Ctrl-C stops everything", time.monotonic() - started, storage.value
             )
