@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
         "--scenario", default=None, help="a scenario for the simulators (flood, ddos, dossier-surge, sensor-outage)"
     )
     dev.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
+    dev.add_argument(
+        "--kafka-data",
+        type=Path,
+        default=None,
+        help="keep the embedded Kafka's log in DIR across restarts (default: IOC_KAFKA_DATA_DIR, else a temp dir)",
+    )
 
     sub.add_parser("worker", help="the stream worker (IOC_KAFKA_BOOTSTRAP, IOC_DATABASE_URL)")
     sub.add_parser("api", help="the HTTP/WebSocket API")
@@ -165,6 +171,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dev":
         from ioc.dev import run_dev
 
+        if args.kafka_data is not None:
+            settings = settings.model_copy(update={"kafka_data_dir": args.kafka_data})
         return run_dev(
             settings, simulators=not args.no_simulators, rate=args.rate, scenario=args.scenario, api_port=args.api_port
         )
