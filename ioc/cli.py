@@ -50,6 +50,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     dev.add_argument("--api-port", type=int, default=0, help="API port (default: a free one)")
     dev.add_argument(
+        "--kafka-data",
+        type=Path,
+        default=None,
+        help="keep the embedded Kafka's log in DIR across restarts (default: IOC_KAFKA_DATA_DIR, else a temp dir)",
+    )
+    dev.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -171,6 +177,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dev":
         from ioc.dev import run_dev
 
+        if args.kafka_data is not None:
+            settings = settings.model_copy(update={"kafka_data_dir": args.kafka_data})
         return run_dev(
             settings,
             simulators=not args.no_simulators,

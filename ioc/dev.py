@@ -130,9 +130,11 @@ def _embedded(settings: Settings) -> Iterator[tuple[str, str, list[str]]]:
             bootstrap = env_kafka
             notes.append("external Kafka")
         else:
-            from ioc.embedded.broker import EmbeddedBroker
+            from ioc.embedded.broker import embedded_broker
 
-            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
+            broker = embedded_broker(settings.embedded_broker, data_dir=settings.kafka_data_dir)
+            stack.enter_context(broker)
+            bootstrap = broker.bootstrap
         if env_db:
             database_url = env_db
         else:

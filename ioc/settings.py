@@ -118,6 +118,21 @@ class Settings(BaseSettings):
         Mode.DEVELOPMENT, description="`development` or `production`; production refuses development secrets."
     )
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated HOST:PORT.")
+    embedded_broker: Literal["auto", "kafka", "tansu"] = Field(
+        "auto",
+        description=(
+            "Broker `ioc dev`, `ioc bench` and the tests start when `IOC_KAFKA_BOOTSTRAP` is not set: `kafka` (Apache "
+            "Kafka from the jars scripts/setup fetches; needs Java 17+), `tansu` (the limited fallback), or `auto` "
+            "(Kafka where it can run, else tansu with a warning)."
+        ),
+    )
+    kafka_data_dir: Path | None = Field(
+        None,
+        description=(
+            "Where the embedded Kafka keeps its log, kept across restarts (`ioc dev --kafka-data DIR`); "
+            "empty = a temp dir removed on exit."
+        ),
+    )
     database_url: str = Field(
         "postgresql://ioc@127.0.0.1:5432/ioc", description="PostgreSQL/TimescaleDB URL (psycopg conninfo)."
     )

@@ -22,9 +22,11 @@ def kafka_bootstrap() -> Iterator[str]:
     if external:
         yield external
         return
-    from ioc.embedded.broker import EmbeddedBroker
+    from ioc.embedded.broker import embedded_broker
 
-    with EmbeddedBroker() as broker:
+    # IOC_EMBEDDED_BROKER picks it (auto: Apache Kafka where it can run, else tansu with a warning).
+    kind = Settings(_env_file=None).embedded_broker  # type: ignore[call-arg]
+    with embedded_broker(kind) as broker:
         yield broker.bootstrap
 
 

@@ -182,10 +182,12 @@ def services(settings: Settings) -> Iterator[tuple[str, str]]:
         bootstrap = os.environ.get("IOC_KAFKA_BOOTSTRAP")
         database = os.environ.get("IOC_DATABASE_URL")
         if not bootstrap:
-            from ioc.embedded.broker import EmbeddedBroker
+            from ioc.embedded.broker import embedded_broker
 
             progress("starting the embedded broker")
-            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
+            broker = embedded_broker(settings.embedded_broker)
+            stack.enter_context(broker)
+            bootstrap = broker.bootstrap
         if not database:
             from ioc.embedded.postgres import EmbeddedPostgres
 

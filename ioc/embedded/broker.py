@@ -1,4 +1,4 @@
-"""An embedded Kafka-compatible broker (`tansu`, in memory), and topic creation on any cluster."""
+"""The embedded broker (Apache Kafka, or `tansu` where Kafka cannot run), and topic creation on any cluster."""
 
 from __future__ import annotations
 
@@ -11,13 +11,14 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
-from typing import Self, TypeVar
+from typing import Literal, Self, TypeVar
 
 from aiokafka import AIOKafkaClient
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError, TopicAlreadyExistsError, for_code
 
 from ioc.embedded import die_with_parent, free_port, port_open
+from ioc.embedded.kafka import EmbeddedKafka, unavailable_reason
 from ioc.embedded.process import EmbeddedProcess
 from ioc.errors import EmbeddedServiceError
 from ioc.settings import ALL_TOPICS, SINGLE_PARTITION_TOPICS, Settings
@@ -43,10 +44,11 @@ def run_sync(make: Callable[[], Awaitable[T]]) -> T:
         return pool.submit(asyncio.run, _main()).result()
 
 
-class EmbeddedBroker(EmbeddedProcess):
-    """A `tansu` broker on a free loopback port, memory storage, for one process's lifetime.
+class EmbeddedTansu(EmbeddedProcess):
+    """A `tansu` broker on a free loopback port, memory storage, for one process's lifetime: the
+    fallback where Apache Kafka cannot run (`TANSU_LIMITS` says what does not work on it).
 
-    >>> with EmbeddedBroker() as broker:
+    >>> with EmbeddedTansu() as broker:
     ...     ensure_topics(Settings(kafka_bootstrap=broker.bootstrap))
     """
 
@@ -133,11 +135,48 @@ class EmbeddedBroker(EmbeddedProcess):
             assert self._proc is not None
             if self._proc.poll() is not None:
                 raise self._error(f"the embedded broker exited with status {self._proc.returncode}")
-            if port_open(self.host, port) and run_sync(lambda: _metadata_ok(bootstrap)):
+            if port_open(self.host, port) and run_sync(lambda: metadata_ok(bootstrap)):
                 return
             if time.monotonic() > deadline:
                 raise self._error(f"the embedded broker did not answer on {bootstrap} within {self.start_timeout:.0f}s")
             time.sleep(0.05)
+
+
+#: What does not work on the fallback broker, for the one warning that announces it.
+TANSU_LIMITS = (
+    "kcat and every librdkafka client (confluent-kafka, Go, .NET, Node) fail to connect; no transactions, "
+    "no compaction, no retention, no durable storage (memory only); a consumer group of more than one "
+    "member may hang at sync"
+)
+
+BrokerKind = Literal["auto", "kafka", "tansu"]
+
+
+def embedded_broker(
+    kind: BrokerKind = "auto",
+    *,
+    port: int | None = None,
+    advertised: str | None = None,
+    data_dir: Path | str | None = None,
+) -> EmbeddedKafka | EmbeddedTansu:
+    """The embedded broker to start: Apache Kafka, or ``tansu`` when ``kind`` asks for it or (``auto``)
+    when Kafka cannot run here (no Java 17+, or its jars not fetched), with one warning saying what
+    does not work on it. ``kind="kafka"`` raises instead of falling back."""
+    if kind != "tansu":
+        reason = unavailable_reason()
+        if reason is None:
+            return EmbeddedKafka(port=port, advertised=advertised, data_dir=data_dir)
+        if kind == "kafka":
+            raise EmbeddedServiceError(f"the embedded Kafka cannot run: {reason}")
+        log.warning(
+            "Apache Kafka cannot run here (%s); falling back to the embedded tansu broker, where %s%s",
+            reason, TANSU_LIMITS, f"; {data_dir} is not used" if data_dir else "",
+        )  # fmt: skip
+    return EmbeddedTansu(port=port, advertised=advertised)
+
+
+#: The name callers used before Apache Kafka became the embedded broker: the same choice.
+EmbeddedBroker = embedded_broker
 
 
 def _broker_binary() -> str:
@@ -151,15 +190,16 @@ def _broker_binary() -> str:
         raise EmbeddedServiceError(f"no tansu broker binary: {exc}") from exc
 
 
-async def _metadata_ok(bootstrap: str) -> bool:
+async def metadata_ok(bootstrap: str) -> bool:
+    """Whether the broker at ``bootstrap`` answers a metadata request listing at least one broker."""
     client = AIOKafkaClient(bootstrap_servers=bootstrap, request_timeout_ms=2000)
     try:
         await client.bootstrap()
+        return bool(client.cluster.brokers())
     except KafkaError:
         return False
     finally:
         await client.close()
-    return True
 
 
 async def create_topics(

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from ioc.embedded.kafka import unavailable_reason as kafka_unavailable
+
 pytestmark = pytest.mark.integration
 
 READY_LINES = ("kafka", "database", "api", "wall", "token", "metrics")
@@ -136,3 +138,6 @@ def test_two_dev_instances_side_by_side_restart_a_crashed_worker_and_stop_cleanl
     for dev in (a, b):
         assert any("embedded PostgreSQL stopped" in line for line in dev.log)
         assert any("embedded broker stopped" in line for line in dev.log)
+        if kafka_unavailable() is None:  # Apache Kafka, whose temp data dir goes with it
+            ready = next(m for line in dev.log if (m := re.search(r"embedded Kafka \S+ ready .*\(data (\S+);", line)))
+            assert not Path(ready.group(1)).exists()
