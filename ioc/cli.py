@@ -110,7 +110,9 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the performance harness: throughput, latency, fan-out, database writes")
     bench.add_argument("--events", type=int, default=None, help="backlog size for throughput (default 1,000,000)")
     bench.add_argument("--quick", action="store_true", help="small sizes (a smoke test for CI)")
-    bench.add_argument("--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink")
+    bench.add_argument(
+        "--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink (and workers,failover)"
+    )
     bench.add_argument(
         "--json", type=Path, default=None, help="where to write the figures (default artifacts/bench-<time>.json)"
     )

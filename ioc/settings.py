@@ -160,6 +160,12 @@ class Settings(BaseSettings):
         le=8,
         description="Database connections a large batch of state changes is split over and written by concurrently.",
     )
+    worker_session_timeout_ms: int = Field(
+        6000,
+        ge=1000,
+        description="After this long without a heartbeat a worker is declared dead and its partitions move to the "
+        "others (the broker's `group.min.session.timeout.ms`, 6000 by default, is the floor).",
+    )
     worker_metrics_port: int = Field(
         9108, ge=0, le=65535, description="Port of the worker's Prometheus `/metrics` (0 = a free port, logged)."
     )

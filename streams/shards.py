@@ -2,7 +2,7 @@
 
 Each worker folds the dossier partitions it owns into one `EntityAggregator` per partition (a
 *shard*). Every emission interval a changed shard is published whole to the compacted topic
-`ioc.kpi.partials` (key = topic and partition): its ABSOLUTE integer counters (every series'
+`ioc.kpi.partials` (key = consumer group, topic and partition): its ABSOLUTE integer counters (every series'
 minute, day and month buckets and running sums, at the shard's clock), never a delta, stamped with
 an epoch (the group generation that assigned the partition, and the wall clock then) and a
 sequence number within the epoch. The merger (the one member the assignor gives every partition
@@ -56,7 +56,7 @@ class Stamp:
     seq: int
 
 
-def encode_partial(topic: str, partition: int, stamp: Stamp, agg: EntityAggregator) -> bytes:
+def encode_partial(topic: str, partition: int, stamp: Stamp, agg: EntityAggregator, group: str = "") -> bytes:
     """One shard's whole state as counters: absolute, so the latest partial alone is enough."""
     counters = agg.counters
     counters.flush()
@@ -66,6 +66,7 @@ def encode_partial(topic: str, partition: int, stamp: Stamp, agg: EntityAggregat
     ]
     return _encode(
         {
+            "group": group,
             "topic": topic,
             "partition": partition,
             "stamp": [stamp.generation, stamp.epoch_ns, stamp.seq],
@@ -78,6 +79,7 @@ def encode_partial(topic: str, partition: int, stamp: Stamp, agg: EntityAggregat
 
 @dataclass
 class Partial:
+    group: str
     topic: str
     partition: int
     stamp: Stamp
@@ -90,6 +92,7 @@ def decode_partial(raw: bytes) -> Partial:
     doc = _decode(raw)
     g, e, n = doc["stamp"]
     return Partial(
+        doc.get("group", ""),
         doc["topic"],
         int(doc["partition"]),
         Stamp(g, e, n),

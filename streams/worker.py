@@ -62,7 +62,7 @@ MAINTENANCE_INTERVAL_S = 600.0
 #: Records folded between two turns of the event loop (about 10 ms of work).
 LOOP_TURN_EVERY = 1024
 CONSUMER_SESSION_TIMEOUT_MS = 6000
-#: Heartbeats this often: a member that stops (SIGKILL) is declared dead at the session timeout.
+#: Heartbeats at most this far apart (a third of the session timeout when that is shorter).
 CONSUMER_HEARTBEAT_MS = 1500
 #: A changed shard's partial counters are published at most this often (also the merger's view lag).
 PARTIAL_INTERVAL_S = 0.1
@@ -189,8 +189,8 @@ class Ingest:
             # Kafka's minimum session timeout: a restarted worker rejoins (and its partitions move) quickly.
             # Also how long a SIGKILLed worker's partitions wait before they move (no static
             # membership: a dead member leaves the group at its session timeout).
-            session_timeout_ms=CONSUMER_SESSION_TIMEOUT_MS,
-            heartbeat_interval_ms=CONSUMER_HEARTBEAT_MS,
+            session_timeout_ms=self.settings.worker_session_timeout_ms,
+            heartbeat_interval_ms=min(CONSUMER_HEARTBEAT_MS, self.settings.worker_session_timeout_ms // 3),
             value_deserializer=RAW,  # aiokafka's C records as they are (ioc.consume)
             partition_assignment_strategy=(self.assignor,),
         )
@@ -307,7 +307,10 @@ class Ingest:
             except Exception:  # a foreign record must not stop the merger
                 log.warning("ignored an undecodable partial at offset %d", rec.offset)
                 continue
-            if partial.topic == DOSSIER.topic and merged.apply_partial(partial):
+            # The topic may hold other groups' partials (e.g. a benchmark's runs side by side).
+            if partial.group != self.settings.consumer_group or partial.topic != DOSSIER.topic:
+                continue
+            if merged.apply_partial(partial):
                 applied += 1
         return applied
 
@@ -746,9 +749,11 @@ class Ingest:
             shard.counters.advance(now)
             stamp = self.stamps[p]
             stamp = self.stamps[p] = shards.Stamp(stamp.generation, stamp.epoch_ns, stamp.seq + 1)
-            raw = shards.encode_partial(DOSSIER.topic, p, stamp, shard)
+            raw = shards.encode_partial(DOSSIER.topic, p, stamp, shard, self.settings.consumer_group)
             shard.dirty.clear()
-            messages.append((self.partials_tp.topic, f"{DOSSIER.topic}|{p}".encode(), raw))
+            messages.append(
+                (self.partials_tp.topic, f"{self.settings.consumer_group}|{DOSSIER.topic}|{p}".encode(), raw)
+            )
             if self.merger:
                 self.engine.dossiers.apply_partial(shards.decode_partial(raw))  # type: ignore[attr-defined]
         try:

@@ -25,6 +25,8 @@ from ioc.bench.workload import produce_backlog, progress
 from ioc.settings import Settings
 
 SECTIONS = ("baseline", "throughput", "latency", "fanout", "sink")
+#: Run only when named with --only (they start several worker processes: docs/scaling.md).
+SCALE_SECTIONS = ("workers", "failover")
 DEFAULT_EVENTS = 1_000_000
 
 
@@ -293,6 +295,23 @@ def run(
             s = settings_for("fan", database, api_port=live.free_port())
             ensure_topics(s)
             results["fanout"] = live.fanout(s, list(plan.fanout_clients), floor_threads=plan.fanout_floor_threads)
+        if "workers" in only or "failover" in only:
+            from ioc.bench import scale
+
+            if "workers" in only:
+                s = settings_for("wk", admin_url)
+                ensure_topics(s)
+                results["workers_backlog"] = asyncio.run(produce_backlog(s, plan.events, label="workers backlog"))
+
+                def workers_settings(n: int) -> Settings:
+                    database = fresh_database(admin_url, f"bench_workers{n}", own_db)
+                    return settings_for("wk", database).model_copy(update={"consumer_group": f"bench-{run_id}-wk{n}"})
+
+                results["workers"] = scale.workers(workers_settings, results["workers_backlog"]["events"])
+            if "failover" in only:
+                s = settings_for("fo", fresh_database(admin_url, "bench_failover", own_db), api_port=live.free_port())
+                ensure_topics(s)
+                results["failover"] = scale.failover(s)
     results["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["goals"] = judge(results)
     path = json_path or Path("artifacts") / f"bench-{stamp}.json"
@@ -304,9 +323,12 @@ def run(
 def main(events: int | None, quick: bool, only: str | None, json_path: Path | None) -> int:
     """The CLI entry: run, print the table and the JSON path."""
     chosen = tuple(s.strip() for s in only.split(",")) if only else SECTIONS
-    unknown = [s for s in chosen if s not in SECTIONS]
+    unknown = [s for s in chosen if s not in SECTIONS + SCALE_SECTIONS]
     if unknown:
-        print(f"ioc bench: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}", file=sys.stderr)
+        print(
+            f"ioc bench: unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS + SCALE_SECTIONS)}",
+            file=sys.stderr,
+        )
         return 2
     started = time.monotonic()
     results, path = run(events=events, quick=quick, only=chosen, json_path=json_path)
