@@ -20,16 +20,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from ioc.embedded.broker import ensure_topics
 from ioc.registry import load_registry
-from ioc.settings import Settings
+from ioc.settings import TOPIC_DOSSIER, TOPIC_SENSOR, Settings
 from simulators.stream import _write_lines, generate
 from streams import sink
 from streams.worker import Ingest
 from tests.integration import checks
-from tests.integration.conftest import env_for
+from tests.integration.conftest import env_for, free_port, start_components, stop_components
 
 pytestmark = pytest.mark.integration
 VN = dt.timezone(dt.timedelta(hours=7))
@@ -210,3 +211,50 @@ def test_a_rebalance_during_a_flush_loses_nothing_and_counts_nothing_twice(
         loop.close()
     assert happened["rebalances"] >= 2
     print(json.dumps(happened))
+
+
+def test_readyz_and_metrics_show_each_workers_partitions_lag_and_the_merger(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    settings = make_settings(topic_partitions=PARTITIONS, api_port=free_port())
+    ensure_topics(settings)
+    records, _ = _input(tmp_path, 37, 2, 50.0)
+    asyncio.run(checks.produce(settings, records))
+    ports = [free_port(), free_port()]
+    env = env_for(settings)
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "ioc.cli", "worker"],
+            env={**env, "IOC_WORKER_METRICS_PORT": str(p)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for p in ports
+    ]
+    procs = start_components(env, ("api",), settings.api_port)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            body = httpx.get(f"http://127.0.0.1:{settings.api_port}/readyz", timeout=10).json()
+            group = body.get("workers") or {}
+            members = group.get("workers", [])
+            dossier = sorted(p for m in members for p in m["partitions"].get(TOPIC_DOSSIER, []))
+            if len(members) == 2 and dossier == list(range(PARTITIONS)) and all(m["lag"] == 0 for m in members):
+                break
+            assert time.monotonic() < deadline, body
+            time.sleep(1)
+        assert [m["merger"] for m in members].count(True) == 1
+        (merger,) = [m for m in members if m["merger"]]
+        assert merger["partitions"][TOPIC_SENSOR] == list(range(PARTITIONS))
+        roles = []
+        for port in ports:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            owned = [line for line in text.splitlines() if line.startswith("ioc_worker_partition_owned{")]
+            merging = [line for line in text.splitlines() if line.startswith("ioc_worker_merger ")]
+            roles.append((len(owned), merging[0].endswith(" 1.0")))
+        assert sorted(r[1] for r in roles) == [False, True]
+        assert sum(n for n, _ in roles) == 3 * PARTITIONS  # every input partition owned once
+    finally:
+        stop_components(procs)
+        _stop(workers)
