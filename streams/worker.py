@@ -17,6 +17,8 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
+import socket
 import sys
 import time
 from collections import Counter
@@ -193,6 +195,8 @@ class Ingest:
             heartbeat_interval_ms=min(CONSUMER_HEARTBEAT_MS, self.settings.worker_session_timeout_ms // 3),
             value_deserializer=RAW,  # aiokafka's C records as they are (ioc.consume)
             partition_assignment_strategy=(self.assignor,),
+            # Names the member in the group's description (/readyz): which host and process it is.
+            client_id=f"ioc-worker-{socket.gethostname()}-{os.getpid()}",
         )
         await self.consumer.start()
         self.consumer.subscribe(topics=list(self.logical), listener=_Rebalance(self))
