@@ -103,10 +103,10 @@ def decode_partial(raw: bytes) -> Partial:
 
 
 def _series(raw: list[Any]) -> Series:
+    """A `Series` from a decoded partial (msgpack keeps the buckets' integer keys; the decoded dicts
+    are fresh, so they are adopted, not copied)."""
     s = Series()
-    s.minutes = {int(k): v for k, v in raw[2].items()}
-    s.days = {int(k): v for k, v in raw[3].items()}
-    s.months = {int(k): v for k, v in raw[4].items()}
+    s.minutes, s.days, s.months = raw[2], raw[3], raw[4]
     s.sum_1h, s.sum_24h, s.level = raw[5], raw[6], raw[7]
     return s
 

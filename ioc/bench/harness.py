@@ -308,10 +308,12 @@ def run(
                     return settings_for("wk", database).model_copy(update={"consumer_group": f"bench-{run_id}-wk{n}"})
 
                 results["workers"] = scale.workers(workers_settings, results["workers_backlog"]["events"])
+                progress(f"workers: {orjson.dumps(results['workers']).decode()}")
             if "failover" in only:
                 s = settings_for("fo", fresh_database(admin_url, "bench_failover", own_db), api_port=live.free_port())
                 ensure_topics(s)
                 results["failover"] = scale.failover(s)
+                progress(f"failover: {orjson.dumps(results['failover']).decode()}")
     results["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["goals"] = judge(results)
     path = json_path or Path("artifacts") / f"bench-{stamp}.json"

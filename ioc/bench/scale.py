@@ -230,6 +230,12 @@ def _probe(run: str, k: int, partitions: int, target: int) -> tuple[str, bytes, 
     return agency, dossier_id.encode(), orjson.dumps(value)
 
 
+async def _producer(bootstrap: str) -> AIOKafkaProducer:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=0)
+    await producer.start()
+    return producer
+
+
 def _wait_for(check: Callable[[], bool], timeout: float, what: str, step: float = 0.05) -> float:
     started = time.monotonic()
     while not check():
@@ -247,13 +253,12 @@ def failover(settings: Settings, kills: int = 6, rate: float = 200.0) -> dict[st
     partitions = settings.topic_partitions
     dossiers = settings.topic(TOPIC_DOSSIER)
     ports = [live.free_port(), live.free_port()]
-    procs = [_worker(env, port) for port in ports]
     rounds: list[dict[str, Any]] = []
     loop = asyncio.new_event_loop()
-    producer = AIOKafkaProducer(bootstrap_servers=settings.kafka_bootstrap, acks="all", linger_ms=0)
-    loop.run_until_complete(producer.start())
+    producer = loop.run_until_complete(_producer(settings.kafka_bootstrap))
     client = httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}",
                           headers={"Authorization": f"Bearer {token}"}, timeout=5)  # fmt: skip
+    procs = [_worker(env, port) for port in ports]
 
     def visible(agency: str) -> bool:
         try:
