@@ -218,8 +218,8 @@ class MergedAggregator:
 
 class ShardAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     """Deals the sharded topic's partitions out evenly; every partition of the other topics goes to
-    one member, the merger: the member that is the merger already if it is still there, else the
-    first by member id. Members announce whether they are the merger in their metadata."""
+    one member, the merger (`pick_merger`). Members announce in their metadata whether they are the
+    merger and which dossier partitions they own."""
 
     name = ASSIGNOR_NAME
     version = 0
@@ -241,8 +241,7 @@ class ShardAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
             except ValueError:
                 info[member] = {}
         ids = sorted(members)
-        mergers = [m for m in ids if info[m].get("merger")]
-        merger = mergers[0] if mergers else ids[0]
+        merger = pick_merger(ids, info)
         topics = sorted({t for meta in members.values() for t in meta.subscription})
         out: dict[str, dict[str, list[int]]] = {m: {} for m in ids}
         for topic in topics:
@@ -264,6 +263,15 @@ class ShardAssignor(AbstractPartitionAssignor):  # type: ignore[misc]
     @classmethod
     def on_assignment(cls, assignment: ConsumerProtocolMemberAssignment) -> None:
         pass
+
+
+def pick_merger(ids: list[str], info: Mapping[str, Mapping[str, Any]]) -> str:
+    """The merger stays where it is; if it is gone, the member owning the most dossier partitions (a
+    survivor, warm) takes over rather than a worker that has just (re)started, which owns none."""
+    mergers = [m for m in ids if info[m].get("merger")]
+    if mergers:
+        return mergers[0]
+    return max(ids, key=lambda m: (len(info[m].get("owned", ())), [-ord(c) for c in m]))
 
 
 def deal(

@@ -7,6 +7,7 @@ the input writes the same rows again.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -22,6 +23,8 @@ from streams.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 US = 1_000_000
+#: Rows loaded between two turns of the event loop while state is rebuilt.
+YIELD_EVERY = 2000
 
 _encode = msgspec.json.Encoder().encode
 S = TypeVar("S", dossier.DossierState, cyber.IncidentState)
@@ -279,10 +282,15 @@ async def load_dossier_shards(
     from streams.shards import partition_of
 
     horizon = _ts(now_us - ENTITY_HORIZON_US)
-    n = 0
+    n = seen = 0
     async with conn.cursor(binary=False) as cur:
         await cur.execute(RESTART_QUERY.format(table="dossier_state", key="dossier_id"), (horizon,))
         async for key, state in cur:
+            seen += 1
+            if seen % YIELD_EVERY == 0:
+                # A turn for the event loop: the consumer's heartbeats go on while a worker rebuilds
+                # (a loop blocked past the session timeout gets the member thrown out of the group).
+                await asyncio.sleep(0)
             agg = shards.get(partition_of(key, partitions))
             if agg is not None:
                 agg.load(key, _dossier_decoder.decode(state))
@@ -301,10 +309,14 @@ async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine, *, doss
             async for key, state in cur:
                 engine.dossiers.load(key, _dossier_decoder.decode(state))
                 counts["dossiers"] += 1
+                if counts["dossiers"] % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # heartbeats (see load_dossier_shards)
         await cur.execute(RESTART_QUERY.format(table="incident_state", key="incident_id"), (horizon,))
         async for key, state in cur:
             engine.incidents.load(key, _incident_decoder.decode(state))
             counts["incidents"] += 1
+            if counts["incidents"] % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
         # Recent readings, and every station's latest one however old (its level has no horizon).
         await cur.execute(
             'SELECT station_id, kind, observed_at, event_id, "values" FROM sensor_reading WHERE observed_at >= %s'

@@ -294,9 +294,10 @@ class Ingest:
         end = (await consumer.end_offsets([tp]))[tp]
         n = 0
         while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=1000)
+            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=16)
             for records in batch.values():
                 n += self._apply_partials(records)
+            await asyncio.sleep(0)  # heartbeats go on while partials are decoded
         return n
 
     def _apply_partials(self, records: list[Any]) -> int:

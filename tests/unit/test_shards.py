@@ -4,6 +4,7 @@ is idempotent (a partial again, or an older one, changes nothing); the assignor 
 from __future__ import annotations
 
 import datetime as dt
+import json
 import random
 
 import pytest
@@ -141,3 +142,33 @@ def test_partition_of_is_kafkas_default_partitioner() -> None:
 
     for key in ("HS-000001", "dossier-ẞ-17", "x"):
         assert shards.partition_of(key, 6) == DefaultPartitioner()(key.encode(), list(range(6)), list(range(6)))
+
+
+class _Cluster:
+    def __init__(self, partitions: dict[str, int]) -> None:
+        self.partitions = partitions
+
+    def partitions_for_topic(self, topic: str) -> set[int]:
+        return set(range(self.partitions[topic]))
+
+
+def _assign(members: dict[str, dict[str, object]]) -> dict[str, dict[str, list[int]]]:
+    from aiokafka.coordinator.protocol import ConsumerProtocolMemberMetadata
+
+    assignor = shards.assignor_for("d")
+    topics = ["d", "c", "s"]
+    metas = {m: ConsumerProtocolMemberMetadata(0, topics, json.dumps(info).encode()) for m, info in members.items()}
+    out = assignor.assign(_Cluster({"d": 6, "c": 6, "s": 6}), metas)  # type: ignore[arg-type]
+    return {m: dict(a.assignment) for m, a in out.items()}
+
+
+def test_the_merger_stays_and_a_survivor_replaces_a_lost_one() -> None:
+    # The merger keeps its role when a member joins.
+    out = _assign({"b": {"merger": True, "owned": [0, 1, 2]}, "c": {"owned": [3, 4, 5]}, "a": {}})
+    assert out["b"]["c"] == list(range(6)) and out["b"]["s"] == list(range(6))
+    assert "c" not in out["a"] and "c" not in out["c"]
+    assert sorted(p for a in out.values() for p in a.get("d", [])) == list(range(6))
+    # The merger is gone: the survivor owning partitions takes over, not the restarted "a".
+    out = _assign({"c": {"owned": [3, 4, 5]}, "a": {}})
+    assert out["c"]["c"] == list(range(6))
+    assert out["c"]["d"] == [3, 4, 5] or len(out["c"]["d"]) == 3
