@@ -47,6 +47,10 @@ def partition_of(key: str, partitions: int) -> int:
 # --- partials ---------------------------------------------------------------------------------
 
 
+#: The sequence of a shard the merger reads live: above any partial of the same assignment.
+LOCAL_SEQ = 1 << 62
+
+
 @dataclass(order=True, frozen=True)
 class Stamp:
     """Orders the partials of one partition: a later owner's epoch wins, then the later sequence."""
@@ -102,6 +106,24 @@ def decode_partial(raw: bytes) -> Partial:
     )
 
 
+class _Header(msgspec.Struct):
+    """The fields of a partial that say whose it is and how new (decoding skips the counters)."""
+
+    group: str = ""
+    topic: str = ""
+    partition: int = -1
+    stamp: tuple[int, int, int] = (0, 0, 0)
+
+
+_decode_header = msgspec.msgpack.Decoder(_Header).decode
+
+
+def peek(raw: bytes) -> tuple[str, str, int, Stamp]:
+    """(group, topic, partition, stamp) of an encoded partial, without decoding its counters."""
+    h = _decode_header(raw)
+    return h.group, h.topic, h.partition, Stamp(*h.stamp)
+
+
 def _series(raw: list[Any]) -> Series:
     """A `Series` from a decoded partial (msgpack keeps the buckets' integer keys; the decoded dicts
     are fresh, so they are adopted, not copied)."""
@@ -137,7 +159,10 @@ class MergedCounters:
             part.counters.prune()
 
     def reader(self, as_of_us: int) -> SumReader:
-        return SumReader([p.counters for p in self.parts.values()], as_of_us)
+        parts = [p.counters for p in self.parts.values()]
+        for counters in parts:
+            counters.flush()  # a live local shard may hold additions not folded yet
+        return SumReader(parts, as_of_us)
 
 
 class SumReader:
@@ -194,6 +219,24 @@ class MergedAggregator:
         self.scopes.update(p.scopes)
         dirty.update(new_scopes)
         return True
+
+    def bind_local(self, partition: int, stamp: Stamp, agg: EntityAggregator) -> None:
+        """Read a shard of this process directly: its live counters stand for the partition (no
+        encoding, no lag); its partials read back from the topic then change nothing."""
+        self.parts[partition] = _Part(stamp, agg.counters)
+        self.scopes.update(agg.scopes)
+        self.dirty.update(agg.scopes)
+
+    def take_local(self, agg: EntityAggregator) -> None:
+        """What a local shard changed since the last emission."""
+        if agg.dirty:
+            self.dirty.update(agg.dirty)
+            self.scopes.update(agg.dirty)
+            agg.dirty.clear()
+
+    def held(self, partition: int) -> Stamp | None:
+        part = self.parts.get(partition)
+        return part.stamp if part is not None else None
 
     @property
     def parts(self) -> dict[int, _Part]:

@@ -110,6 +110,7 @@ class Ingest:
         #: Shards to publish (changed, or newly assigned) with the next partial.
         self.unpublished_shards: set[int] = set()
         self._last_partials = 0.0
+        self._partial_interval = PARTIAL_INTERVAL_S
         #: Whether this worker is the merger: it owns every partition of the other input topics,
         #: merges the dossier partials, publishes every KPI snapshot and evaluates every alert.
         self.merger = False
@@ -211,7 +212,13 @@ class Ingest:
                 self.partials_tp.topic,
                 num_partitions=1,
                 replication_factor=self.settings.topic_replication,
-                topic_configs={"cleanup.policy": "compact", "min.compaction.lag.ms": "60000"},
+                # Compacted soon (small segments, a low dirty ratio): a new merger reads little.
+                topic_configs={
+                    "cleanup.policy": "compact",
+                    "segment.ms": "60000",
+                    "min.cleanable.dirty.ratio": "0.1",
+                    "delete.retention.ms": "60000",
+                },
             )
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics([topic])
@@ -264,6 +271,11 @@ class Ingest:
                 log.info("no longer the merger")
                 self.merger = False
                 self.engine = self._merger_engine()
+            if self.merger:
+                merged = self.engine.dossiers
+                assert isinstance(merged, shards.MergedAggregator)
+                for p in mine:
+                    merged.bind_local(p, shards.Stamp(generation, epoch_ns, shards.LOCAL_SEQ), self.shards[p])
             self.assignor.merger = self.merger
             self.assignor.owned = tuple(sorted(mine))
             self._publish_ownership(assigned)
@@ -294,28 +306,35 @@ class Ingest:
         end = (await consumer.end_offsets([tp]))[tp]
         n = 0
         while await consumer.position(tp) < end:
-            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=16)
+            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=200)
             for records in batch.values():
                 n += self._apply_partials(records)
             await asyncio.sleep(0)  # heartbeats go on while partials are decoded
         return n
 
     def _apply_partials(self, records: list[Any]) -> int:
+        """Adopt the newest of these partials for each partition, if newer than what is held. Only
+        the headers of the others are decoded (the merger reads its own back: they are skipped)."""
         merged = self.engine.dossiers
         assert isinstance(merged, shards.MergedAggregator)
-        applied = 0
+        newest: dict[int, tuple[shards.Stamp, bytes]] = {}
         for rec in records:
             if rec.value is None:
                 continue
             try:
-                partial = shards.decode_partial(rec.value)
+                group, topic, partition, stamp = shards.peek(rec.value)
             except Exception:  # a foreign record must not stop the merger
                 log.warning("ignored an undecodable partial at offset %d", rec.offset)
                 continue
             # The topic may hold other groups' partials (e.g. a benchmark's runs side by side).
-            if partial.group != self.settings.consumer_group or partial.topic != DOSSIER.topic:
+            if group != self.settings.consumer_group or topic != DOSSIER.topic:
                 continue
-            if merged.apply_partial(partial):
+            held = merged.held(partition)
+            if (held is None or stamp > held) and (partition not in newest or stamp > newest[partition][0]):
+                newest[partition] = (stamp, rec.value)
+        applied = 0
+        for _, raw in newest.values():
+            if merged.apply_partial(shards.decode_partial(raw)):
                 applied += 1
         return applied
 
@@ -699,6 +718,10 @@ class Ingest:
             if not self.merger:
                 return 0
             await self._poll_partials()
+            merged = self.engine.dossiers
+            assert isinstance(merged, shards.MergedAggregator)
+            for shard in self.shards.values():
+                merged.take_local(shard)
             self.engine.advance(now_us())
             now = _as_datetime(self.engine.now_us)
             snapshots = self.engine.snapshots()
@@ -740,9 +763,9 @@ class Ingest:
     async def _publish_partials(self) -> None:
         """Every changed shard's absolute counters to the partials topic (and, on the merger, straight
         into the merged view). Per emission interval, never per event: the hot path does not see it."""
-        if not self.unpublished_shards or time.monotonic() - self._last_partials < PARTIAL_INTERVAL_S:
+        if not self.unpublished_shards or time.monotonic() - self._last_partials < self._partial_interval:
             return
-        self._last_partials = time.monotonic()
+        started = self._last_partials = time.monotonic()
         assert self.producer is not None
         now = now_us()
         pending, self.unpublished_shards = self.unpublished_shards, set()
@@ -755,12 +778,12 @@ class Ingest:
             stamp = self.stamps[p]
             stamp = self.stamps[p] = shards.Stamp(stamp.generation, stamp.epoch_ns, stamp.seq + 1)
             raw = shards.encode_partial(DOSSIER.topic, p, stamp, shard, self.settings.consumer_group)
-            shard.dirty.clear()
             messages.append(
                 (self.partials_tp.topic, f"{self.settings.consumer_group}|{DOSSIER.topic}|{p}".encode(), raw)
             )
-            if self.merger:
-                self.engine.dossiers.apply_partial(shards.decode_partial(raw))  # type: ignore[attr-defined]
+        # A whole partition's counters cost milliseconds to encode (tens on a busy day): the interval
+        # grows with that cost, so partials never take more than about a tenth of the worker's time.
+        self._partial_interval = max(PARTIAL_INTERVAL_S, 10 * (time.monotonic() - started))
         try:
             await self.sender.send_and_wait(messages)
         except KafkaError:

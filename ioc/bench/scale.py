@@ -42,11 +42,19 @@ WORKER_COUNTS = (1, 2, 4)
 CATCH_UP_TIMEOUT_S = 1800.0
 
 
-def _worker(env: dict[str, str], metrics_port: int) -> subprocess.Popen[bytes]:
+def _worker(env: dict[str, str], metrics_port: int, log: Path | None = None) -> subprocess.Popen[bytes]:
+    """`ioc worker`; with ``log``, at INFO level into that file (rebalances, rebuilds, the merger)."""
+    extra = {"IOC_WORKER_METRICS_PORT": str(metrics_port)}
+    out: Any = None
+    if log is not None:
+        extra["IOC_LOG_LEVEL"] = "INFO"
+        out = log.open("ab")
     return subprocess.Popen(
         [sys.executable, "-m", "ioc.cli", "worker"],
-        env={**env, "IOC_WORKER_METRICS_PORT": str(metrics_port)},
+        env={**env, **extra},
         stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=out,
         start_new_session=True,
     )
 
@@ -258,7 +266,9 @@ def failover(settings: Settings, kills: int = 6, rate: float = 200.0) -> dict[st
     producer = loop.run_until_complete(_producer(settings.kafka_bootstrap))
     client = httpx.Client(base_url=f"http://127.0.0.1:{settings.api_port}",
                           headers={"Authorization": f"Bearer {token}"}, timeout=5)  # fmt: skip
-    procs = [_worker(env, port) for port in ports]
+    logs = Path("artifacts") / f"failover-{run}"
+    logs.mkdir(parents=True, exist_ok=True)
+    procs = [_worker(env, port, logs / f"worker{i}.log") for i, port in enumerate(ports)]
 
     def visible(agency: str) -> bool:
         try:
@@ -309,7 +319,8 @@ def failover(settings: Settings, kills: int = 6, rate: float = 200.0) -> dict[st
                     time.sleep(0.05)
                 rounds.append({"killed": "merger" if k % 2 == 0 else "worker", **seen})
                 progress(f"failover {k + 1}/{kills}: {rounds[-1]}")
-                procs[victim] = _worker(env, ports[victim])  # as a supervisor restarts it
+                # As a supervisor restarts it.
+                procs[victim] = _worker(env, ports[victim], logs / f"worker{victim}.log")
     finally:
         _stop(procs)
         client.close()
@@ -321,6 +332,7 @@ def failover(settings: Settings, kills: int = 6, rate: float = 200.0) -> dict[st
         "rate": rate,
         "session_timeout_ms": settings.worker_session_timeout_ms,
         "rounds": rounds,
+        "worker_logs": str(logs),
         "killed_partition_s": {
             "p50": round(statistics.median(times), 2) if times else None,
             "max": max(times) if times else None,

@@ -172,3 +172,27 @@ def test_the_merger_stays_and_a_survivor_replaces_a_lost_one() -> None:
     out = _assign({"c": {"owned": [3, 4, 5]}, "a": {}})
     assert out["c"]["c"] == list(range(6))
     assert out["c"]["d"] == [3, 4, 5] or len(out["c"]["d"]) == 3
+
+
+def test_a_local_shard_is_read_live_and_its_own_partials_do_not_replace_it(registry: Registry) -> None:
+    events = _events(registry, 12)
+    t0 = int(dt.datetime(2026, 3, 31, 22, 0, tzinfo=VN).timestamp() * US)
+    shard = EntityAggregator(DOSSIER, t0)
+    whole = Engine(registry, t0)
+    engine, merged = _merger(registry, t0)
+    merged.bind_local(0, shards.Stamp(4, 7, shards.LOCAL_SEQ), shard)
+    early = shards.encode_partial(DOSSIER.topic, 0, shards.Stamp(4, 7, 1), shard)
+    for key, parsed in events:
+        shard.apply(key, parsed)
+        whole.apply(DOSSIER.topic, key, parsed)
+    merged.take_local(shard)
+    assert shards.peek(early) == ("", DOSSIER.topic, 0, shards.Stamp(4, 7, 1))
+    assert not merged.apply_partial(shards.decode_partial(early))  # its own, read back: older
+    assert _dossier_snapshots(engine) == _dossier_snapshots(whole)  # live, not as of the partial
+    # A later owner's partial (the partition moved away and back) replaces the live view.
+    other = EntityAggregator(DOSSIER, t0)
+    assert merged.apply_partial(
+        shards.decode_partial(shards.encode_partial(DOSSIER.topic, 0, shards.Stamp(5, 1, 1), other))
+    )
+    # Scopes once seen stay published (as one engine keeps them), now with nothing counted.
+    assert {v[0] for v in _dossier_snapshots(engine).values()} <= {0.0, None}
