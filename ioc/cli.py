@@ -106,6 +106,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="small sizes (a smoke test for CI)")
     bench.add_argument("--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink")
     bench.add_argument(
+        "--broker",
+        choices=["kafka", "tansu"],
+        default=None,
+        help="the embedded broker to measure (default IOC_EMBEDDED_BROKER: Kafka where it can run)",
+    )
+    bench.add_argument(
         "--json", type=Path, default=None, help="where to write the figures (default artifacts/bench-<time>.json)"
     )
     soak = sub.add_parser("soak", help="a steady stream through real worker and API processes: memory over time")
@@ -244,7 +250,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "bench":
         from ioc.bench.harness import main as bench
 
-        return bench(args.events, args.quick, args.only, args.json)
+        return bench(args.events, args.quick, args.only, args.json, args.broker)
     if args.command == "soak":
         from ioc.bench.soak import Plan
         from ioc.bench.soak import main as soak

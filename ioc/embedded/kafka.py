@@ -198,11 +198,6 @@ class EmbeddedKafka(EmbeddedProcess):
         return f"{self.host}:{self._port}"
 
     @property
-    def pid(self) -> int | None:
-        """The JVM's process id while it runs."""
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
-
-    @property
     def log_dir(self) -> Path:
         """Where the broker keeps its topics' data."""
         return self.data_dir or self._dir() / "data"

@@ -5,26 +5,33 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections.abc import Callable
+from pathlib import Path
 
 import psycopg
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
 from ioc.db.migrate import Storage, drop_expired, ensure_partitions, migrate, storage_of
-from ioc.embedded.broker import EmbeddedBroker, create_topics, ensure_topics
+from ioc.embedded.broker import EmbeddedBroker, create_topics, embedded_broker, ensure_topics, run_sync, topic_configs
+from ioc.embedded.kafka import EmbeddedKafka, unavailable_reason
 from ioc.embedded.postgres import EmbeddedPostgres, create_database, drop_database
 from ioc.errors import EmbeddedServiceError
-from ioc.settings import ALL_TOPICS, TOPIC_ALERTS, TOPIC_KPI, Settings
+from ioc.settings import ALL_TOPICS, TOPIC_ALERTS, TOPIC_DEADLETTER, TOPIC_KPI, Settings
 
 pytestmark = pytest.mark.integration
+#: Tests of what only Apache Kafka does (the tansu fallback lacks it).
+kafka_only = pytest.mark.skipif(
+    unavailable_reason() is not None, reason=f"Apache Kafka cannot run here: {unavailable_reason()}"
+)
 
 UTC = dt.UTC
 TABLES = {"kpi_latest", "kpi_history", "dossier_state", "incident_state", "sensor_reading"}
 
 
 async def _partitions(bootstrap: str, names: list[str]) -> dict[str, int]:
-    """Partition counts of the topics that exist (ask for all: tansu auto-creates named ones)."""
+    """Partition counts of the topics that exist (ask for all: a broker may auto-create named ones)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await admin.start()
     try:
@@ -88,14 +95,8 @@ async def test_a_message_round_trips_through_a_created_topic(kafka_bootstrap: st
         sent = await producer.send_and_wait(topic, b'{"hello": "Ngh\xe1\xbb\x87 An"}', key=b"station-1")
     finally:
         await producer.stop()
-    # tansu holds a group join for half the session timeout; 6 s is real Kafka's minimum.
     consumer = AIOKafkaConsumer(
-        topic,
-        bootstrap_servers=kafka_bootstrap,
-        group_id=f"{topic_prefix}g",
-        auto_offset_reset="earliest",
-        session_timeout_ms=6000,
-        heartbeat_interval_ms=1000,
+        topic, bootstrap_servers=kafka_bootstrap, group_id=f"{topic_prefix}g", auto_offset_reset="earliest"
     )
     await consumer.start()
     try:
@@ -104,6 +105,90 @@ async def test_a_message_round_trips_through_a_created_topic(kafka_bootstrap: st
         await consumer.stop()
     assert (record.key, record.value) == (b"station-1", '{"hello": "Nghệ An"}'.encode())
     assert (record.partition, record.offset) == (sent.partition, sent.offset)
+
+
+async def _topic_configs(bootstrap: str, topic: str) -> dict[str, str]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        [response] = await admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)])
+    finally:
+        await admin.close()
+    [resource] = response.to_object()["resources"]
+    return {c["config_names"]: c["config_value"] for c in resource["config_entries"]}
+
+
+@kafka_only
+async def test_contract_topics_are_created_with_their_retention_and_compaction(
+    make_settings: Callable[..., Settings],
+) -> None:
+    settings = make_settings(database_url="unused")
+    ensure_topics(settings)
+    for topic in ALL_TOPICS:
+        configs = await _topic_configs(settings.kafka_bootstrap, settings.topic(topic))
+        assert configs.items() >= topic_configs(topic, 1).items(), topic
+    kpi = await _topic_configs(settings.kafka_bootstrap, settings.topic(TOPIC_KPI))
+    assert kpi["cleanup.policy"] == "compact"
+    dead = await _topic_configs(settings.kafka_bootstrap, settings.topic(TOPIC_DEADLETTER))
+    assert (dead["cleanup.policy"], int(dead["retention.ms"])) == ("delete", 30 * 86_400_000)
+    assert topic_configs(TOPIC_KPI, 3)["min.insync.replicas"] == "2"
+
+
+async def _round_trip(bootstrap: str, topic: str, value: bytes | None = None) -> list[bytes]:
+    """Produce ``value`` (if given), then every value the topic holds, read without a group."""
+    if value is not None:
+        producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+        await producer.start()
+        try:
+            await producer.send_and_wait(topic, value, key=b"k")
+        finally:
+            await producer.stop()
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest")
+    await consumer.start()
+    try:
+        batch = await consumer.getmany(timeout_ms=5000)
+        return [r.value for records in batch.values() for r in records]
+    finally:
+        await consumer.stop()
+
+
+@kafka_only
+async def test_kafka_with_a_data_dir_keeps_topics_and_records_across_restarts(tmp_path: Path) -> None:
+    data = tmp_path / "kafka-data"
+    with EmbeddedKafka(data_dir=data) as kafka:
+        await create_topics(kafka.bootstrap, ["kept"], partitions=1)
+        assert await _round_trip(kafka.bootstrap, "kept", b"before the restart") == [b"before the restart"]
+        first_pid = kafka.pid
+    assert (data / "meta.properties").exists()
+    with EmbeddedKafka(data_dir=data) as kafka:
+        assert kafka.pid != first_pid
+        assert await _round_trip(kafka.bootstrap, "kept") == [b"before the restart"]
+    assert (data / "meta.properties").exists()  # stop() removes the temp dir, never the data dir
+
+
+@kafka_only
+def test_kafka_runs_with_a_bounded_heap_and_goes_when_stopped() -> None:
+    kafka = EmbeddedKafka().start()
+    pid = kafka.pid
+    assert pid is not None
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert b"-Xmx512m" in argv and b"kafka.Kafka" in argv
+    kafka.stop()
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_the_tansu_fallback_still_serves_aiokafka(topic_prefix: str) -> None:
+    try:
+        broker = embedded_broker("tansu").start()
+    except EmbeddedServiceError as exc:
+        pytest.skip(f"no tansu binary here: {exc}")
+    try:
+        topic = f"{topic_prefix}fallback"
+        run_sync(lambda: create_topics(broker.bootstrap, [topic], partitions=2))
+        assert run_sync(lambda: _round_trip(broker.bootstrap, topic, b"on tansu")) == [b"on tansu"]
+    finally:
+        broker.stop()
 
 
 # --- PostgreSQL ----------------------------------------------------------------------------
