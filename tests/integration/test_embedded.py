@@ -1,4 +1,4 @@
-"""The embedded broker and PostgreSQL, topic creation, and the migration on plain PostgreSQL."""
+"""The embedded broker and PostgreSQL, topic creation, and the migration on each storage flavour."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ from ioc.errors import EmbeddedServiceError
 from ioc.settings import ALL_TOPICS, TOPIC_ALERTS, TOPIC_DEADLETTER, TOPIC_KPI, Settings
 
 pytestmark = pytest.mark.integration
+#: Tests of one storage flavour (the server's TimescaleDB, if preloaded, decides which runs).
+plain_postgresql = pytest.mark.storage("postgresql")
+timescaledb = pytest.mark.storage("timescaledb")
 #: Tests of what only Apache Kafka does (the tansu fallback lacks it).
 kafka_only = pytest.mark.skipif(
     unavailable_reason() is not None, reason=f"Apache Kafka cannot run here: {unavailable_reason()}"
@@ -228,6 +231,7 @@ def test_created_database_can_be_dropped_while_in_use(postgres_admin_url: str) -
         assert admin.execute("SELECT 1 FROM pg_database WHERE datname = 'ioc_test_dropme'").fetchone() is None
 
 
+@plain_postgresql
 def test_migrate_creates_the_tables_on_plain_postgresql(database_url: str) -> None:
     with psycopg.connect(database_url) as conn:
         rows = conn.execute(
@@ -238,6 +242,7 @@ def test_migrate_creates_the_tables_on_plain_postgresql(database_url: str) -> No
         assert storage_of(conn) is Storage.POSTGRESQL
 
 
+@plain_postgresql
 def test_migrate_creates_daily_utc_partitions_around_today(database_url: str) -> None:
     today = dt.datetime.now(UTC).date()
     with psycopg.connect(database_url) as conn:
@@ -260,6 +265,7 @@ def test_migrate_creates_daily_utc_partitions_around_today(database_url: str) ->
         assert row == (f"sensor_reading_{today:%Y%m%d}",)
 
 
+@plain_postgresql
 def test_migrating_twice_is_harmless(database_url: str) -> None:
     with psycopg.connect(database_url, autocommit=True) as conn:
         conn.execute(
@@ -273,6 +279,7 @@ def test_migrating_twice_is_harmless(database_url: str) -> None:
         assert conn.execute("SELECT value FROM kpi_latest").fetchall() == [(0.9,)]
 
 
+@plain_postgresql
 def test_drop_expired_drops_old_partitions_and_their_rows(database_url: str) -> None:
     today = dt.datetime.now(UTC).date()
     old = today - dt.timedelta(days=40)
@@ -294,6 +301,7 @@ def test_drop_expired_drops_old_partitions_and_their_rows(database_url: str) -> 
         assert conn.execute("SELECT event_id FROM sensor_reading").fetchall() == [("e-now",)]
 
 
+@plain_postgresql
 def test_drop_expired_also_clears_old_rows_of_the_default_partition(database_url: str) -> None:
     today = dt.datetime.now(UTC).date()
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -305,6 +313,7 @@ def test_drop_expired_also_clears_old_rows_of_the_default_partition(database_url
         assert conn.execute("SELECT count(*) FROM sensor_reading_default").fetchone() == (0,)
 
 
+@plain_postgresql
 def test_a_day_whose_rows_sit_in_the_default_partition_is_left_there(database_url: str) -> None:
     day = dt.datetime.now(UTC).date() - dt.timedelta(days=20)
     with psycopg.connect(database_url, autocommit=True) as conn:
@@ -316,3 +325,64 @@ def test_a_day_whose_rows_sit_in_the_default_partition_is_left_there(database_ur
         assert conn.execute("SELECT tableoid::regclass::text FROM sensor_reading").fetchall() == [
             ("sensor_reading_default",)
         ]
+
+
+def test_migrate_succeeds_and_says_nothing_of_timescaledb_where_it_is_absent(
+    postgres_admin_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with psycopg.connect(postgres_admin_url) as conn:
+        installed = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
+    if installed:
+        pytest.skip("TimescaleDB is installed on this server")
+    url = create_database(postgres_admin_url, "ioc_test_no_timescale")
+    try:
+        with caplog.at_level("WARNING", logger="ioc.db.migrate"):
+            assert migrate(url) is Storage.POSTGRESQL
+        assert caplog.records == []
+    finally:
+        drop_database(postgres_admin_url, "ioc_test_no_timescale")
+
+
+@timescaledb
+def test_migrate_on_timescaledb_makes_hypertables_policies_and_the_hourly_aggregate(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert storage_of(conn) is Storage.TIMESCALEDB
+        hypertables = dict(
+            conn.execute(
+                "SELECT hypertable_name, compression_enabled FROM timescaledb_information.hypertables"
+                " WHERE hypertable_schema = 'public'"
+            ).fetchall()
+        )
+        assert hypertables == {"kpi_history": True, "sensor_reading": True}
+        jobs = set(
+            conn.execute(
+                "SELECT proc_name, hypertable_name FROM timescaledb_information.jobs WHERE hypertable_name IS NOT NULL"
+            ).fetchall()
+        )
+        for table in ("kpi_history", "sensor_reading"):
+            assert {("policy_compression", table), ("policy_retention", table)} <= jobs
+        aggregate = conn.execute(
+            "SELECT materialization_hypertable_name FROM timescaledb_information.continuous_aggregates"
+            " WHERE view_name = 'kpi_hourly'"
+        ).fetchone()
+        assert aggregate is not None
+        assert {p for p, _ in jobs} >= {"policy_refresh_continuous_aggregate"}
+        # Migrating again changes nothing and keeps the flavour.
+        before = conn.execute("SELECT count(*) FROM timescaledb_information.jobs").fetchone()
+        assert migrate(database_url) is Storage.TIMESCALEDB
+        assert conn.execute("SELECT count(*) FROM timescaledb_information.jobs").fetchone() == before
+        # Rows go into chunks, and history reads them back through time_bucket.
+        conn.execute(
+            "INSERT INTO kpi_history (as_of, kpi, scope, win, value, seq) VALUES (now(), 'k', 'province', 'now', 1, 1)"
+        )
+        bucket = conn.execute(
+            "SELECT time_bucket(INTERVAL '1 hour', as_of), value FROM kpi_history WHERE kpi = 'k'"
+        ).fetchone()
+        assert bucket is not None and bucket[1] == 1
+
+
+@timescaledb
+def test_the_embedded_postgresql_preloads_timescaledb_where_it_is_installed(postgres_admin_url: str) -> None:
+    with psycopg.connect(postgres_admin_url) as conn:
+        row = conn.execute("SHOW shared_preload_libraries").fetchone()
+    assert row is not None and "timescaledb" in row[0]
