@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -179,6 +181,32 @@ def test_kafka_runs_with_a_bounded_heap_and_goes_when_stopped() -> None:
     assert b"-Xmx512m" in argv and b"kafka.Kafka" in argv
     kafka.stop()
     assert not Path(f"/proc/{pid}").exists()
+
+
+@kafka_only
+async def test_two_members_of_one_group_share_the_partitions(kafka_bootstrap: str, topic_prefix: str) -> None:
+    topic = f"{topic_prefix}shared"
+    await create_topics(kafka_bootstrap, [topic], partitions=4)
+
+    def member() -> AIOKafkaConsumer:
+        return AIOKafkaConsumer(topic, bootstrap_servers=kafka_bootstrap, group_id=f"{topic_prefix}pair")
+
+    first, second = member(), member()
+    await first.start()
+    await second.start()
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            # getmany drives each member's part of the group protocol (join, sync, heartbeats).
+            await asyncio.gather(first.getmany(timeout_ms=200), second.getmany(timeout_ms=200))
+            owned = [first.assignment(), second.assignment()]
+            if all(len(parts) == 2 for parts in owned):
+                break
+            assert time.monotonic() < deadline, f"no rebalance to 2 + 2 partitions: {owned}"
+        assert owned[0].isdisjoint(owned[1])
+    finally:
+        await first.stop()
+        await second.stop()
 
 
 def test_the_tansu_fallback_still_serves_aiokafka(topic_prefix: str) -> None:
