@@ -140,6 +140,26 @@ def fetch_jars(*, quiet: bool = True) -> Path:
     return target / "libs"
 
 
+#: Temp dirs of embedded brokers, and the file in each naming the process that owns it.
+TEMP_PREFIX = "ioc-kafka-"
+OWNER_FILE = "owner.pid"
+
+
+def _sweep_orphans() -> None:
+    """Remove the temp dirs whose owner died without stopping its broker (killed: the broker then
+    stopped by itself, as a child that dies with its parent, but nobody removed its log)."""
+    for path in Path(tempfile.gettempdir()).glob(f"{TEMP_PREFIX}*"):
+        try:
+            owner = int((path / OWNER_FILE).read_text())
+            os.kill(owner, 0)
+        except ProcessLookupError:
+            if time.time() - path.stat().st_mtime > 60:  # not one being set up right now
+                shutil.rmtree(path, ignore_errors=True)
+                log.info("removed %s, left by process %d", path, owner)
+        except (OSError, ValueError):  # not ours to judge: another user's, or no owner file yet
+            continue
+
+
 def random_cluster_id() -> str:
     """A KRaft cluster id as ``kafka-storage random-uuid`` makes one (URL-safe base64 of 16 bytes)."""
     while True:
@@ -241,7 +261,9 @@ class EmbeddedKafka(EmbeddedProcess):
 
     def _dir(self) -> Path:
         if self._tmp is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix="ioc-kafka-"))
+            _sweep_orphans()
+            self._tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX))
+            (self._tmp / OWNER_FILE).write_text(f"{os.getpid()}\n")
         return self._tmp
 
     def _jvm(self, java: str, classpath: str, heap_mb: int) -> list[str]:

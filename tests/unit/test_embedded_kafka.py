@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -129,3 +132,26 @@ def test_cluster_ids_look_like_kafkas() -> None:
     assert len(ids) == 200
     for cluster_id in ids:
         assert re.fullmatch(r"[A-Za-z0-9_-]{22}", cluster_id) and not cluster_id.startswith("-")
+
+
+def test_temp_dirs_of_dead_owners_are_swept_and_others_kept(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(kafka.tempfile, "gettempdir", lambda: str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+
+    def made(name: str, owner: int | None, age_s: float) -> Path:
+        path = tmp_path / f"{kafka.TEMP_PREFIX}{name}"
+        (path / "data").mkdir(parents=True)
+        if owner is not None:
+            (path / kafka.OWNER_FILE).write_text(f"{owner}\n")
+        then = time.time() - age_s
+        os.utime(path, (then, then))
+        return path
+
+    orphan = made("orphan", gone.pid, 3600)
+    young = made("young", gone.pid, 0)
+    alive = made("alive", os.getpid(), 3600)
+    unowned = made("unowned", None, 3600)
+    kafka._sweep_orphans()
+    assert not orphan.exists()
+    assert young.exists() and alive.exists() and unowned.exists()
