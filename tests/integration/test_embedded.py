@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,6 +183,44 @@ def test_kafka_runs_with_a_bounded_heap_and_goes_when_stopped() -> None:
     assert b"-Xmx512m" in argv and b"kafka.Kafka" in argv
     kafka.stop()
     assert not Path(f"/proc/{pid}").exists()
+
+
+@kafka_only
+def test_kafka_stops_when_its_parent_is_killed() -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT_OF_KAFKA], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+    )
+    try:
+        assert parent.stdout is not None
+        line = parent.stdout.readline()
+        assert line.strip().isdigit(), f"the parent did not start Kafka: {line!r}"
+        jvm = int(line)
+        assert _runs_kafka(jvm)
+    finally:
+        parent.kill()  # no chance to stop its broker: the kernel tells the JVM
+        parent.wait()
+    deadline = time.monotonic() + 60
+    while _runs_kafka(jvm):
+        assert time.monotonic() < deadline, "the JVM outlived its parent by 60 s"
+        time.sleep(0.2)
+
+
+def _runs_kafka(pid: int) -> bool:
+    """Whether ``pid`` is a live Kafka JVM (a zombie's command line is empty)."""
+    try:
+        return b"kafka.Kafka" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+#: A process that starts an embedded Kafka, prints the JVM's pid and waits to be killed.
+PARENT_OF_KAFKA = """
+import sys, time
+from ioc.embedded.kafka import EmbeddedKafka
+kafka = EmbeddedKafka().start()
+print(kafka.pid, flush=True)
+time.sleep(600)
+"""
 
 
 @kafka_only
