@@ -114,6 +114,12 @@ def _parser() -> argparse.ArgumentParser:
         "--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink (and workers,failover)"
     )
     bench.add_argument(
+        "--broker",
+        choices=["kafka", "tansu"],
+        default=None,
+        help="the embedded broker to measure (default IOC_EMBEDDED_BROKER: Kafka where it can run)",
+    )
+    bench.add_argument(
         "--json", type=Path, default=None, help="where to write the figures (default artifacts/bench-<time>.json)"
     )
     soak = sub.add_parser("soak", help="a steady stream through real worker and API processes: memory over time")
@@ -257,7 +263,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "bench":
         from ioc.bench.harness import main as bench
 
-        return bench(args.events, args.quick, args.only, args.json)
+        return bench(args.events, args.quick, args.only, args.json, args.broker)
     if args.command == "soak":
         from ioc.bench.soak import Plan
         from ioc.bench.soak import main as soak

@@ -25,20 +25,18 @@ TOPIC_KPI = "ioc.kpi.updates"
 TOPIC_ALERTS = "ioc.alerts"
 INPUT_TOPICS = (TOPIC_DOSSIER, TOPIC_CYBER, TOPIC_SENSOR)
 
-#: How long a consumer lets the broker hold a fetch that has nothing to return (aiokafka's default
-#: is 500 ms), for the worker's input and the API's feed. Kafka answers a waiting fetch as soon as a
-#: record arrives (``fetch_min_bytes`` 1), so there this only sets how often an idle consumer asks
-#: again (50 times a second, cheap); the embedded broker (tansu) answers on its own schedule within
-#: the wait, which delayed every event by up to that much. Measured against it (produce → getmany,
-#: 3 partitions): 500 ms wait: median 128 / max 250 ms; 20 ms: 3 / 13 ms, ~3 % of a core while idle.
-FETCH_MAX_WAIT_MS = 20
+#: How long a consumer lets the broker hold a fetch that has nothing to return (aiokafka's default),
+#: for the worker's input and the API's feed. Kafka answers a waiting fetch as soon as a record
+#: arrives (``fetch_min_bytes`` 1), so this only sets how often an idle consumer asks again.
+#: Measured on the embedded Kafka (produce → getmany, 3 partitions, 200 records at 50/s): 500 ms:
+#: median 2.3 ms, max 41 ms, 0.2 % of a core while idle; 20 ms: 2.2 / 17 ms, 2.4 %. (The tansu
+#: fallback answers on its own schedule within the wait: there, 500 ms delays events by ~130 ms.)
+FETCH_MAX_WAIT_MS = 500
 ALL_TOPICS = (*INPUT_TOPICS, TOPIC_DEADLETTER, TOPIC_KPI, TOPIC_ALERTS)
 #: Topics created with a single partition whatever IOC_TOPIC_PARTITIONS says: every API process
 #: reads all of them (no consumer group), so partitions would add no parallelism, and one keeps
-#: each emission's updates in order. It also spares the embedded broker, whose fetches slow down
-#: as record batches pile up in a topic: an emission writes one batch per partition, and with 6
-#: partitions the API's feed of `ioc dev` went from a p99 of 44 ms to 1.4 s within 7 minutes
-#: (docs/performance.md, "Fourth round").
+#: each emission's updates in order. (On the tansu fallback it also spares a broker whose fetches
+#: slowed as record batches piled up in a topic: docs/performance.md, "Fourth round".)
 SINGLE_PARTITION_TOPICS = (TOPIC_KPI, TOPIC_ALERTS)
 
 

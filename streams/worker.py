@@ -189,7 +189,8 @@ class Ingest:
             fetch_max_bytes=64 << 20,
             max_partition_fetch_bytes=8 << 20,
             fetch_max_wait_ms=cfg.FETCH_MAX_WAIT_MS,
-            # Kafka's minimum session timeout: a restarted worker rejoins (and its partitions move) quickly.
+            # Kafka's minimum session timeout by default: a crashed worker's partitions move (or its
+            # restart rejoins) within it; a clean stop leaves the group at once anyway.
             # Also how long a SIGKILLed worker's partitions wait before they move (no static
             # membership: a dead member leaves the group at its session timeout).
             session_timeout_ms=self.settings.worker_session_timeout_ms,
@@ -875,7 +876,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> tuple[fa
         topic_allow_declare=True,
         consumer_auto_offset_reset="latest",
         producer_acks=-1,
-        # Faust's default 60 s session makes a group join take ~30 s on the embedded broker.
+        # Kafka's minimum session, as for the ingest consumer: a crashed worker's membership ends
+        # within 6 s, so its restart rejoins at once instead of after Faust's default 60 s.
         broker_session_timeout=CONSUMER_SESSION_TIMEOUT_MS / 1000,
         broker_heartbeat_interval=CONSUMER_SESSION_TIMEOUT_MS / 3000,
     )

@@ -116,7 +116,21 @@ def _cpu_per_delivery(r: dict[str, Any], server: str) -> str:
 def table(results: dict[str, Any]) -> str:
     """The figures and goals as plain-text tables."""
     machine = results["machine"]
-    lines = [f"ioc bench — {machine['cpus']} CPUs, {machine['python']}, {machine.get('event_loop', 'asyncio')}", ""]
+    lines = [f"ioc bench — {machine['cpus']} CPUs, {machine['python']}, {machine.get('event_loop', 'asyncio')}"]
+    if bp := results.get("broker_process"):
+        memory = ", ".join(
+            f"{label} {bp[key]['rss_mib']:,.0f} MiB"
+            for key, label in (("at_start", "RSS at start"), ("at_end", "at end"))
+            if bp.get(key, {}).get("rss_mib") is not None
+        )
+        peak = bp.get("at_end", {}).get("peak_rss_mib")
+        started = f", ready in {bp['start_s']} s" if "start_s" in bp else ""
+        lines.append(
+            f"broker: {bp.get('kind')}{started}"
+            + (f"; {memory}" if memory else "")
+            + (f", peak {peak:,.0f} MiB" if peak else "")
+        )
+    lines.append("")
     rows: list[tuple[str, str]] = []
     if b := results.get("baseline"):
         rows.append(("baseline: plain aiokafka consumer + msgspec decode", f"{b['events_per_s']:,.0f} events/s"))
@@ -177,19 +191,55 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def rss_mib(pid: int) -> dict[str, float]:
+    """Resident memory of a process now and at its peak (``VmRSS``, ``VmHWM``), in MiB."""
+    found: dict[str, float] = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                found["rss_mib" if name == "VmRSS" else "peak_rss_mib"] = round(int(value.split()[0]) / 1024, 1)
+    return found
+
+
 @contextlib.contextmanager
-def services(settings: Settings) -> Iterator[tuple[str, str]]:
-    """(bootstrap, database admin URL): ``IOC_KAFKA_BOOTSTRAP``/``IOC_DATABASE_URL`` when set, else embedded ones."""
+def services(settings: Settings, broker_info: dict[str, Any] | None = None) -> Iterator[tuple[str, str]]:
+    """(bootstrap, database admin URL): ``IOC_KAFKA_BOOTSTRAP``/``IOC_DATABASE_URL`` when set, else embedded ones.
+
+    ``broker_info`` is filled with what the embedded broker is, how long it took to start, and
+    (when the block ends) its memory.
+    """
+    info = broker_info if broker_info is not None else {}
     with contextlib.ExitStack() as stack:
         bootstrap = os.environ.get("IOC_KAFKA_BOOTSTRAP")
         database = os.environ.get("IOC_DATABASE_URL")
-        if not bootstrap:
+        if bootstrap:
+            info["kind"] = "external"
+        else:
             from ioc.embedded.broker import embedded_broker
+            from ioc.embedded.kafka import EmbeddedKafka, kafka_version
 
             progress("starting the embedded broker")
             broker = embedded_broker(settings.embedded_broker)
+            began = time.monotonic()
             stack.enter_context(broker)
+            info["start_s"] = round(time.monotonic() - began, 2)
+            info["kind"] = f"kafka {kafka_version()}" if isinstance(broker, EmbeddedKafka) else "tansu"
+            if isinstance(broker, EmbeddedKafka):
+                info["jvm_ready_s"] = round(broker.start_seconds or 0.0, 2)
+                info["heap_max_mib"] = broker.heap_mb
             bootstrap = broker.bootstrap
+            pid = broker.pid
+            if pid is not None:
+                pipeline.BROKER_PIDS.add(pid)
+                info["at_start"] = rss_mib(pid)
+
+                @stack.callback
+                def _at_end() -> None:  # before the broker stops (callbacks run last in, first out)
+                    info["at_end"] = rss_mib(pid)
+                    pipeline.BROKER_PIDS.discard(pid)
+
+            progress(f"broker: {info['kind']}, ready in {info['start_s']} s")
         if not database:
             from ioc.embedded.postgres import EmbeddedPostgres
 
@@ -218,8 +268,11 @@ def run(
     quick: bool = False,
     only: tuple[str, ...] = SECTIONS,
     json_path: Path | None = None,
+    broker: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Run the chosen sections; returns the results and where their JSON was written."""
+    """Run the chosen sections; returns the results and where their JSON was written.
+
+    ``broker``: the embedded broker to start (``kafka`` or ``tansu``; default IOC_EMBEDDED_BROKER)."""
     from ioc.embedded.broker import ensure_topics
     from ioc.loop import install as install_loop
 
@@ -244,7 +297,11 @@ def run(
     }
     own_db = not os.environ.get("IOC_DATABASE_URL")
     run_id = secrets.token_hex(3)
-    with services(Settings()) as (bootstrap, admin_url):
+    base = Settings()
+    if broker is not None:
+        base = base.model_copy(update={"embedded_broker": broker})
+    results["broker_process"] = {}
+    with services(base, results["broker_process"]) as (bootstrap, admin_url):
         results["broker"] = bootstrap
 
         def settings_for(section: str, database: str, **extra: Any) -> Settings:
@@ -322,7 +379,7 @@ def run(
     return results, path
 
 
-def main(events: int | None, quick: bool, only: str | None, json_path: Path | None) -> int:
+def main(events: int | None, quick: bool, only: str | None, json_path: Path | None, broker: str | None = None) -> int:
     """The CLI entry: run, print the table and the JSON path."""
     chosen = tuple(s.strip() for s in only.split(",")) if only else SECTIONS
     unknown = [s for s in chosen if s not in SECTIONS + SCALE_SECTIONS]
@@ -333,7 +390,7 @@ def main(events: int | None, quick: bool, only: str | None, json_path: Path | No
         )
         return 2
     started = time.monotonic()
-    results, path = run(events=events, quick=quick, only=chosen, json_path=json_path)
+    results, path = run(events=events, quick=quick, only=chosen, json_path=json_path, broker=broker)
     print(table(results))
     print(f"\nfigures: {path} ({time.monotonic() - started:.0f} s)")
     return 0
