@@ -143,9 +143,9 @@ def test_a_crash_between_publishing_and_writing_snapshots_never_reuses_a_seq(
         await second.start()
         try:
             while not second.merger:  # the group's assignment makes it the merger (docs/scaling.md)
-                batch = await second._gather(500)
-                if batch:
-                    await second.process(batch)
+                fetched = await second._gather(500)
+                if fetched:
+                    await second.process(fetched)
             await second.emit()
         finally:
             await second.stop()

@@ -60,7 +60,7 @@ def _caught_up(loop: asyncio.AbstractEventLoop, settings: Settings, workers: lis
         time.sleep(1)
 
 
-def _assert_equal_to_replay(loop: asyncio.AbstractEventLoop, settings: Settings, path: Path) -> dict[str, Any]:
+def _assert_equal_to_replay(loop: asyncio.AbstractEventLoop, settings: Settings, path: Path) -> dict[Any, Any]:
     expected, in_database, on_topic = checks.agreed(loop, settings, settings.database_url, path, within_s=60)
     assert expected
     assert in_database == {}
@@ -154,7 +154,7 @@ async def _slow_flush_then_rebalance(
         time.sleep(3.0)
         return real_write(conn, changes)
 
-    sink.write_changes = slow_write  # type: ignore[assignment]
+    sink.write_changes = slow_write
     ingest = Ingest(settings, load_registry())
     other: subprocess.Popen[bytes] | None = None
     try:
@@ -168,7 +168,7 @@ async def _slow_flush_then_rebalance(
         while ingest.rebalances == rebalances:
             assert time.monotonic() < deadline, "no rebalance in 90 s"
             await asyncio.sleep(0.2)
-        sink.write_changes = real_write  # type: ignore[assignment]
+        sink.write_changes = real_write
         deadline = time.monotonic() + 300
         while await checks.lag(settings) > 0:
             assert time.monotonic() < deadline, "no catch-up in 300 s"
@@ -179,7 +179,7 @@ async def _slow_flush_then_rebalance(
         return {"rebalances": ingest.rebalances, "records": ingest.stats["records"], "total": total,
                 "commit_failures": ingest.stats["commit_failures"]}  # fmt: skip
     finally:
-        sink.write_changes = real_write  # type: ignore[assignment]
+        sink.write_changes = real_write
         await ingest.stop()
         if other is not None:
             _stop([other])

@@ -158,7 +158,7 @@ def _assign(members: dict[str, dict[str, object]]) -> dict[str, dict[str, list[i
     assignor = shards.assignor_for("d")
     topics = ["d", "c", "s"]
     metas = {m: ConsumerProtocolMemberMetadata(0, topics, json.dumps(info).encode()) for m, info in members.items()}
-    out = assignor.assign(_Cluster({"d": 6, "c": 6, "s": 6}), metas)  # type: ignore[arg-type]
+    out = assignor.assign(_Cluster({"d": 6, "c": 6, "s": 6}), metas)
     return {m: dict(a.assignment) for m, a in out.items()}
 
 
