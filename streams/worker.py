@@ -272,6 +272,9 @@ class Ingest:
                 log.info("no longer the merger")
                 self.merger = False
                 self.engine = self._merger_engine()
+                # Alerts are the merger's: forgotten here, so operator steps read from ioc.alerts
+                # are not notified twice (the new merger notifies them).
+                self.alerting.reset()
             if self.merger:
                 merged = self.engine.dossiers
                 assert isinstance(merged, shards.MergedAggregator)
