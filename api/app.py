@@ -33,6 +33,7 @@ from api.feed import Feed
 from api.ingest import install as install_ingest
 from api.live import LiveState, snapshot_item
 from api.report_routes import report_router
+from api.workers import WorkerGroup
 from api.ws import WsLimits, websocket_endpoint
 from api.ws_protocol import DirectWebSocketRoute
 from ioc.loop import settle_heap
@@ -319,6 +320,8 @@ def create_app(
         """Liveness: the process answers."""
         return {"status": "ok"}
 
+    worker_group = WorkerGroup(settings)
+
     @app.get(
         "/readyz",
         tags=["operations"],
@@ -342,6 +345,7 @@ def create_app(
             "broker": broker,
             "feed": ctx.feed.status(),
             "clients": broadcaster.subscriber_count,
+            "workers": await worker_group.status() if broker == "ok" and connect else None,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
