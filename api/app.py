@@ -245,7 +245,7 @@ def create_app(
     app.add_exception_handler(psycopg.OperationalError, _database_unreachable)
     app.add_middleware(HttpMetrics, requests=metrics.http_requests, routes=app.router.routes)
 
-    app.include_router(operations.router(ctx))
+    app.include_router(operations.router(ctx, connect=connect))
     app.include_router(kpis.router(ctx))
     app.include_router(registries.router(ctx))
     app.include_router(alerts.router(ctx))

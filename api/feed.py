@@ -146,7 +146,10 @@ class Feed:
 
     async def _partitions(self, consumer: AIOKafkaConsumer) -> list[TopicPartition]:
         while True:
-            existing = await consumer.topics()  # refreshes the cluster metadata
+            existing = await consumer.topics()  # asks the cluster, but into a metadata copy of its own
+            if self.kpi_topic in existing and consumer.partitions_for_topic(self.kpi_topic) is None:
+                # Kafka's answer to the client's bootstrap lists no topics: load every topic's metadata.
+                await consumer._client.force_metadata_update()
             found: list[TopicPartition] = []
             for topic in (self.kpi_topic, self.alerts_topic):
                 if topic in existing:

@@ -143,6 +143,8 @@ class Readiness(BaseModel):
     broker: str
     feed: dict[str, Any]
     clients: int
+    #: The stream workers' group (api.workers): members, their partitions and lag, the merger.
+    workers: dict[str, Any] | None = None
 
 
 class ErrorBody(BaseModel):

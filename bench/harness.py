@@ -28,6 +28,8 @@ SECTIONS = ("baseline", "throughput", "latency", "fanout", "sink")
 #: Sections run only when named (`--only ingest`, `--only anomaly`): the ingest doors (bench/ingest.py) and
 #: detection quality, not speed (bench/anomaly.py).
 OPTIONAL_SECTIONS = ("ingest", "anomaly")
+#: Run only when named with --only (they start several worker processes: docs/scaling.md).
+SCALE_SECTIONS = ("workers", "failover")
 DEFAULT_EVENTS = 1_000_000
 
 
@@ -124,7 +126,21 @@ def _cpu_per_delivery(r: dict[str, Any], server: str) -> str:
 def table(results: dict[str, Any]) -> str:
     """The figures and goals as plain-text tables."""
     machine = results["machine"]
-    lines = [f"ioc bench — {machine['cpus']} CPUs, {machine['python']}, {machine.get('event_loop', 'asyncio')}", ""]
+    lines = [f"ioc bench — {machine['cpus']} CPUs, {machine['python']}, {machine.get('event_loop', 'asyncio')}"]
+    if bp := results.get("broker_process"):
+        memory = ", ".join(
+            f"{label} {bp[key]['rss_mib']:,.0f} MiB"
+            for key, label in (("at_start", "RSS at start"), ("at_end", "at end"))
+            if bp.get(key, {}).get("rss_mib") is not None
+        )
+        peak = bp.get("at_end", {}).get("peak_rss_mib")
+        started = f", ready in {bp['start_s']} s" if "start_s" in bp else ""
+        lines.append(
+            f"broker: {bp.get('kind')}{started}"
+            + (f"; {memory}" if memory else "")
+            + (f", peak {peak:,.0f} MiB" if peak else "")
+        )
+    lines.append("")
     rows: list[tuple[str, str]] = []
     if b := results.get("baseline"):
         rows.append(("baseline: plain aiokafka consumer + msgspec decode", f"{b['events_per_s']:,.0f} events/s"))
@@ -218,17 +234,55 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def rss_mib(pid: int) -> dict[str, float]:
+    """Resident memory of a process now and at its peak (``VmRSS``, ``VmHWM``), in MiB."""
+    found: dict[str, float] = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                found["rss_mib" if name == "VmRSS" else "peak_rss_mib"] = round(int(value.split()[0]) / 1024, 1)
+    return found
+
+
 @contextlib.contextmanager
-def services(settings: Settings) -> Iterator[tuple[str, str]]:
-    """(bootstrap, database admin URL): ``IOC_KAFKA_BOOTSTRAP``/``IOC_DATABASE_URL`` when set, else embedded ones."""
+def services(settings: Settings, broker_info: dict[str, Any] | None = None) -> Iterator[tuple[str, str]]:
+    """(bootstrap, database admin URL): ``IOC_KAFKA_BOOTSTRAP``/``IOC_DATABASE_URL`` when set, else embedded ones.
+
+    ``broker_info`` is filled with what the embedded broker is, how long it took to start, and
+    (when the block ends) its memory.
+    """
+    info = broker_info if broker_info is not None else {}
     with contextlib.ExitStack() as stack:
         bootstrap = os.environ.get("IOC_KAFKA_BOOTSTRAP")
         database = os.environ.get("IOC_DATABASE_URL")
-        if not bootstrap:
-            from entrypoints.embedded.broker import EmbeddedBroker
+        if bootstrap:
+            info["kind"] = "external"
+        else:
+            from entrypoints.embedded.broker import embedded_broker
+            from entrypoints.embedded.kafka import EmbeddedKafka, kafka_version
 
             progress("starting the embedded broker")
-            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
+            broker = embedded_broker(settings.embedded_broker)
+            began = time.monotonic()
+            stack.enter_context(broker)
+            info["start_s"] = round(time.monotonic() - began, 2)
+            info["kind"] = f"kafka {kafka_version()}" if isinstance(broker, EmbeddedKafka) else "tansu"
+            if isinstance(broker, EmbeddedKafka):
+                info["jvm_ready_s"] = round(broker.start_seconds or 0.0, 2)
+                info["heap_max_mib"] = broker.heap_mb
+            bootstrap = broker.bootstrap
+            pid = broker.pid
+            if pid is not None:
+                pipeline.BROKER_PIDS.add(pid)
+                info["at_start"] = rss_mib(pid)
+
+                @stack.callback
+                def _at_end() -> None:  # before the broker stops (callbacks run last in, first out)
+                    info["at_end"] = rss_mib(pid)
+                    pipeline.BROKER_PIDS.discard(pid)
+
+            progress(f"broker: {info['kind']}, ready in {info['start_s']} s")
         if not database:
             from entrypoints.embedded.postgres import EmbeddedPostgres
 
@@ -257,8 +311,11 @@ def run(
     quick: bool = False,
     only: tuple[str, ...] = SECTIONS,
     json_path: Path | None = None,
+    broker: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
-    """Run the chosen sections; returns the results and where their JSON was written."""
+    """Run the chosen sections; returns the results and where their JSON was written.
+
+    ``broker``: the embedded broker to start (``kafka`` or ``tansu``; default IOC_EMBEDDED_BROKER)."""
     from entrypoints.embedded.broker import ensure_topics
     from ioc.loop import install as install_loop
 
@@ -283,7 +340,11 @@ def run(
     }
     own_db = not os.environ.get("IOC_DATABASE_URL")
     run_id = secrets.token_hex(3)
-    with services(Settings()) as (bootstrap, admin_url):
+    base = Settings()
+    if broker is not None:
+        base = base.model_copy(update={"embedded_broker": broker})
+    results["broker_process"] = {}
+    with services(base, results["broker_process"]) as (bootstrap, admin_url):
         results["broker"] = bootstrap
 
         def settings_for(section: str, database: str, **extra: Any) -> Settings:
@@ -341,6 +402,25 @@ def run(
             s = settings_for("ing", database, api_port=live.free_port())
             ensure_topics(s)
             results["ingest"] = ingest.doors(s, plan.ingest_http_records, plan.ingest_mqtt_records, plan.ingest_probes)
+        if "workers" in only or "failover" in only:
+            from bench import scale
+
+            if "workers" in only:
+                s = settings_for("wk", admin_url)
+                ensure_topics(s)
+                results["workers_backlog"] = asyncio.run(produce_backlog(s, plan.events, label="workers backlog"))
+
+                def workers_settings(n: int) -> Settings:
+                    database = fresh_database(admin_url, f"bench_workers{n}", own_db)
+                    return settings_for("wk", database).model_copy(update={"consumer_group": f"bench-{run_id}-wk{n}"})
+
+                results["workers"] = scale.workers(workers_settings, results["workers_backlog"]["events"])
+                progress(f"workers: {orjson.dumps(results['workers']).decode()}")
+            if "failover" in only:
+                s = settings_for("fo", fresh_database(admin_url, "bench_failover", own_db), api_port=live.free_port())
+                ensure_topics(s)
+                results["failover"] = scale.failover(s)
+                progress(f"failover: {orjson.dumps(results['failover']).decode()}")
     results["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     results["goals"] = judge(results)
     path = json_path or Path("artifacts") / f"bench-{stamp}.json"
@@ -349,12 +429,12 @@ def run(
     return results, path
 
 
-def main(events: int | None, quick: bool, only: str | None, json_path: Path | None) -> int:
+def main(events: int | None, quick: bool, only: str | None, json_path: Path | None, broker: str | None = None) -> int:
     """The CLI entry: run, print the table and the JSON path."""
     chosen = tuple(s.strip() for s in only.split(",")) if only else SECTIONS
-    unknown = [s for s in chosen if s not in SECTIONS + OPTIONAL_SECTIONS]
+    unknown = [s for s in chosen if s not in SECTIONS + OPTIONAL_SECTIONS + SCALE_SECTIONS]
     if unknown:
-        known = ", ".join(SECTIONS + OPTIONAL_SECTIONS)
+        known = ", ".join(SECTIONS + OPTIONAL_SECTIONS + SCALE_SECTIONS)
         print(f"ioc bench: unknown section(s) {', '.join(unknown)}; choose from {known}", file=sys.stderr)
         return 2
     started = time.monotonic()
@@ -371,7 +451,7 @@ def main(events: int | None, quick: bool, only: str | None, json_path: Path | No
         chosen = tuple(s for s in chosen if s != "anomaly")
         if not chosen:
             return 0
-    results, path = run(events=events, quick=quick, only=chosen, json_path=json_path)
+    results, path = run(events=events, quick=quick, only=chosen, json_path=json_path, broker=broker)
     print(table(results))
     print(f"\nfigures: {path} ({time.monotonic() - started:.0f} s)")
     return 0

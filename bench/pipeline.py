@@ -94,8 +94,11 @@ async def _partitions(consumer: AIOKafkaConsumer, topic: str) -> set[int]:
 
 
 #: Processes on this machine whose CPU the throughput section charges to the pipeline, by the start of
-#: their command name (the embedded broker's binary carries its version: ``tansu-v0.6.0-…``).
-SERVICE_COMMANDS: tuple[tuple[str, str], ...] = (("postgres", "postgresql"), ("tansu", "broker"))
+#: their command name.
+SERVICE_COMMANDS: tuple[tuple[str, str], ...] = (("postgres", "postgresql"),)
+#: The embedded broker this run started (`bench.harness.services`), charged as "broker": by pid,
+#: since a JVM's command name (``java``) does not say which JVM it is.
+BROKER_PIDS: set[int] = set()
 
 
 def service_cpu() -> dict[int, tuple[str, float]]:
@@ -109,6 +112,8 @@ def service_cpu() -> dict[int, tuple[str, float]]:
         except OSError:  # gone meanwhile
             continue
         service = next((name for prefix, name in SERVICE_COMMANDS if command.startswith(prefix)), None)
+        if int(entry.name) in BROKER_PIDS:
+            service = "broker"
         if service is not None:
             found[int(entry.name)] = (service, seconds)
     return found

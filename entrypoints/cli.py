@@ -63,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DAYS",
         help="days of past history sent first (default 30; 0: none)",
     )
+    dev.add_argument(
+        "--kafka-data",
+        type=Path,
+        default=None,
+        help="keep the embedded Kafka's log in DIR across restarts (default: IOC_KAFKA_DATA_DIR, else a temp dir)",
+    )
+    dev.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="stream workers in the consumer group (default 1; at most the partitions)",
+    )
 
     sub.add_parser("worker", help="the stream worker (IOC_KAFKA_BOOTSTRAP, IOC_DATABASE_URL)")
     sub.add_parser("api", help="the HTTP/WebSocket API")
@@ -137,7 +149,17 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the performance harness: throughput, latency, fan-out, database writes")
     bench.add_argument("--events", type=int, default=None, help="backlog size for throughput (default 1,000,000)")
     bench.add_argument("--quick", action="store_true", help="small sizes (a smoke test for CI)")
-    bench.add_argument("--only", default=None, help="comma-separated: baseline,throughput,latency,fanout,sink,ingest,anomaly")
+    bench.add_argument(
+        "--only",
+        default=None,
+        help="comma-separated: baseline,throughput,latency,fanout,sink (and ingest,anomaly,workers,failover)",
+    )
+    bench.add_argument(
+        "--broker",
+        choices=["kafka", "tansu"],
+        default=None,
+        help="the embedded broker to measure (default IOC_EMBEDDED_BROKER: Kafka where it can run)",
+    )
     bench.add_argument(
         "--json", type=Path, default=None, help="where to write the figures (default artifacts/bench-<time>.json)"
     )
@@ -248,6 +270,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dev":
         from entrypoints.dev import run_dev
 
+        if args.kafka_data is not None:
+            settings = settings.model_copy(update={"kafka_data_dir": args.kafka_data})
         return run_dev(
             settings,
             simulators=not args.no_simulators,
@@ -255,6 +279,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             scenario=args.scenario,
             api_port=args.api_port,
             backfill_days=args.backfill,
+            workers=args.workers,
         )
     if args.command == "worker":
         from streams.worker import run
@@ -352,7 +377,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         _checkout_harness()
         from bench.harness import main as bench
 
-        return bench(args.events, args.quick, args.only, args.json)
+        return bench(args.events, args.quick, args.only, args.json, args.broker)
     if args.command == "report":
         from reports.cli import run as report
 

@@ -130,9 +130,11 @@ def _embedded(settings: Settings) -> Iterator[tuple[str, str, list[str]]]:
             bootstrap = env_kafka
             notes.append("external Kafka")
         else:
-            from entrypoints.embedded.broker import EmbeddedBroker
+            from entrypoints.embedded.broker import embedded_broker
 
-            bootstrap = stack.enter_context(EmbeddedBroker()).bootstrap
+            broker = embedded_broker(settings.embedded_broker, data_dir=settings.kafka_data_dir)
+            stack.enter_context(broker)
+            bootstrap = broker.bootstrap
         if env_db:
             database_url = env_db
         else:
@@ -168,6 +170,7 @@ def run_dev(
     scenario: str | None = None,
     api_port: int = 0,
     backfill_days: float = 30.0,
+    workers: int = 1,
 ) -> int:
     from entrypoints.embedded.broker import ensure_topics
     from ioc.db.migrate import migrate
@@ -181,6 +184,8 @@ def run_dev(
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
+    if workers < 1:
+        raise ValueError("--workers must be at least 1")
     started = time.monotonic()
     with _embedded(settings) as (bootstrap, database_url, _notes), _mqtt(settings) as (mqtt_url, bridge_url):
         port = api_port or free_port()
@@ -190,7 +195,7 @@ def run_dev(
         storage = migrate(database_url, retention_days=settings.kpi_history_days, rollup_days=settings.kpi_rollup_days)
         log.info("database storage: %s", storage.value)
         ensure_topics(settings)
-        metrics_port = free_port()
+        metrics_ports = [free_port() for _ in range(workers)]
         env = {
             **os.environ,
             "IOC_KAFKA_BOOTSTRAP": bootstrap,
@@ -199,11 +204,24 @@ def run_dev(
             "IOC_API_PORT": str(port),
             "IOC_TOPIC_PREFIX": settings.topic_prefix,
             "IOC_MODE": settings.mode.value,
-            # A free port, so two `ioc dev` side by side do not collide; the worker logs it.
-            "IOC_WORKER_METRICS_PORT": str(metrics_port),
         }
         exe = [sys.executable, "-m", "entrypoints.cli"]
-        children = [Child("worker", [*exe, "worker"], env), Child("api", [*exe, "api"], env)]
+        # One consumer group: each worker owns a share of the dossier partitions (docs/scaling.md).
+        # Free metrics ports, so two `ioc dev` side by side do not collide; each worker logs its own.
+        children = [
+            Child(
+                "worker" if workers == 1 else f"worker-{i + 1}",
+                [*exe, "worker"],
+                {**env, "IOC_WORKER_METRICS_PORT": str(port_)},
+            )
+            for i, port_ in enumerate(metrics_ports)
+        ]
+        children.append(Child("api", [*exe, "api"], env))
+        if workers > settings.topic_partitions:
+            log.warning(
+                "%d workers for %d partitions: %d will own no dossier partition",
+                workers, settings.topic_partitions, workers - settings.topic_partitions,
+            )  # fmt: skip
         if bridge_url:
             bridge_env = {**env, "IOC_MQTT_URL": bridge_url, "IOC_MQTT_BRIDGE_METRICS_PORT": str(free_port())}
             children.append(Child("mqtt-bridge", [*exe, "mqtt-bridge"], bridge_env))
@@ -236,7 +254,8 @@ def run_dev(
             if mqtt_url:
                 print(f"mqtt: {mqtt_url}", flush=True)
             # Beyond the contract's five lines: where Prometheus finds each component.
-            print(f"metrics: {base}/metrics http://{settings.api_host}:{metrics_port}/metrics", flush=True)
+            worker_metrics = " ".join(f"http://{settings.api_host}:{p}/metrics" for p in metrics_ports)
+            print(f"metrics: {base}/metrics {worker_metrics}", flush=True)
             log.info(
                 "ready in %.1f s (storage: %s); Ctrl-C stops everything", time.monotonic() - started, storage.value
             )

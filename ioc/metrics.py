@@ -67,6 +67,16 @@ class WorkerMetrics:
             registry=r,
         )
         self.entities = Gauge("ioc_entities_in_memory", "Dossiers and incidents held in memory", ["kind"], registry=r)
+        self.partitions_owned = Gauge(
+            "ioc_worker_partition_owned",
+            "Input partitions this worker owns (1 each)",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.merger = Gauge(
+            "ioc_worker_merger", "1 on the worker that merges the partials and publishes KPIs", registry=r
+        )
+        self.partials = Counter("ioc_partials_published_total", "Partial counters published, one per shard", registry=r)
 
 
 class ApiMetrics:

@@ -23,19 +23,18 @@ TOPIC_KPI = "ioc.kpi.updates"
 TOPIC_ALERTS = "ioc.alerts"
 INPUT_TOPICS = (TOPIC_DOSSIER, TOPIC_CYBER, TOPIC_SENSOR)
 
-#: How long a consumer lets the broker hold a fetch that has nothing to return (aiokafka's default
-#: is 500 ms), for the worker's input and the API's feed. Kafka answers a waiting fetch as soon as a
-#: record arrives (``fetch_min_bytes`` 1), so there this only sets how often an idle consumer asks
-#: again (50 times a second, cheap); the embedded broker (tansu) answers on its own schedule within
-#: the wait, which delayed every event by up to that much. Measured against it (produce → getmany,
-#: 3 partitions): 500 ms wait: median 128 / max 250 ms; 20 ms: 3 / 13 ms, ~3 % of a core while idle.
-FETCH_MAX_WAIT_MS = 20
+#: How long a consumer lets the broker hold a fetch that has nothing to return (aiokafka's default),
+#: for the worker's input and the API's feed. Kafka answers a waiting fetch as soon as a record
+#: arrives (``fetch_min_bytes`` 1), so this only sets how often an idle consumer asks again.
+#: Measured on the embedded Kafka (produce → getmany, 3 partitions, 200 records at 50/s): 500 ms:
+#: median 2.3 ms, max 41 ms, 0.2 % of a core while idle; 20 ms: 2.2 / 17 ms, 2.4 %. (The tansu
+#: fallback answers on its own schedule within the wait: there, 500 ms delays events by ~130 ms.)
+FETCH_MAX_WAIT_MS = 500
 ALL_TOPICS = (*INPUT_TOPICS, TOPIC_DEADLETTER, TOPIC_KPI, TOPIC_ALERTS)
 #: Topics created with a single partition whatever IOC_TOPIC_PARTITIONS says: every API process
 #: reads all of them (no consumer group), so partitions would add no parallelism, and one keeps
-#: each emission's updates in order. It also spares the embedded broker, whose fetches slow down
-#: as record batches pile up in a topic: an emission writes one batch per partition, and with 6
-#: partitions the API's feed of `ioc dev` went from a p99 of 44 ms to 1.4 s within 7 minutes.
+#: each emission's updates in order. (On the tansu fallback it also spares a broker whose fetches
+#: slowed as record batches piled up in a topic: with 6 partitions the feed's p99 went from 44 ms to 1.4 s in 7 minutes.)
 SINGLE_PARTITION_TOPICS = (TOPIC_KPI, TOPIC_ALERTS)
 
 
@@ -125,6 +124,21 @@ class Settings(BaseSettings):
         Mode.DEVELOPMENT, description="`development` or `production`; production refuses development secrets."
     )
     kafka_bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers, comma-separated HOST:PORT.")
+    embedded_broker: Literal["auto", "kafka", "tansu"] = Field(
+        "auto",
+        description=(
+            "Broker `ioc dev`, `ioc bench` and the tests start when `IOC_KAFKA_BOOTSTRAP` is not set: `kafka` (Apache "
+            "Kafka from the jars scripts/setup fetches; needs Java 17+), `tansu` (the limited fallback), or `auto` "
+            "(Kafka where it can run, else tansu with a warning)."
+        ),
+    )
+    kafka_data_dir: Path | None = Field(
+        None,
+        description=(
+            "Where the embedded Kafka keeps its log, kept across restarts (`ioc dev --kafka-data DIR`); "
+            "empty = a temp dir removed on exit."
+        ),
+    )
     database_url: str = Field(
         "postgresql://ioc@127.0.0.1:5432/ioc", description="PostgreSQL/TimescaleDB URL (psycopg conninfo)."
     )
@@ -151,6 +165,12 @@ class Settings(BaseSettings):
         ge=1,
         le=8,
         description="Database connections a large batch of state changes is split over and written by concurrently.",
+    )
+    worker_session_timeout_ms: int = Field(
+        6000,
+        ge=1000,
+        description="After this long without a heartbeat a worker is declared dead and its partitions move to the "
+        "others (the broker's `group.min.session.timeout.ms`, 6000 by default, is the floor).",
     )
     worker_metrics_port: int = Field(
         9108, ge=0, le=65535, description="Port of the worker's Prometheus `/metrics` (0 = a free port, logged)."

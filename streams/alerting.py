@@ -58,6 +58,7 @@ class Alerting:
 
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
+        self.registry = registry
         self.watcher = RuleWatcher(settings.alert_rules) if settings.alert_rules else None
         rules = self.watcher.rules if self.watcher else default_rules()
         self.engine = AlertEngine.for_registry(rules, registry)
@@ -68,6 +69,14 @@ class Alerting:
         #: (monotonic time, dead letters, records) per batch within the dead-letter window.
         self._recent: collections.deque[tuple[float, int, int]] = collections.deque()
         self.published = 0
+
+    def reset(self) -> None:
+        """Forget every alert and silence held (a worker becoming the merger restores them afresh)."""
+        rules = self.watcher.rules if self.watcher else default_rules()
+        self.engine = AlertEngine.for_registry(rules, self.registry)
+        self.pending = []
+        self.silences_seen = {}
+        self._recent.clear()
 
     # --- inputs -------------------------------------------------------------------------------
 

@@ -193,8 +193,12 @@ class Engine:
         it once per partition)."""
         if topic == SENSOR.topic:
             return self.sensors.apply  # the detectors read the stations' readings themselves
-        fold = self.entities[topic].apply
-        if not self.anomaly.config.enabled:
+        return self.with_detectors(topic, self.entities[topic].apply)
+
+    def with_detectors(self, topic: str, fold: Callable[..., bool]) -> Callable[..., bool]:
+        """``fold`` (an entity aggregator's ``apply``: this engine's, or a dossier shard's) that
+        also tells the anomaly detectors of each new receipt or detection it takes in."""
+        if not self.anomaly.config.enabled or topic == SENSOR.topic:
             return fold
         if topic == DOSSIER.topic:
             on_dossier = self.anomaly.on_dossier

@@ -7,6 +7,7 @@ the input writes the same rows again.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from streams.engine import ENTITY_HORIZON_US, Engine
 from streams.sensor import KEEP_US, Parsed, Reading, SensorEvent
 
 log = logging.getLogger(__name__)
+#: Rows loaded between two turns of the event loop while state is rebuilt.
+YIELD_EVERY = 2000
 
 _encode = msgspec.json.Encoder().encode
 S = TypeVar("S", dossier.DossierState, cyber.IncidentState)
@@ -246,14 +249,18 @@ async def write_snapshots(
         await cur.execute(MERGE_HISTORY.encode())
 
 
-async def load_entities(conn: psycopg.AsyncConnection[Any], engine: Engine, topic: str, keys: set[str]) -> int:
-    """Load the named dossiers or incidents (by logical topic) from the database into the engine."""
+async def load_entities(
+    conn: psycopg.AsyncConnection[Any], engine: Engine, topic: str, keys: set[str], *, agg: Any = None
+) -> int:
+    """Load the named dossiers or incidents (by logical topic) from the database into the engine
+    (or into ``agg``, a worker's shard of the topic)."""
     table, column, decoder = (
         ("dossier_state", "dossier_id", _dossier_decoder)
         if topic == TOPIC_DOSSIER
         else ("incident_state", "incident_id", _incident_decoder)
     )
-    agg = engine.entities[topic]
+    if agg is None:
+        agg = engine.entities[topic]
     found = 0
     async with conn.cursor(binary=False) as cur:
         await cur.execute(f"SELECT {column}, state::text FROM {table} WHERE {column} = ANY(%s)", (list(keys),))
@@ -270,19 +277,49 @@ async def load_entities(conn: psycopg.AsyncConnection[Any], engine: Engine, topi
 RESTART_QUERY = "SELECT {key}, state::text FROM {table} WHERE NOT terminal OR (terminal AND last_event_at >= %s)"
 
 
-async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine) -> dict[str, int]:
-    """Rebuild the engine from the database: open and recent entities, recent readings, published seqs."""
-    horizon = _ts(engine.now_us - ENTITY_HORIZON_US)
-    counts = {"dossiers": 0, "incidents": 0, "readings": 0, "series": 0}
+async def load_dossier_shards(
+    conn: psycopg.AsyncConnection[Any], shards: dict[int, Any], partitions: int, now_us: int
+) -> int:
+    """Rebuild the dossier partitions ``shards`` (partition → aggregator) from the database: each
+    row goes to the partition its key is produced to (Kafka's default partitioner)."""
+    from streams.shards import partition_of
+
+    horizon = _ts(now_us - ENTITY_HORIZON_US)
+    n = seen = 0
     async with conn.cursor(binary=False) as cur:
         await cur.execute(RESTART_QUERY.format(table="dossier_state", key="dossier_id"), (horizon,))
         async for key, state in cur:
-            engine.dossiers.load(key, _dossier_decoder.decode(state))
-            counts["dossiers"] += 1
+            seen += 1
+            if seen % YIELD_EVERY == 0:
+                # A turn for the event loop: the consumer's heartbeats go on while a worker rebuilds
+                # (a loop blocked past the session timeout gets the member thrown out of the group).
+                await asyncio.sleep(0)
+            agg = shards.get(partition_of(key, partitions))
+            if agg is not None:
+                agg.load(key, _dossier_decoder.decode(state))
+                n += 1
+    return n
+
+
+async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine, *, dossiers: bool = True) -> dict[str, int]:
+    """Rebuild the engine from the database: open and recent entities, recent readings, published seqs
+    (without the dossiers when the worker's shards hold them: `load_dossier_shards`)."""
+    horizon = _ts(engine.now_us - ENTITY_HORIZON_US)
+    counts = {"dossiers": 0, "incidents": 0, "readings": 0, "series": 0}
+    async with conn.cursor(binary=False) as cur:
+        if dossiers:
+            await cur.execute(RESTART_QUERY.format(table="dossier_state", key="dossier_id"), (horizon,))
+            async for key, state in cur:
+                engine.dossiers.load(key, _dossier_decoder.decode(state))
+                counts["dossiers"] += 1
+                if counts["dossiers"] % YIELD_EVERY == 0:
+                    await asyncio.sleep(0)  # heartbeats (see load_dossier_shards)
         await cur.execute(RESTART_QUERY.format(table="incident_state", key="incident_id"), (horizon,))
         async for key, state in cur:
             engine.incidents.load(key, _incident_decoder.decode(state))
             counts["incidents"] += 1
+            if counts["incidents"] % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
         # Recent readings, and every station's latest one however old (its level has no horizon).
         await cur.execute(
             'SELECT station_id, kind, observed_at, event_id, "values" FROM sensor_reading WHERE observed_at >= %s'
@@ -306,4 +343,13 @@ async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine) -> dict
     return counts
 
 
-__all__ = ["Changes", "Reading", "load_entities", "load_state", "take_changes", "write_changes", "write_snapshots"]
+__all__ = [
+    "Changes",
+    "Reading",
+    "load_dossier_shards",
+    "load_entities",
+    "load_state",
+    "take_changes",
+    "write_changes",
+    "write_snapshots",
+]

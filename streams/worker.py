@@ -9,13 +9,19 @@ record, two tasks and a queue hand-off per event; measured here, that path tops 
 events/s with the process mostly idle. `Ingest` takes records from aiokafka in batches
 (``getmany``), validates and folds each batch into the pure `Engine`, writes what changed in one
 transaction, and only then commits the batch's offsets (at-least-once; every effect idempotent).
+
+Over 600 lines: `Ingest` still holds the pipeline's jobs (fetch, validate, fold, flush and commit,
+emit, maintenance, the shard hand-over); splitting it by job is the next step after the scale-out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
+import os
+import socket
 import sys
 import time
 from collections import Counter
@@ -25,8 +31,9 @@ from typing import Any
 import faust
 import mode
 import psycopg
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
-from aiokafka.errors import ConsumerStoppedError, KafkaError
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import ConsumerStoppedError, KafkaError, TopicAlreadyExistsError
 from prometheus_client import start_http_server
 
 from ioc import settings as cfg
@@ -42,11 +49,11 @@ from ioc.produce import BatchSender, CachingPartitioner, stop_within
 from ioc.registry import Registry, load_registry
 from ioc.settings import Settings
 from ioc.snapshot import HistorySampler, encode
-from streams import sink
+from streams import shards, sink
 from streams.alerting import Alerting
 from streams.anomaly_config import load_config
 from streams.cyber import IncidentState
-from streams.engine import KINDS, Engine
+from streams.engine import DOSSIER, KINDS, Engine, EntityAggregator
 from streams.windows import TZ
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,10 @@ MAINTENANCE_INTERVAL_S = 600.0
 #: Records folded between two turns of the event loop (about 10 ms of work).
 LOOP_TURN_EVERY = 1024
 CONSUMER_SESSION_TIMEOUT_MS = 6000
+#: Heartbeats at most this far apart (a third of the session timeout when that is shorter).
+CONSUMER_HEARTBEAT_MS = 1500
+#: A changed shard's partial counters are published at most this often (also the merger's view lag).
+PARTIAL_INTERVAL_S = 0.1
 
 
 #: A dead-lettered record, its reason, and the broker's acknowledgement to wait for.
@@ -91,8 +102,30 @@ class Ingest:
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
         self.registry = registry
-        self.engine = Engine(registry, now_us(), load_config(settings.anomaly_config))
+        #: The merger's engine (cyber incidents, sensors, and the dossier partials merged); empty
+        #: on a worker that is not the merger.
+        self.engine = self._merger_engine()
         self.logical = {settings.topic(t): t for t in cfg.INPUT_TOPICS}
+        self.sharded_topic = settings.topic(DOSSIER.topic)
+        #: Dossier states and counters of each dossier partition this worker owns.
+        self.shards: dict[int, EntityAggregator] = {}
+        #: Each shard's current stamp (epoch of its assignment, sequence of its last partial).
+        self.stamps: dict[int, shards.Stamp] = {}
+        #: Shards to publish (changed, or newly assigned) with the next partial.
+        self.unpublished_shards: set[int] = set()
+        self._last_partials = 0.0
+        self._partial_interval = PARTIAL_INTERVAL_S
+        #: Whether this worker is the merger: it owns every partition of the other input topics,
+        #: merges the dossier partials, publishes every KPI snapshot and evaluates every alert.
+        self.merger = False
+        self.assignor = shards.assignor_for(self.sharded_topic)
+        self.partials_tp = TopicPartition(settings.topic(shards.TOPIC_PARTIALS), 0)
+        self.partials_consumer: AIOKafkaConsumer | None = None
+        #: Held while a batch is folded and by the rebalance callbacks: a rebalance waits for it.
+        self._batch_lock = asyncio.Lock()
+        #: Bumped by every revocation: a batch fetched before it is not folded after it.
+        self._assignment_round = 0
+        self.rebalances = 0
         self.alerting = Alerting(settings, registry)
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
@@ -117,13 +150,18 @@ class Ingest:
 
     # --- lifecycle --------------------------------------------------------------------------
 
+    def _merger_engine(self) -> Engine:
+        engine = Engine(self.registry, now_us(), load_config(self.settings.anomaly_config))
+        merged = shards.MergedAggregator(DOSSIER, engine.now_us)
+        engine.dossiers = merged  # type: ignore[assignment]
+        del engine.entities[DOSSIER.topic]
+        return engine
+
     async def start(self) -> None:
         self._serve_metrics()
         for role in ("state", "snapshots", *self._writers()):
             self.conns[role] = await self._connect(role)
-        counts = await sink.load_state(self.conns["state"], self.engine)
-        counts["open_alerts"] = await self.alerting.restore(self.conns["state"], _as_datetime(self.engine.now_us))
-        log.info("state rebuilt from the database: %s", counts)
+        await self._ensure_partials_topic()
         partitioner = CachingPartitioner()  # the same keys (kpi|scope|window) are published again and again
         self.producer = AIOKafkaProducer(
             bootstrap_servers=self.settings.kafka_bootstrap,
@@ -138,8 +176,15 @@ class Ingest:
         await self.alerting.start_listening()
         await self.alerting.start_webhooks(self.producer)
         lean_records()
+        self.partials_consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            enable_auto_commit=False,
+            fetch_max_bytes=64 << 20,
+            max_partition_fetch_bytes=64 << 20,
+        )
+        await self.partials_consumer.start()
+        self.partials_consumer.assign([self.partials_tp])
         self.consumer = AIOKafkaConsumer(
-            *self.logical,
             bootstrap_servers=self.settings.kafka_bootstrap,
             group_id=self.settings.consumer_group,
             enable_auto_commit=False,
@@ -148,13 +193,166 @@ class Ingest:
             fetch_max_bytes=64 << 20,
             max_partition_fetch_bytes=8 << 20,
             fetch_max_wait_ms=cfg.FETCH_MAX_WAIT_MS,
-            # Kafka's minimum session timeout: a restarted worker rejoins (and its partitions move) quickly.
-            session_timeout_ms=CONSUMER_SESSION_TIMEOUT_MS,
-            heartbeat_interval_ms=CONSUMER_SESSION_TIMEOUT_MS // 3,
+            # Kafka's minimum session timeout by default: a crashed worker's partitions move (or its
+            # restart rejoins) within it; a clean stop leaves the group at once anyway.
+            # Also how long a SIGKILLed worker's partitions wait before they move (no static
+            # membership: a dead member leaves the group at its session timeout).
+            session_timeout_ms=self.settings.worker_session_timeout_ms,
+            heartbeat_interval_ms=min(CONSUMER_HEARTBEAT_MS, self.settings.worker_session_timeout_ms // 3),
             value_deserializer=RAW,  # aiokafka's C records as they are (ioc.consume)
+            partition_assignment_strategy=(self.assignor,),
+            # Names the member in the group's description (/readyz): which host and process it is.
+            client_id=f"ioc-worker-{socket.gethostname()}-{os.getpid()}",
         )
         await self.consumer.start()
+        self.consumer.subscribe(topics=list(self.logical), listener=_Rebalance(self))
         self.ready.set()
+
+    async def _ensure_partials_topic(self) -> None:
+        """The compacted, single-partition topic of the shards' partial counters."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.settings.kafka_bootstrap)
+        await admin.start()
+        try:
+            topic = NewTopic(
+                self.partials_tp.topic,
+                num_partitions=1,
+                replication_factor=self.settings.topic_replication,
+                # Compacted soon (small segments, a low dirty ratio): a new merger reads little.
+                topic_configs={
+                    "cleanup.policy": "compact",
+                    "segment.ms": "60000",
+                    "min.cleanable.dirty.ratio": "0.1",
+                    "delete.retention.ms": "60000",
+                },
+            )
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics([topic])
+        finally:
+            await admin.close()
+
+    # --- ownership ---------------------------------------------------------------------------
+
+    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Before the partitions move: the batch being folded finishes, and everything processed is
+        made durable and committed (the next owner starts exactly there). States are kept until the
+        new assignment says which partitions stay."""
+        async with self._batch_lock:
+            self._assignment_round += 1
+            try:
+                await self.drain()
+            except Exception:  # the next owner processes the uncommitted records again
+                log.exception("flushing before a rebalance failed")
+
+    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Keep the shards still ours, rebuild new ones from the database, drop the others; take
+        or give up the merger's role."""
+        assert self.consumer is not None
+        self.rebalances += 1
+        generation = int(getattr(self.consumer._coordinator, "generation", 0) or 0)
+        epoch_ns = time.time_ns()
+        mine = {tp.partition for tp in assigned if tp.topic == self.sharded_topic}
+        merger = any(tp.topic != self.sharded_topic for tp in assigned)
+        async with self._batch_lock, self.emit_lock:
+            for p in set(self.shards) - mine:
+                del self.shards[p]
+                self.stamps.pop(p, None)
+                self.unpublished_shards.discard(p)
+            new = {p: EntityAggregator(DOSSIER, now_us()) for p in mine - set(self.shards)}
+            if new:
+                partitions = len(self.consumer.partitions_for_topic(self.sharded_topic) or ()) or max(mine) + 1
+                loaded = await self._durably(
+                    "state",
+                    "rebuilding dossier partitions",
+                    lambda conn: sink.load_dossier_shards(conn, new, partitions, now_us()),
+                )
+                log.info("dossier partitions %s rebuilt from the database: %d dossiers", sorted(new), loaded)
+                self.shards.update(new)
+            for p in mine:
+                self.stamps[p] = shards.Stamp(generation, epoch_ns, 0)
+                self.unpublished_shards.add(p)
+            if merger and not self.merger:
+                await self._become_merger()
+            elif not merger and self.merger:
+                log.info("no longer the merger")
+                self.merger = False
+                self.engine = self._merger_engine()
+                # Alerts are the merger's: forgotten here, so operator steps read from ioc.alerts
+                # are not notified twice (the new merger notifies them).
+                self.alerting.reset()
+            if self.merger:
+                merged = self.engine.dossiers
+                assert isinstance(merged, shards.MergedAggregator)
+                for p in mine:
+                    merged.bind_local(p, shards.Stamp(generation, epoch_ns, shards.LOCAL_SEQ), self.shards[p])
+            self.assignor.merger = self.merger
+            self.assignor.owned = tuple(sorted(mine))
+            self._publish_ownership(assigned)
+        log.info("assigned (generation %d): dossier partitions %s; merger: %s", generation, sorted(mine), self.merger)
+
+    async def _become_merger(self) -> None:
+        """Rebuild what only the merger holds: incidents, sensor readings, published seqs, open
+        alerts, and the latest partial of every dossier partition."""
+        engine = self._merger_engine()
+        counts = await self._durably(
+            "state", "rebuilding the merger", lambda c: sink.load_state(c, engine, dossiers=False)
+        )
+        self.alerting.reset()
+        counts["open_alerts"] = await self.alerting.restore(self.conns["state"], _as_datetime(engine.now_us))
+        self.engine = engine
+        self._unpublished = {}
+        self.history = HistorySampler(self.settings.kpi_history_interval_s)
+        counts["partials"] = await self._catch_up_partials()
+        self.merger = True
+        log.info("the merger now; state rebuilt from the database: %s", counts)
+
+    async def _catch_up_partials(self) -> int:
+        """Read the partials topic from its beginning to its end (latest per partition wins)."""
+        consumer = self.partials_consumer
+        assert consumer is not None
+        tp = self.partials_tp
+        await consumer.seek_to_beginning(tp)
+        end = (await consumer.end_offsets([tp]))[tp]
+        n = 0
+        while await consumer.position(tp) < end:
+            batch = await consumer.getmany(tp, timeout_ms=1000, max_records=200)
+            for records in batch.values():
+                n += self._apply_partials(records)
+            await asyncio.sleep(0)  # heartbeats go on while partials are decoded
+        return n
+
+    def _apply_partials(self, records: list[Any]) -> int:
+        """Adopt the newest of these partials for each partition, if newer than what is held. Only
+        the headers of the others are decoded (the merger reads its own back: they are skipped)."""
+        merged = self.engine.dossiers
+        assert isinstance(merged, shards.MergedAggregator)
+        newest: dict[int, tuple[shards.Stamp, bytes]] = {}
+        for rec in records:
+            if rec.value is None:
+                continue
+            try:
+                group, topic, partition, stamp = shards.peek(rec.value)
+            except Exception:  # a foreign record must not stop the merger
+                log.warning("ignored an undecodable partial at offset %d", rec.offset)
+                continue
+            # The topic may hold other groups' partials (e.g. a benchmark's runs side by side).
+            if group != self.settings.consumer_group or topic != DOSSIER.topic:
+                continue
+            held = merged.held(partition)
+            if (held is None or stamp > held) and (partition not in newest or stamp > newest[partition][0]):
+                newest[partition] = (stamp, rec.value)
+        applied = 0
+        for _, raw in newest.values():
+            if merged.apply_partial(shards.decode_partial(raw)):
+                applied += 1
+        return applied
+
+    def _publish_ownership(self, assigned: set[TopicPartition]) -> None:
+        m = self.metrics
+        m.merger.set(1 if self.merger else 0)
+        m.partitions_owned.clear()
+        m.consumer_lag.clear()
+        for tp in assigned:
+            m.partitions_owned.labels(self.logical.get(tp.topic, tp.topic), str(tp.partition)).set(1)
 
     def _writers(self) -> list[str]:
         """Connection roles that write state changes, concurrently, each from its own thread."""
@@ -201,7 +399,11 @@ class Ingest:
             server.shutdown()
             server.server_close()
         await self.alerting.stop()
-        for what, closer in (("the worker's consumer", self.consumer), ("the worker's producer", self.producer)):
+        for what, closer in (
+            ("the worker's consumer", self.consumer),
+            ("the partials' consumer", self.partials_consumer),
+            ("the worker's producer", self.producer),
+        ):
             if closer is not None:
                 try:
                     await stop_within(closer, what)
@@ -282,6 +484,13 @@ class Ingest:
         return batch
 
     async def process(self, batch: dict[TopicPartition, list[LeanRecord]]) -> None:
+        round_ = self._assignment_round
+        async with self._batch_lock:
+            if round_ != self._assignment_round:
+                return  # fetched before a rebalance: delivered again to the partitions' owners
+            await self._process(batch)
+
+    async def _process(self, batch: dict[TopicPartition, list[LeanRecord]]) -> None:
         started = time.monotonic()
         engine = self.engine
         m = self.metrics
@@ -292,15 +501,27 @@ class Ingest:
         late_before = engine.now_us - 86400 * US
         #: Events of entities memory does not hold, older than the horizon: maybe dropped before a
         #: restart, so looked up in the database before they (and later events of theirs) are applied.
-        deferred: list[tuple[ConsumerRecord[Any, Any], str, str, Any]] = []
+        deferred: list[tuple[ConsumerRecord[Any, Any], str, str, Any, Any, Any]] = []
         deferred_keys: set[str] = set()
         n = 0
         # One pass: validate and fold each record (a merge is order-independent and idempotent).
         for tp, records in batch.items():
             logical = self.logical[tp.topic]
             parse = KINDS[logical].parse
-            entities = engine.entities.get(logical)
-            apply = engine.applier(logical)
+            entities: EntityAggregator | None
+            if tp.topic == self.sharded_topic:
+                entities = self.shards.get(tp.partition)
+                if entities is None:
+                    continue  # not ours (any more): its owner reads it from the committed offset
+                # The merger's detectors count its own partitions' receipts (docs/anomaly.md: with
+                # several workers, a dossier surge is judged on the merger's share only).
+                apply = engine.with_detectors(logical, entities.apply)
+                self.unpublished_shards.add(tp.partition)
+            else:
+                if not self.merger:
+                    continue
+                entities = engine.entities.get(logical)
+                apply = engine.applier(logical)
             newest_t = newest.get(logical, 0)
             late = duplicates = 0
             for i, rec in enumerate(records):
@@ -332,11 +553,11 @@ class Ingest:
                     if entities is not None and (
                         key in deferred_keys or entities.unknown_and_old(key, t, engine.now_us)
                     ):
-                        deferred.append((full_record(tp, rec), logical, key, parsed))
+                        deferred.append((full_record(tp, rec), logical, key, parsed, entities, apply))
                         deferred_keys.add(key)
                         continue
                 elif deferred_keys and key in deferred_keys:
-                    deferred.append((full_record(tp, rec), logical, key, parsed))
+                    deferred.append((full_record(tp, rec), logical, key, parsed, entities, apply))
                     continue
                 try:
                     if not apply(key, parsed):
@@ -354,9 +575,9 @@ class Ingest:
                 m.duplicates.labels(logical).inc(duplicates)
         if deferred:
             await self._recall(deferred)
-            for rec, logical, key, parsed in deferred:
+            for rec, logical, key, parsed, _, fold in deferred:
                 try:
-                    if not engine.apply(logical, key, parsed):
+                    if not fold(key, parsed):
                         m.duplicates.labels(logical).inc()
                 except Exception as exc:  # a bug must not lose the record: dead-letter it with the reason
                     self._failed(rec, parsed, exc, dead)
@@ -375,6 +596,10 @@ class Ingest:
             self.alerting.on_incidents(incidents, _as_datetime(engine.now_us))
         self.alerting.on_batch(len(dead), n, time.monotonic())
         changes = sink.take_changes(engine)
+        for shard in self.shards.values():
+            if shard.changed:
+                changes.dossiers.update(shard.changed)
+                shard.changed = {}
         await self.drain()
         write_started, writes = time.monotonic(), self._start_writes(changes)
         self._flushing = asyncio.create_task(self._flush(writes, write_started, futures, offsets, started))
@@ -438,17 +663,17 @@ class Ingest:
             delay = min(delay * 2, 10.0)
             dead = [(rec, error, await self._dead_letter(rec, error)) for rec, error in failed]
 
-    async def _recall(self, deferred: list[tuple[ConsumerRecord[Any, Any], str, str, Any]]) -> None:
+    async def _recall(self, deferred: list[tuple[ConsumerRecord[Any, Any], str, str, Any, Any, Any]]) -> None:
         """Load from the database the entities of old events that memory no longer holds (dropped
         before a restart), so a re-sent event of a long-finished dossier changes nothing."""
-        wanted: dict[str, set[str]] = {}
-        for _, logical, key, _ in deferred:
-            wanted.setdefault(logical, set()).add(key)
-        for logical, keys in wanted.items():
+        wanted: dict[int, tuple[str, Any, set[str]]] = {}
+        for _, logical, key, _, agg, _ in deferred:
+            wanted.setdefault(id(agg), (logical, agg, set()))[2].add(key)
+        for logical, agg, keys in wanted.values():
             found = await self._durably(
                 "state",
                 "recalling entities",
-                lambda conn, lg=logical, ks=keys: sink.load_entities(conn, self.engine, lg, ks),
+                lambda conn, lg=logical, ks=keys, a=agg: sink.load_entities(conn, self.engine, lg, ks, agg=a),
             )
             self.stats["recalled"] += found
 
@@ -498,9 +723,17 @@ class Ingest:
             return 0
         async with self.emit_lock:
             started = time.monotonic()
+            await self._publish_partials()
+            self._observe_lag()
+            if not self.merger:
+                return 0
+            await self._poll_partials()
+            merged = self.engine.dossiers
+            assert isinstance(merged, shards.MergedAggregator)
+            for shard in self.shards.values():
+                merged.take_local(shard)
             self.engine.advance(now_us())
             now = _as_datetime(self.engine.now_us)
-            self._observe_lag()
             snapshots = self.engine.snapshots()
             if self._unpublished:
                 # What the broker did not take last time goes out again (newer values replace it).
@@ -537,6 +770,50 @@ class Ingest:
             await self._alert(snapshots, now)
             return len(snapshots)
 
+    async def _publish_partials(self) -> None:
+        """Every changed shard's absolute counters to the partials topic (and, on the merger, straight
+        into the merged view). Per emission interval, never per event: the hot path does not see it."""
+        if not self.unpublished_shards or time.monotonic() - self._last_partials < self._partial_interval:
+            return
+        started = self._last_partials = time.monotonic()
+        assert self.producer is not None
+        now = now_us()
+        pending, self.unpublished_shards = self.unpublished_shards, set()
+        messages = []
+        for p in sorted(pending):
+            shard = self.shards.get(p)
+            if shard is None:
+                continue
+            shard.counters.advance(now)
+            stamp = self.stamps[p]
+            stamp = self.stamps[p] = shards.Stamp(stamp.generation, stamp.epoch_ns, stamp.seq + 1)
+            raw = shards.encode_partial(DOSSIER.topic, p, stamp, shard, self.settings.consumer_group)
+            messages.append(
+                (self.partials_tp.topic, f"{self.settings.consumer_group}|{DOSSIER.topic}|{p}".encode(), raw)
+            )
+        # A whole partition's counters cost milliseconds to encode (tens on a busy day): the interval
+        # grows with that cost, so partials never take more than about a tenth of the worker's time.
+        self._partial_interval = max(PARTIAL_INTERVAL_S, 10 * (time.monotonic() - started))
+        try:
+            await self.sender.send_and_wait(messages)
+        except KafkaError:
+            self.unpublished_shards |= pending  # published again with the next emission
+            raise
+        self.metrics.partials.inc(len(messages))
+
+    async def _poll_partials(self) -> None:
+        """The partials fetched since the last emission (the merger's own were applied when published;
+        read back, they change nothing)."""
+        consumer = self.partials_consumer
+        if consumer is None:
+            return
+        while True:  # a zero timeout hands over only what is already fetched: no waiting here
+            batch = await consumer.getmany(self.partials_tp, timeout_ms=0, max_records=1000)
+            if not batch:
+                return
+            for records in batch.values():
+                self._apply_partials(records)
+
     async def _write_snapshots(self, snapshots: list[Any], history: list[Any]) -> None:
         started = time.monotonic()
         await self._durably("snapshots", "writing snapshots", lambda c: sink.write_snapshots(c, snapshots, history))
@@ -565,7 +842,7 @@ class Ingest:
 
     def _observe_lag(self) -> None:
         m, consumer = self.metrics, self.consumer
-        m.entities.labels("dossier").set(len(self.engine.dossiers.states))
+        m.entities.labels("dossier").set(sum(len(shard.states) for shard in self.shards.values()))
         m.entities.labels("incident").set(len(self.engine.incidents.states))
         if consumer is None:
             return
@@ -578,6 +855,8 @@ class Ingest:
     async def maintenance(self) -> None:
         self._last_maintenance = time.monotonic()
         self.engine.prune()
+        for shard in self.shards.values():
+            shard.prune(now_us())
 
         async def partitions(conn: psycopg.AsyncConnection[Any]) -> None:
             def sync(url: str) -> None:
@@ -607,7 +886,8 @@ def create_app(settings: Settings, registry: Registry | None = None) -> tuple[fa
         topic_allow_declare=True,
         consumer_auto_offset_reset="latest",
         producer_acks=-1,
-        # Faust's default 60 s session makes a group join take ~30 s on the embedded broker.
+        # Kafka's minimum session, as for the ingest consumer: a crashed worker's membership ends
+        # within 6 s, so its restart rejoins at once instead of after Faust's default 60 s.
         broker_session_timeout=CONSUMER_SESSION_TIMEOUT_MS / 1000,
         broker_heartbeat_interval=CONSUMER_SESSION_TIMEOUT_MS / 3000,
     )
@@ -663,3 +943,16 @@ def run(settings: Settings) -> None:
         # when stdout is a pipe: they landed in the output of `ioc bench` and `ioc soak`.
         worker.spinner = None
     worker.execute_from_commandline()
+
+
+class _Rebalance(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Hands aiokafka's rebalance callbacks to the worker."""
+
+    def __init__(self, ingest: Ingest) -> None:
+        self.ingest = ingest
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self.ingest.on_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        await self.ingest.on_assigned(assigned)

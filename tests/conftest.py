@@ -22,9 +22,11 @@ def kafka_bootstrap() -> Iterator[str]:
     if external:
         yield external
         return
-    from entrypoints.embedded.broker import EmbeddedBroker
+    from entrypoints.embedded.broker import embedded_broker
 
-    with EmbeddedBroker() as broker:
+    # IOC_EMBEDDED_BROKER picks it (auto: Apache Kafka where it can run, else tansu with a warning).
+    kind = Settings(_env_file=None).embedded_broker  # type: ignore[call-arg]
+    with embedded_broker(kind) as broker:
         yield broker.bootstrap
 
 
@@ -39,6 +41,34 @@ def postgres_admin_url() -> Iterator[str]:
 
     with EmbeddedPostgres() as pg:
         yield pg.url
+
+
+@pytest.fixture(scope="session")
+def storage_flavour(postgres_admin_url: str) -> str:
+    """The storage flavour this server's migrations take (``timescaledb`` or ``postgresql``), found
+    by migrating a scratch database."""
+    from entrypoints.embedded.postgres import create_database, drop_database
+    from ioc.db.migrate import migrate
+
+    name = f"ioc_flavour_{uuid.uuid4().hex[:12]}"
+    url = create_database(postgres_admin_url, name)
+    try:
+        return migrate(url).value
+    finally:
+        drop_database(postgres_admin_url, name)
+
+
+@pytest.fixture(autouse=True)
+def _only_on_its_storage_flavour(request: pytest.FixtureRequest) -> None:
+    """``@pytest.mark.storage("postgresql")`` (or ``"timescaledb"``): a test of one storage flavour
+    runs only where migrations take that flavour, and says why it is skipped elsewhere."""
+    marker = request.node.get_closest_marker("storage")
+    if marker is None:
+        return
+    wanted = marker.args[0]
+    found = request.getfixturevalue("storage_flavour")
+    if found != wanted:
+        pytest.skip(f"a test of the {wanted} storage flavour; this server's migrations take {found}")
 
 
 @pytest.fixture

@@ -14,14 +14,16 @@ from psycopg_pool import PoolTimeout
 
 from api import schemas
 from api.context import ApiContext
+from api.workers import WorkerGroup
 
 READY_TIMEOUT_S: Final = 2.0
 
 
-def router(ctx: ApiContext) -> APIRouter:
+def router(ctx: ApiContext, *, connect: bool) -> APIRouter:
     """``/healthz``, ``/readyz``, ``/metrics``."""
     router = APIRouter()
     settings, broadcaster, metrics = ctx.settings, ctx.broadcaster, ctx.metrics
+    worker_group = WorkerGroup(settings)
 
     @router.get(
         "/healthz", tags=["operations"], response_model=None, responses=schemas.ok(schemas.Health, {"status": "ok"})
@@ -53,6 +55,7 @@ def router(ctx: ApiContext) -> APIRouter:
             "broker": broker,
             "feed": ctx.feed.status(),
             "clients": broadcaster.subscriber_count,
+            "workers": await worker_group.status() if broker == "ok" and connect else None,
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 

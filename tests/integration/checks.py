@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 from ioc.registry import load_registry
 from ioc.settings import INPUT_TOPICS, TOPIC_DEADLETTER, TOPIC_KPI, Settings
@@ -58,14 +59,15 @@ def input_partitions(settings: Settings) -> list[TopicPartition]:
 
 
 async def committed(settings: Settings) -> dict[TopicPartition, int]:
-    """The worker group's committed input offsets, read without joining the group."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka_bootstrap, group_id=settings.consumer_group,
-                                enable_auto_commit=False)  # fmt: skip
-    await consumer.start()
+    """The worker group's committed input offsets (0 where none), read with the admin API as an
+    operator's tools read them (`kafka-consumer-groups --describe`), without joining the group."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap)
+    await admin.start()
     try:
-        return {tp: (await consumer.committed(tp)) or 0 for tp in input_partitions(settings)}
+        offsets = await admin.list_consumer_group_offsets(settings.consumer_group)
     finally:
-        await consumer.stop()
+        await admin.close()
+    return {tp: offsets[tp].offset if tp in offsets else 0 for tp in input_partitions(settings)}
 
 
 async def lag(settings: Settings) -> int:

@@ -14,6 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from entrypoints.embedded.kafka import unavailable_reason as kafka_unavailable
+
 pytestmark = pytest.mark.integration
 
 READY_LINES = ("kafka", "database", "api", "wall", "token", "metrics")
@@ -139,3 +141,38 @@ def test_two_dev_instances_side_by_side_restart_a_crashed_worker_and_stop_cleanl
     for dev in (a, b):
         assert any("embedded PostgreSQL stopped" in line for line in dev.log)
         assert any("embedded broker stopped" in line for line in dev.log)
+        if kafka_unavailable() is None:  # Apache Kafka, whose temp data dir goes with it
+            ready = next(m for line in dev.log if (m := re.search(r"embedded Kafka \S+ ready .*\(data (\S+);", line)))
+            assert not Path(ready.group(1)).exists()
+
+
+def test_dev_with_two_workers_shares_the_partitions_and_restarts_a_killed_one() -> None:
+    dev = Dev("--workers", "2", "--rate", "40")
+    try:
+        dev.wait_ready()
+        _, *worker_metrics = dev.lines["metrics"].split()
+        assert len(worker_metrics) == 2
+
+        def group() -> list[dict[str, object]]:
+            body = httpx.get(dev.lines["api"] + "/readyz", timeout=10).json()
+            return list((body.get("workers") or {}).get("workers", []))
+
+        deadline = time.monotonic() + 90
+        while len(members := group()) != 2 or not all(m["partitions"] for m in members):
+            assert time.monotonic() < deadline, f"two workers do not share the partitions: {members}"
+            time.sleep(1)
+        assert [m["merger"] for m in members].count(True) == 1
+        # Either worker SIGKILLed: the supervisor restarts it and the group has two members again.
+        pid = int(dev.wait_log(r"worker-2 started \(pid (\d+)\)").group(1))
+        os.kill(pid, signal.SIGKILL)
+        dev.wait_log(r"restarting worker-2 \(restart #1\)")
+        deadline = time.monotonic() + 120
+        while len(members := group()) != 2 or not all(m["partitions"] for m in members):
+            assert time.monotonic() < deadline, f"the restarted worker did not rejoin: {members}"
+            time.sleep(1)
+        r = httpx.get(dev.lines["api"] + "/api/kpis", params={"kpi": "dossier.received", "scope": "province"},
+                      headers={"Authorization": f"Bearer {dev.lines['token']}"})  # fmt: skip
+        assert any(i["value"] for i in r.json()["items"])
+    finally:
+        code = dev.stop(signal.SIGINT)
+    assert code == 0

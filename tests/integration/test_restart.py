@@ -143,6 +143,10 @@ def test_a_crash_between_publishing_and_writing_snapshots_never_reuses_a_seq(
         second = Ingest(settings, load_registry())
         await second.start()
         try:
+            while not second.merger:  # the group's assignment makes it the merger (docs/scaling.md)
+                fetched = await second._gather(500)
+                if fetched:
+                    await second.process(fetched)
             await second.emit()
         finally:
             await second.stop()

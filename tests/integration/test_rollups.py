@@ -1,4 +1,6 @@
-"""Hourly rollups on plain PostgreSQL: last/min/max/mean/count per hour, idempotent refresh, retention."""
+"""Hourly rollups on plain PostgreSQL: last/min/max/mean/count per hour, idempotent refresh, retention.
+
+TimescaleDB keeps `kpi_hourly` as a continuous aggregate instead (test_embedded.py checks its policies)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 
 from ioc.db.migrate import refresh_rollups
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.storage("postgresql")]
 UTC = dt.UTC
 
 

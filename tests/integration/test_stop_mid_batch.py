@@ -7,6 +7,7 @@ import asyncio
 import datetime as dt
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +16,7 @@ from ioc.registry import load_registry
 from ioc.settings import Settings
 from simulators.stream import _write_lines, generate
 from streams import worker
+from streams.engine import EntityAggregator
 from streams.worker import Ingest
 from tests.integration import checks
 from tests.integration.conftest import consume
@@ -29,23 +31,19 @@ async def _stop_while_folding(settings: Settings) -> tuple[int, int, bool]:
     ingest = Ingest(settings, load_registry())
     await ingest.start()
     folding = asyncio.Event()
-    real_apply = ingest.engine.applier
+    real_apply = EntityAggregator.apply
 
-    def applier(topic: str) -> Callable[..., bool]:
-        apply = real_apply(topic)
+    def counted(self: EntityAggregator, *args: Any, **kwargs: Any) -> bool:
+        if ingest.stats["records"] > 0:  # a batch was processed: this is a later one
+            folding.set()
+        return real_apply(self, *args, **kwargs)
 
-        def counted(*args: object, **kwargs: object) -> bool:
-            if ingest.stats["records"] > 0:  # a batch was processed: this is a later one
-                folding.set()
-            return apply(*args, **kwargs)
-
-        return counted
-
-    ingest.engine.applier = applier  # type: ignore[method-assign]
+    EntityAggregator.apply = counted  # type: ignore[method-assign]
     running = asyncio.create_task(ingest.run())
     try:
         await asyncio.wait_for(folding.wait(), 60)
     finally:
+        EntityAggregator.apply = real_apply  # type: ignore[method-assign]
         was_running = not running.done()
         await ingest.stop()
     assert running.done()

@@ -330,9 +330,12 @@ def test_configmap_values_are_valid_settings(
 def test_worker_deployment(rendered: tuple[str, list[dict[str, Any]]]) -> None:
     _, docs = rendered
     worker = by_kind(docs, "Deployment")["ioc-worker"]
-    # one worker per consumer group in this release (province-wide state in one process)
-    assert worker["spec"]["replicas"] == 1
-    assert worker["spec"]["strategy"]["type"] == "Recreate", "a rolling update would run two workers"
+    # several workers in one consumer group (docs/scaling.md); a rollout never loses one first
+    assert worker["spec"]["replicas"] >= 2
+    assert worker["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert worker["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    (pdb,) = [p for p in by_kind(docs, "PodDisruptionBudget").values() if p["metadata"]["name"] == "ioc-worker"]
+    assert pdb["spec"].get("maxUnavailable") == 1 or pdb["spec"].get("minAvailable") == 1
     (c,) = worker["spec"]["template"]["spec"]["containers"]
     assert c["args"] == ["ioc", "worker"]
     port = int(config_data(docs)["IOC_WORKER_METRICS_PORT"])

@@ -424,7 +424,7 @@ def test_runbook_covers_the_operations() -> None:
         "ioc.error.reason",
         "drop_chunks",
         "partitions ≥ workers",
-        "province-wide state",
+        "ioc_worker_merger",
         "docker compose",
         "kubectl apply -k",
     ):
