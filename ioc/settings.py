@@ -23,13 +23,17 @@ TOPIC_KPI = "ioc.kpi.updates"
 TOPIC_ALERTS = "ioc.alerts"
 INPUT_TOPICS = (TOPIC_DOSSIER, TOPIC_CYBER, TOPIC_SENSOR)
 
-#: How long a consumer lets the broker hold a fetch that has nothing to return (aiokafka's default),
-#: for the worker's input and the API's feed. Kafka answers a waiting fetch as soon as a record
-#: arrives (``fetch_min_bytes`` 1), so this only sets how often an idle consumer asks again.
-#: Measured on the embedded Kafka (produce → getmany, 3 partitions, 200 records at 50/s): 500 ms:
-#: median 2.3 ms, max 41 ms, 0.2 % of a core while idle; 20 ms: 2.2 / 17 ms, 2.4 %. (The tansu
-#: fallback answers on its own schedule within the wait: there, 500 ms delays events by ~130 ms.)
-FETCH_MAX_WAIT_MS = 500
+#: How long a consumer lets the broker hold a fetch that has nothing to return (aiokafka's default
+#: is 500 ms), for the worker's input and the API's feed. Kafka answers a waiting fetch as soon as a
+#: record arrives, yet a longer wait still delayed events in the whole pipeline; the likely reason:
+#: aiokafka keeps one fetch in flight per broker and leaves out of it the partitions whose records
+#: the application has not taken yet, so a busy partition just drained waits for a fetch held open
+#: on idle ones (the worker reads one busy and two idle topics there; the API's feed the busy
+#: `ioc.kpi.updates` and the mostly idle `ioc.alerts`). A lone consumer did not show it. Measured with `ioc bench --only latency` on the embedded Kafka,
+#: event to screen at 5,000/s with a 0.1 s emission: 500 ms: p50 99 / p99 649 ms; 20 ms: 74 / 131 ms
+#: (~2 % of a core per idle consumer). On the tansu fallback, which answers on its own schedule
+#: within the wait, 500 ms delayed every event by ~130 ms at the median.
+FETCH_MAX_WAIT_MS = 20
 ALL_TOPICS = (*INPUT_TOPICS, TOPIC_DEADLETTER, TOPIC_KPI, TOPIC_ALERTS)
 #: Topics created with a single partition whatever IOC_TOPIC_PARTITIONS says: every API process
 #: reads all of them (no consumer group), so partitions would add no parallelism, and one keeps
