@@ -129,7 +129,7 @@ def cpu_used(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, f
 
 
 async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
-    """`Ingest` driven as the worker drives it (``_gather`` + ``process``, ``emit`` on its timer,
+    """`Ingest` driven as the worker drives it (``gather`` + ``process``, ``emit`` on its timer,
     ``drain`` at the end) over a backlog of ``expected`` records; events/s from the first batch
     to the last batch durable, committed and published."""
     from streams.worker import Ingest
@@ -157,7 +157,7 @@ async def throughput(settings: Settings, expected: int) -> dict[str, Any]:
         first = waited
         next_report = waited + PROGRESS_EVERY_S
         while count < expected:
-            batch = await ingest._gather(timeout_ms)
+            batch = await ingest.gather(timeout_ms)
             if not batch:
                 if count == 0 and time.monotonic() - waited > 120:
                     raise RuntimeError("the worker received nothing within 120 s")

@@ -458,7 +458,7 @@ class Ingest:
         timeout_ms = int(self.settings.worker_flush_interval_s * 1000)
         while True:
             try:
-                batch = await self._gather(timeout_ms)
+                batch = await self.gather(timeout_ms)
             except ConsumerStoppedError:
                 return  # stopping
             if batch:
@@ -466,7 +466,7 @@ class Ingest:
             if time.monotonic() - self._last_maintenance > MAINTENANCE_INTERVAL_S:
                 await self.maintenance()
 
-    async def _gather(self, timeout_ms: int) -> dict[TopicPartition, list[LeanRecord]]:
+    async def gather(self, timeout_ms: int) -> dict[TopicPartition, list[LeanRecord]]:
         """One batch: wait for records, then take whatever else is already fetched, up to the batch size."""
         assert self.consumer is not None
         limit = self.settings.worker_batch_max

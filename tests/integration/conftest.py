@@ -63,7 +63,7 @@ async def consume(ingest: Any, records: int) -> None:
     """Drive an in-process worker as `ioc worker` does until it has read ``records`` and gone idle."""
     idle = 0
     while ingest.stats["records"] < records or idle < 2:
-        batch = await ingest._gather(500)
+        batch = await ingest.gather(500)
         if batch:
             await ingest.process(batch)
             idle = 0

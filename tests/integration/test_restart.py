@@ -128,7 +128,7 @@ def test_a_crash_between_publishing_and_writing_snapshots_never_reuses_a_seq(
                 await consume(first, first.stats["records"] + len(batch))
             await checks.produce(settings, intake_batch(50))
             while first.stats["records"] < len(records) + 100:  # folded, not yet published
-                batch = await first._gather(500)
+                batch = await first.gather(500)
                 if batch:
                     await first.process(batch)
             await first.drain()
@@ -144,7 +144,7 @@ def test_a_crash_between_publishing_and_writing_snapshots_never_reuses_a_seq(
         await second.start()
         try:
             while not second.merger:  # the group's assignment makes it the merger (docs/scaling.md)
-                fetched = await second._gather(500)
+                fetched = await second.gather(500)
                 if fetched:
                     await second.process(fetched)
             await second.emit()
