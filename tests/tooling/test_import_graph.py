@@ -142,15 +142,18 @@ def graph() -> dict[str, set[str]]:
 
 
 def test_no_package_imports_one_above_it(graph: dict[str, set[str]]) -> None:
-    assert layer_violations(graph) == []
+    found = layer_violations(graph)
+    assert not found, "imports against the layers (README, 'The layers'):\n" + "\n".join(found)
 
 
 def test_no_cycle_between_packages(graph: dict[str, set[str]]) -> None:
-    assert cycles(package_graph(graph)) == []
+    found = cycles(package_graph(graph))
+    assert not found, "packages importing each other: " + "; ".join(" <-> ".join(c) for c in found)
 
 
 def test_no_cycle_between_modules(graph: dict[str, set[str]]) -> None:
-    assert cycles(graph) == []
+    found = cycles(graph)
+    assert not found, "modules importing each other: " + "; ".join(" <-> ".join(c) for c in found)
 
 
 def test_the_checks_find_a_cycle_and_an_upward_import() -> None:
