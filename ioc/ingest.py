@@ -1,8 +1,9 @@
 """Producing what the doors accept (HTTP ingest, MQTT bridge): acks=all, a bound on records in flight, recent event_ids.
 
 A record is reported accepted only once the broker has acknowledged it with ``acks=all`` (every
-in-sync replica has it). The producer is idempotent where the broker supports it (Apache Kafka);
-a broker that refuses idempotent producers (the embedded tansu) gets a plain one, logged.
+in-sync replica has it). The producer is not idempotent, like the worker's: aiokafka's idempotent
+producer can stay stuck after a broker outage (aiokafka #1017), and a record sent twice is counted
+once downstream anyway.
 
 `RecentIds` is a bounded, per-process memory of the event_ids a door has had acknowledged: a
 retried request answers them ``duplicate`` without producing again. It is not shared between
@@ -65,24 +66,14 @@ class RecentIds:
 
 
 async def start_producer(settings: Settings, client_id: str) -> AIOKafkaProducer:
-    """A started producer with ``acks=all``: idempotent where the broker supports it, else plain."""
-    common: dict[str, Any] = {
-        "bootstrap_servers": settings.kafka_bootstrap,
-        "acks": "all",
-        "linger_ms": 2,
-        "client_id": client_id,
-        "request_timeout_ms": int(ACK_TIMEOUT_S * 1000),
-    }
-    producer = AIOKafkaProducer(enable_idempotence=True, **common)
-    try:
-        # aiokafka asks for a producer id while starting: a broker without them refuses here.
-        await asyncio.wait_for(producer.start(), ACK_TIMEOUT_S)
-        log.info("%s: idempotent producer (acks=all)", client_id)
-        return producer
-    except (KafkaError, TimeoutError) as exc:
-        await stop_within(producer, f"{client_id}'s idempotent producer")
-        log.info("%s: the broker refused an idempotent producer (%s); a plain one (acks=all)", client_id, exc)
-    producer = AIOKafkaProducer(enable_idempotence=False, **common)
+    """A started producer with ``acks=all`` (not idempotent: see the module's docstring)."""
+    producer = AIOKafkaProducer(
+        bootstrap_servers=settings.kafka_bootstrap,
+        acks="all",
+        linger_ms=2,
+        client_id=client_id,
+        request_timeout_ms=int(ACK_TIMEOUT_S * 1000),
+    )
     await producer.start()
     return producer
 
