@@ -21,6 +21,8 @@ TOPIC_SENSOR = "ioc.sensor.readings"
 TOPIC_DEADLETTER = "ioc.deadletter"
 TOPIC_KPI = "ioc.kpi.updates"
 TOPIC_ALERTS = "ioc.alerts"
+#: Several workers' partial counters for the merger (streams/shards.py; created by the worker, not in ALL_TOPICS).
+TOPIC_PARTIALS = "ioc.kpi.partials"
 INPUT_TOPICS = (TOPIC_DOSSIER, TOPIC_CYBER, TOPIC_SENSOR)
 
 #: How long a consumer lets the broker hold a fetch that has nothing to return (aiokafka's default

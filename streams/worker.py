@@ -119,7 +119,7 @@ class Ingest:
         #: merges the dossier partials, publishes every KPI snapshot and evaluates every alert.
         self.merger = False
         self.assignor = shards.assignor_for(self.sharded_topic)
-        self.partials_tp = TopicPartition(settings.topic(shards.TOPIC_PARTIALS), 0)
+        self.partials_tp = TopicPartition(settings.topic(cfg.TOPIC_PARTIALS), 0)
         self.partials_consumer: AIOKafkaConsumer | None = None
         #: Held while a batch is folded and by the rebalance callbacks: a rebalance waits for it.
         self._batch_lock = asyncio.Lock()
