@@ -139,7 +139,9 @@ async def _read(settings: Settings, topic: str) -> list[Any]:
     await consumer.start()
     try:
         name = settings.topic(topic)
-        await consumer.topics()  # fetches the metadata
+        if name in await consumer.topics() and consumer.partitions_for_topic(name) is None:
+            # Kafka's answer to the bootstrap lists no topics (api/feed.py): load every topic's metadata.
+            await consumer._client.force_metadata_update()
         parts = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
         if not parts:
             return []
