@@ -367,7 +367,7 @@ def ingest_router(door_: IngestDoor, producer: DoorProducer | None) -> APIRouter
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if producer is not None:
-            await producer.start()
+            await producer.start(in_background=True)
             door_.sink = producer
         try:
             yield

@@ -59,7 +59,9 @@ class TopicCounter:
 
     async def start(self) -> None:
         await self.consumer.start()
-        await self.consumer.topics()
+        if self.name in await self.consumer.topics() and self.consumer.partitions_for_topic(self.name) is None:
+            # Kafka's answer to the bootstrap lists no topics (api/feed.py): load every topic's metadata.
+            await self.consumer._client.force_metadata_update()
         parts = [TopicPartition(self.name, p) for p in self.consumer.partitions_for_topic(self.name) or ()]
         self.consumer.assign(parts)
         await self.consumer.seek_to_beginning(*parts)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 from typing import Any
 
@@ -65,6 +66,10 @@ class RecentIds:
             self._ids.popitem(last=False)
 
 
+#: Seconds between attempts to reach the broker while a door's producer is not connected.
+RECONNECT_EVERY_S = 3.0
+
+
 async def start_producer(settings: Settings, client_id: str) -> AIOKafkaProducer:
     """A started producer with ``acks=all`` (not idempotent: see the module's docstring)."""
     producer = AIOKafkaProducer(
@@ -74,7 +79,11 @@ async def start_producer(settings: Settings, client_id: str) -> AIOKafkaProducer
         client_id=client_id,
         request_timeout_ms=int(ACK_TIMEOUT_S * 1000),
     )
-    await producer.start()
+    try:
+        await producer.start()
+    except BaseException:
+        await stop_within(producer, f"{client_id}'s producer")
+        raise
     return producer
 
 
@@ -90,11 +99,37 @@ class DoorProducer:
         self.pending: dict[tuple[str, str], asyncio.Future[Any]] = {}
         self.in_flight = 0
         self.producer: AIOKafkaProducer | None = None
+        self._connecting: asyncio.Task[None] | None = None
 
-    async def start(self) -> None:
-        self.producer = await start_producer(self.settings, self.client_id)
+    async def start(self, *, in_background: bool = False) -> None:
+        """Connect the producer. ``in_background``: if the broker cannot be reached now, go on
+        trying every few seconds and return at once (sends fail, answered 503, until then), so an
+        API process starts and serves its other routes during a broker outage."""
+        if not in_background:
+            self.producer = await start_producer(self.settings, self.client_id)
+            return
+        try:
+            self.producer = await start_producer(self.settings, self.client_id)
+        except KafkaError as exc:
+            log.warning("%s: the broker cannot be reached (%s); ingest answers 503 until it can", self.client_id, exc)
+            self._connecting = asyncio.create_task(self._connect_until_up())
+
+    async def _connect_until_up(self) -> None:
+        while True:
+            await asyncio.sleep(RECONNECT_EVERY_S)
+            try:
+                self.producer = await start_producer(self.settings, self.client_id)
+            except KafkaError:
+                continue
+            log.info("%s: connected to the broker", self.client_id)
+            return
 
     async def stop(self) -> None:
+        if self._connecting is not None:
+            self._connecting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._connecting
+            self._connecting = None
         if self.producer is not None:
             await stop_within(self.producer, f"{self.client_id}'s producer")
             self.producer = None

@@ -170,9 +170,16 @@ def test_dev_with_two_workers_shares_the_partitions_and_restarts_a_killed_one() 
         while len(members := group()) != 2 or not all(m["partitions"] for m in members):
             assert time.monotonic() < deadline, f"the restarted worker did not rejoin: {members}"
             time.sleep(1)
-        r = httpx.get(dev.lines["api"] + "/api/kpis", params={"kpi": "dossier.received", "scope": "province"},
-                      headers={"Authorization": f"Bearer {dev.lines['token']}"})  # fmt: skip
-        assert any(i["value"] for i in r.json()["items"])
+        # The back-fill and the catch-up after the kill take a while: wait for the province's count.
+        def received() -> list[object]:
+            r = httpx.get(dev.lines["api"] + "/api/kpis", params={"kpi": "dossier.received", "scope": "province"},
+                          headers={"Authorization": f"Bearer {dev.lines['token']}"}, timeout=10)  # fmt: skip
+            return [i["value"] for i in r.json()["items"]]
+
+        deadline = time.monotonic() + 120
+        while not any(values := received()):
+            assert time.monotonic() < deadline, f"no dossier counted after the restart: {values}"
+            time.sleep(1)
     finally:
         code = dev.stop(signal.SIGINT)
     assert code == 0
