@@ -20,7 +20,7 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy ioc streams api alerts simulators
+	$(BIN)/mypy ioc alerts streams simulators reports api entrypoints bench
 
 # The performance harness (docs/performance.md): a table on stdout, the figures in artifacts/bench-*.json.
 bench: $(STAMP)

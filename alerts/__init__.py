@@ -1,4 +1,4 @@
-"""Alerts: rules over KPI snapshots and raw events (`rules`), the alert lifecycle (`engine`), routing (`routing`)."""
+"""Alerts: rules (`rules`), the engine (`engine`: `conditions`, `lifecycle`, `notify`, `timers`), routing, webhooks."""
 
 from alerts.engine import (
     AlertEngine,
@@ -11,7 +11,8 @@ from alerts.engine import (
 )
 from alerts.model import Alert, AlertEvent, AlertState, Audience, Severity, TransitionError, fingerprint
 from alerts.routing import addressed_to, audience_of, visible_to
-from alerts.rules import RuleError, RuleSet, RuleWatcher, default_rules, load_rules
+from alerts.rule_files import RuleWatcher, default_rules, load_rules
+from alerts.rules import RuleError, RuleSet
 
 __all__ = [
     "Alert",

@@ -2,61 +2,43 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Annotated, Any, Final
+from typing import Any, Final
 
 import psycopg
-from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client import Counter as PromCounter
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api import history, schemas
-from api.alert_routes import alert_router
 from api.alert_store import AlertPublisher, AlertStore, KafkaAlertPublisher, PostgresAlertStore
-from api.auth import Caller
 from api.broadcaster import Broadcaster
+from api.context import ApiContext
 from api.feed import Feed
 from api.ingest import install as install_ingest
-from api.live import LiveState, snapshot_item
-from api.report_routes import report_router
-from api.workers import WorkerGroup
-from api.ws import WsLimits, websocket_endpoint
-from api.ws_protocol import DirectWebSocketRoute
+from api.live import LiveState
+from api.routes import alerts, kpis, operations, registries, reports, wall
+from api.routes.wall import STATIC_DIR
+from api.ws.frames import WsLimits
+from api.ws.handshake import websocket_endpoint
+from ioc.compat.uvicorn import DirectWebSocketRoute
 from ioc.loop import settle_heap
 from ioc.metrics import ApiMetrics
 from ioc.registry import Registry, load_registry
 from ioc.settings import Settings
-from streams.windows import TZ
 
 log = logging.getLogger(__name__)
 
-STATIC_DIR: Final = Path(__file__).parent / "static"
-#: The wall page loads only its own script, style and socket; tokens never leave by referrer.
-WALL_HEADERS: Final = {
-    "Content-Security-Policy": (
-        "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
-        "style-src 'self'; script-src 'self'; frame-ancestors 'none'"
-    ),
-    "Referrer-Policy": "no-referrer",
-    "X-Content-Type-Options": "nosniff",
-    "Cache-Control": "no-cache",
-}
 POOL_RECONNECT_TIMEOUT_S: Final = 10.0
-READY_TIMEOUT_S: Final = 2.0
 DESCRIPTION: Final = """\
 REST and WebSocket interface of Nghệ An's provincial smart operations centre (CONTRACT §7).
 
@@ -81,27 +63,20 @@ TAGS: Final = [
 ]
 
 
-@dataclass
-class ApiContext:
-    """Everything the routes and the WebSocket handler share within one app."""
-
-    settings: Settings
-    registry: Registry
-    broadcaster: Broadcaster
-    live: LiveState
-    feed: Feed
-    ws_limits: WsLimits
-    pool: AsyncConnectionPool | None = None
-    storage: str | None = None
-    units_json: list[dict[str, Any]] = field(default_factory=list)
-    stations_json: list[dict[str, Any]] = field(default_factory=list)
-    metrics: ApiMetrics = field(default_factory=ApiMetrics)
-    #: Where alerts are read and operator actions recorded (None: no database, the routes answer 503).
-    alerts: AlertStore | None = None
-    #: Where operator actions are published for the worker (``ioc.alerts``).
-    alert_publisher: AlertPublisher | None = None
-    #: The time of an operator action (a parameter so tests can fix it).
-    clock: Callable[[], dt.datetime] = field(default=lambda: dt.datetime.now(TZ))
+#: The rule for the middleware bypass: the direct WebSocket route (``/ws``, served by
+#: ``ioc.compat.uvicorn`` straight from the socket in production, through the app under other servers and
+#: the test client) skips all of the app's middleware, and this says why each needs none of it. A
+#: middleware added to the app must be named here with its reason, or tests/unit/test_compat.py fails.
+DIRECT_ROUTE_SKIPS: Final = {
+    "ServerErrorMiddleware": "turns an exception into a 500 response; the endpoint closes with 1011 itself",
+    "ExceptionTelemetryMiddleware": "FastAPI's telemetry of HTTP exceptions; /ws logs its own errors",
+    "AppBodyLimitMiddleware": "limits HTTP request bodies; /ws limits frames (ws_max_size = WsLimits.max_frame_bytes)",
+    "HttpMetrics": "counts HTTP requests only; /ws is counted by ioc_ws_clients and ioc_ws_messages_total",
+    "ExceptionMiddleware": "the app's HTTP exception handlers; a WebSocket has no response for them to shape",
+    "AsyncExitStackMiddleware": "closes request dependencies' exit stacks; the /ws endpoint takes no dependencies",
+}
+#: The paths served as direct WebSocket routes (nothing else skips the middleware).
+DIRECT_ROUTES: Final = ("/ws",)
 
 
 class HttpMetrics:
@@ -163,49 +138,6 @@ async def _database_unreachable(request: Request, exc: Exception) -> Response:
     return JSONResponse({"detail": "the database is unreachable"}, status_code=503)
 
 
-async def _context(request: Request) -> ApiContext:  # a coroutine: no thread-pool hop (see current_principal)
-    ctx: ApiContext = request.app.state.ioc
-    return ctx
-
-
-Context = Annotated[ApiContext, Depends(_context)]
-
-
-def _split(value: str | None) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else []
-
-
-async def _storage(ctx: ApiContext, conn: psycopg.AsyncConnection[Any]) -> str:
-    if ctx.storage is None:
-        cur = await conn.execute("SELECT value FROM ioc_meta WHERE key = 'storage'")
-        row = await cur.fetchone()
-        ctx.storage = str(row[0]) if row else "postgresql"
-    return ctx.storage
-
-
-async def _database_ok(ctx: ApiContext) -> str:
-    if ctx.pool is None:
-        return "not configured"
-    try:
-        async with ctx.pool.connection(timeout=READY_TIMEOUT_S) as conn:
-            await conn.execute("SELECT 1")
-    except (PoolTimeout, psycopg.Error, OSError) as exc:
-        return f"unreachable ({type(exc).__name__})"
-    return "ok"
-
-
-async def _broker_ok(bootstrap: str) -> str:
-    for server in _split(bootstrap):
-        host, _, port = server.rpartition(":")
-        try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port)), READY_TIMEOUT_S)
-        except (OSError, ValueError, TimeoutError):
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return "ok"
-    return "unreachable"
 
 
 def create_app(
@@ -313,169 +245,16 @@ def create_app(
     app.add_exception_handler(psycopg.OperationalError, _database_unreachable)
     app.add_middleware(HttpMetrics, requests=metrics.http_requests, routes=app.router.routes)
 
-    @app.get(
-        "/healthz", tags=["operations"], response_model=None, responses=schemas.ok(schemas.Health, {"status": "ok"})
-    )
-    async def healthz() -> dict[str, str]:
-        """Liveness: the process answers."""
-        return {"status": "ok"}
-
-    worker_group = WorkerGroup(settings)
-
-    @app.get(
-        "/readyz",
-        tags=["operations"],
-        response_model=None,
-        responses={
-            **schemas.ok(schemas.Readiness, schemas.READY_EXAMPLE, "The database and the broker are reachable."),
-            503: {
-                "model": schemas.Readiness,
-                "description": "The database or the broker is unreachable.",
-                "content": {"application/json": {"example": schemas.NOT_READY_EXAMPLE}},
-            },
-        },
-    )
-    async def readyz() -> JSONResponse:
-        """Readiness: 200 when the database and the broker are reachable, else 503."""
-        database, broker = await asyncio.gather(_database_ok(ctx), _broker_ok(settings.kafka_bootstrap))
-        ready = database == "ok" and broker == "ok"
-        body = {
-            "status": "ready" if ready else "not ready",
-            "database": database,
-            "broker": broker,
-            "feed": ctx.feed.status(),
-            "clients": broadcaster.subscriber_count,
-            "workers": await worker_group.status() if broker == "ok" and connect else None,
-        }
-        return JSONResponse(body, status_code=200 if ready else 503)
-
-    @app.get(
-        "/metrics",
-        tags=["operations"],
-        response_class=Response,
-        responses={
-            200: {
-                "description": "Prometheus text exposition format.",
-                "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}, "example": schemas.METRICS_EXAMPLE}},
-            }
-        },
-    )
-    async def prometheus_metrics() -> Response:
-        """Prometheus metrics of this API process: clients, messages, refusals, feed, HTTP requests."""
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get(
-        "/api/kpis",
-        tags=["kpis"],
-        response_model=None,
-        responses={
-            **schemas.ok(schemas.KpiList, {"items": [schemas.KPI_SNAPSHOT_EXAMPLE], "count": 1}),
-            **schemas.errors(401, 403, 422),
-        },
-    )
-    async def kpis(
-        caller: Caller,
-        kpi: Annotated[str | None, Query(description="KPI name(s), comma-separated")] = None,
-        scope: Annotated[str | None, Query(description="scope(s), comma-separated, e.g. province")] = None,
-        window: Annotated[str | None, Query(description="window(s), comma-separated")] = None,
-    ) -> dict[str, Any]:
-        """Current KPI snapshots (CONTRACT §4) that the caller may see."""
-        scopes = _split(scope)
-        refused = [s for s in scopes if not caller.can_see_scope(s)]
-        if refused:
-            raise HTTPException(403, f"scope {refused[0]!r} is outside your rights")
-        found = live.table.query(_split(kpi), scopes, _split(window))
-        items = [snapshot_item(s) for s in found if caller.can_see_kpi(s.kpi, s.scope)]
-        return {"items": items, "count": len(items)}
-
-    @app.get(
-        "/api/kpis/history",
-        tags=["kpis"],
-        response_model=None,
-        responses={
-            **schemas.ok(schemas.KpiHistory, schemas.HISTORY_EXAMPLE),
-            **schemas.errors(400, 401, 403, 422, 503),
-        },
-    )
-    async def kpi_history(
-        caller: Caller,
-        kpi: Annotated[
-            str | None, Query(pattern=schemas.NO_NUL, description="one KPI name, e.g. env.aqi (required)")
-        ] = None,
-        scope: Annotated[
-            str | None, Query(pattern=schemas.NO_NUL, description="one scope, e.g. province (required)")
-        ] = None,
-        window: Annotated[
-            str | None, Query(pattern=schemas.NO_NUL, description="one window: 1h, 24h, today, mtd, now (required)")
-        ] = None,
-        start: Annotated[
-            str | None, Query(alias="from", pattern=schemas.NO_NUL, description="ISO 8601; default: 24 h before `to`")
-        ] = None,
-        end: Annotated[
-            str | None, Query(alias="to", pattern=schemas.NO_NUL, description="ISO 8601; default: now")
-        ] = None,
-        bucket: Annotated[
-            str | None, Query(pattern=schemas.NO_NUL, description="1m, 5m, 1h, 1d ...; default: fits the range")
-        ] = None,
-    ) -> dict[str, Any]:
-        """A KPI's time series, one point per bucket (its last value, with min, max and mean).
-
-        `kpi`, `scope` and `window` are required (400 naming the missing ones); at most 31 days
-        and 2,000 points per request.
-        """
-        try:
-            q = history.build_query(kpi, scope, window, start, end, bucket)
-        except history.HistoryQueryError as exc:
-            raise HTTPException(400, str(exc)) from exc
-        if not caller.can_see_kpi(q.kpi, q.scope):
-            raise HTTPException(403, f"{q.kpi} at {q.scope} is outside your rights")
-        if ctx.pool is None:
-            raise HTTPException(503, "the database is not connected")
-        async with ctx.pool.connection(timeout=5) as conn:
-            storage = await _storage(ctx, conn)
-            cur = await conn.execute(history.sql_for(storage), history.sql_params(q))
-            rows = await cur.fetchall()
-        return {
-            "kpi": q.kpi,
-            "scope": q.scope,
-            "window": q.window,
-            "from": q.start.astimezone(history.LOCAL).isoformat(),
-            "to": q.end.astimezone(history.LOCAL).isoformat(),
-            "bucket": q.bucket_label,
-            "storage": storage,
-            "points": [history.point(r) for r in rows[: history.MAX_POINTS]],
-        }
-
-    @app.get(
-        "/api/units",
-        tags=["registries"],
-        response_model=None,
-        responses={**schemas.ok(schemas.UnitList, schemas.UNITS_EXAMPLE), **schemas.errors(401)},
-    )
-    async def units(caller: Caller) -> dict[str, Any]:
-        """The province's communes (xã, phường)."""
-        return {"items": ctx.units_json, "count": len(ctx.units_json)}
-
-    @app.get(
-        "/api/stations",
-        tags=["registries"],
-        response_model=None,
-        responses={**schemas.ok(schemas.StationList, schemas.STATIONS_EXAMPLE), **schemas.errors(401)},
-    )
-    async def stations(caller: Caller) -> dict[str, Any]:
-        """Environmental stations, with flood alarm levels BĐ I–III for water gauges."""
-        return {"items": ctx.stations_json, "count": len(ctx.stations_json)}
-
-    app.include_router(alert_router(ctx))
-    app.include_router(report_router(ctx))
+    app.include_router(operations.router(ctx, connect=connect))
+    app.include_router(kpis.router(ctx))
+    app.include_router(registries.router(ctx))
+    app.include_router(alerts.router(ctx))
+    app.include_router(reports.router(ctx))
     app.state.ingest = install_ingest(app, settings, registry, metrics.registry, connect=connect)
 
-    @app.get("/wall", include_in_schema=False)
-    async def wall() -> FileResponse:
-        return FileResponse(STATIC_DIR / "wall.html", media_type="text/html", headers=WALL_HEADERS)
-
-    # served by api.ws_protocol straight from the socket, without the middleware and router above it (see there)
-    app.router.routes.append(DirectWebSocketRoute("/ws", websocket_endpoint))
+    app.include_router(wall.router())
+    # served by ioc.compat.uvicorn straight from the socket, without the middleware and router above it (see there)
+    app.router.routes.append(DirectWebSocketRoute(DIRECT_ROUTES[0], websocket_endpoint))
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
 
@@ -488,7 +267,7 @@ def server_options(settings: Settings, limits: WsLimits) -> dict[str, Any]:
         "port": settings.api_port,
         # uvicorn's websockets-sansio protocol without what it keeps per connection and never reads
         # again (handshake headers, an asyncio.Queue): ~6 KiB of ~36 per live-feed client
-        "ws": "api.ws_protocol:LeanWebSocketProtocol",
+        "ws": "ioc.compat.uvicorn:LeanWebSocketProtocol",
         "ws_max_size": limits.max_frame_bytes,
         "ws_ping_interval": limits.ping_interval_s,
         "ws_ping_timeout": limits.ping_interval_s,

@@ -23,7 +23,7 @@ from aiokafka.errors import KafkaError
 from api.live import LiveState
 from ioc.metrics import ApiMetrics
 from ioc.settings import FETCH_MAX_WAIT_MS, TOPIC_ALERTS, TOPIC_KPI, Settings
-from streams.snapshot import Snapshot, decode
+from ioc.snapshot import Snapshot, decode
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +186,13 @@ class Feed:
                 batches = await consumer.getmany(timeout_ms=1000, max_records=5000)
                 for tp, records in batches.items():
                     for record in records:
-                        self._handle(tp.topic, record.value)
+                        self.handle(tp.topic, record.value)
         finally:
             self.consuming = False
             await consumer.stop()
 
-    def _handle(self, topic: str, value: bytes | None) -> None:
+    def handle(self, topic: str, value: bytes | None) -> None:
+        """Apply one record of a feed topic (what the consumer loop calls for each)."""
         self.records += 1
         self.last_record_at = dt.datetime.now(dt.UTC)
         if value is None:

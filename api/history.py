@@ -6,12 +6,11 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 from typing import Any, Final
-from zoneinfo import ZoneInfo
 
-from ioc.settings import TIMEZONE
-from streams.snapshot import WINDOWS
+from ioc.contract import TZ
+from ioc.snapshot import WINDOWS
 
-LOCAL: Final = ZoneInfo(TIMEZONE)
+LOCAL: Final = TZ
 #: Longest range one request may cover (raw history is kept 30 days by default).
 MAX_RANGE: Final = dt.timedelta(days=31)
 #: Most points one request may return.

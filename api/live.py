@@ -11,7 +11,7 @@ import msgspec
 
 from api.auth import ALERTS_CHANNEL, KPI_CHANNEL_PREFIX, Principal
 from api.broadcaster import Broadcaster, ItemFilter, Published
-from streams.snapshot import Snapshot
+from ioc.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 

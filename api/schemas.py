@@ -2,7 +2,7 @@
 
 The routes return plain dicts (a KPI list can hold thousands of snapshots; validating each on
 the way out would cost more than serialising it), so these models document the shapes rather
-than enforce them; ``tests/unit/test_api_openapi.py`` checks real responses against them.
+than enforce them; ``tests/wiring/test_api_openapi.py`` checks real responses against them.
 """
 
 from __future__ import annotations

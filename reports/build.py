@@ -17,6 +17,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from ioc.contract import INCIDENT_SEVERITIES, US
 from ioc.registry import Registry
 from reports.period import Period
 from streams import aqi, cyber, dossier
@@ -28,7 +29,7 @@ from streams.sensor import US_PER_HOUR, StationState, alarm_level
 from streams.windows import TZ, UTC_OFFSET_S
 
 SCHEMA = "ioc.report.v1"
-US = 1_000_000
+
 #: Circular 20/2017/TT-BTTTT as DOMAIN.md reads it: an incident is reported within 5 days.
 REPORTING_DEADLINE_US = 5 * 86400 * US
 #: A water level holds until the next reading, but no longer than this many of the gauge's intervals.
@@ -308,7 +309,7 @@ def cyber_section(f: Figures, scope: str) -> dict[str, Any]:
             )
     return {
         "detected": r("detected", scope, "mtd"),
-        "by_severity": {sev: r(f"detected.{sev}", scope, "mtd") for sev in cyber.SEVERITIES},
+        "by_severity": {sev: r(f"detected.{sev}", scope, "mtd") for sev in INCIDENT_SEVERITIES},
         "by_category": dict(sorted(by_category.items(), key=lambda kv: (-kv[1], kv[0]))),
         "open_at_end": r("open", scope, "now"),
         "mtta_minutes": mean["cyber.mtta_minutes"],

@@ -6,9 +6,9 @@ import datetime as dt
 import re
 from dataclasses import dataclass
 
+from ioc.contract import US
 from streams.windows import TZ
 
-US = 1_000_000
 #: The scheduled run: 00:30 local time on the 1st of each month.
 SCHEDULE_DAY, SCHEDULE_TIME = 1, dt.time(0, 30)
 #: Years a period may be in (the previous period and the end stay within what datetime holds).

@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 import psycopg
 
+from ioc.contract import US
 from ioc.errors import InvalidEvent
 from ioc.registry import Registry
 from reports.period import Period
@@ -37,7 +38,7 @@ from streams.sensor import SensorEvent
 from streams.sink import StateDecoder
 
 log = logging.getLogger(__name__)
-US = 1_000_000
+
 #: Readings this long before the period are loaded too: the largest 24 h rainfall of the period's
 #: first day reaches back into the day before.
 READINGS_LEAD_US = 24 * 3600 * US

@@ -36,22 +36,22 @@ import orjson
 from aiokafka import AIOKafkaProducer
 from aiokafka.partitioner import DefaultPartitioner
 
+from ioc.contract import INCIDENT_SEVERITIES, US
 from ioc.registry import Registry, load_registry
 from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, TOPIC_SENSOR, Settings
+from ioc.snapshot import Snapshot
 from simulators.dossiers import NORMAL as NORMAL_DOSSIERS
 from simulators.dossiers import DossierConditions, DossierSimulator, load_catalogue
 from simulators.envelope import VN_TZ, Event, to_millisecond
-from simulators.incidents import PROVINCIAL_SYSTEMS, SEVERITIES, IncidentSimulator, commune_portals
+from simulators.incidents import PROVINCIAL_SYSTEMS, IncidentSimulator, commune_portals
 from simulators.scenarios import build_scenario
 from simulators.sensors import SensorConditions, SensorSimulator
 from streams import cyber, dossier
 from streams.engine import Engine
 from streams.kpi import Value, ratio, status_of
-from streams.snapshot import Snapshot
 
 logger = logging.getLogger(__name__)
 
-US = 1_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +155,7 @@ class KpiHistory:
     """
 
     PROVINCE_DAY = (("dossier.received", "recv"), ("dossier.completed", "comp"))
-    LEVELS = ("in_progress", "overdue", "open", *(f"open.{s}" for s in SEVERITIES))
+    LEVELS = ("in_progress", "overdue", "open", *(f"open.{s}" for s in INCIDENT_SEVERITIES))
 
     def __init__(
         self, registry: Registry, start: dt.datetime, now: dt.datetime, step: dt.timedelta, station_hours: float = 72
@@ -261,7 +261,7 @@ class KpiHistory:
                             self._row(kpi, unit, scope, "now", (float(running[name]), None, None, None), as_of)
                         )
                 if province or hour in last_day_hours:
-                    for sev in SEVERITIES:
+                    for sev in INCIDENT_SEVERITIES:
                         value = (float(running[f"open.{sev}"]), None, None, None)
                         self.rows.append(self._row(f"cyber.open.{sev}", "incidents", scope, "now", value, as_of))
 

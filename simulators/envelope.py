@@ -10,8 +10,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-#: Asia/Ho_Chi_Minh has had no daylight saving since 1975, so a fixed offset is exact.
-VN_TZ = dt.timezone(dt.timedelta(hours=7), "+07:00")
+from ioc.contract import UTC7
+
+#: The province's offset, as the events are written (`ioc.contract.UTC7`; no daylight saving since 1975).
+VN_TZ = UTC7
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,7 @@
 
 `SensorFaults` (``--scenario sensor-faults``) bends the readings of chosen stations (a stuck
 sensor, spikes, a drift, a float jammed during a regional rain band) and keeps the truth as
-`Label` rows (kind, subjects, start, end) for the benchmark (`ioc.bench.anomaly`). The live
+`Label` rows (kind, subjects, start, end) for the benchmark (`bench.anomaly`). The live
 scenario puts most faults in the warm-start history (``history_h``) so an operator sees them
 within a minute of ``ioc dev``; `fault_plan` with ``compressed=False`` spreads them over days.
 `DossierSurgeAnomaly` and `IncidentBurst` add extra events for one commune or one system.
@@ -16,8 +16,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ioc.registry import Station
+from simulators.baseline import Scenario
 from simulators.envelope import Event, event_id, iso
-from simulators.scenarios import Scenario
 from simulators.sensors import SensorConditions
 
 H = dt.timedelta(hours=1)

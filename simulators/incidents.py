@@ -13,6 +13,7 @@ import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
+from ioc.contract import INCIDENT_SEVERITIES
 from ioc.registry import Unit
 from ioc.settings import TOPIC_CYBER
 from simulators.envelope import VN_TZ, Event, event_id, iso, lognormal_minutes, poisson_arrivals
@@ -20,7 +21,6 @@ from simulators.envelope import VN_TZ, Event, event_id, iso, lognormal_minutes, 
 logger = logging.getLogger(__name__)
 
 SCHEMA = "ioc.incident.v1"
-SEVERITIES = ("low", "medium", "high", "critical")
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,7 +258,7 @@ class IncidentSimulator:
             weights = list(SEVERITY_WEIGHTS[category])
             if system.level >= 3:  # the same attack matters more on a higher-level system
                 weights = [weights[0] * 0.5, weights[1], weights[2] * 1.3, weights[3] * 1.6]
-            severity = rng.choices(SEVERITIES, weights=weights, k=1)[0]
+            severity = rng.choices(INCIDENT_SEVERITIES, weights=weights, k=1)[0]
         self._serial += 1
         incident_id = f"SOC-H40-{detected.astimezone(VN_TZ):%y%m%d}-{self._serial:05d}"
         if category in EXTERNAL_SOURCE:
@@ -291,7 +291,7 @@ class IncidentSimulator:
         steps = [step(detected, "detected")]
         t = detected + lognormal_minutes(rng, MTTA_MEDIAN_MIN[severity], 0.7)
         if rng.random() < P_ESCALATED and severity != "critical":
-            severity = SEVERITIES[SEVERITIES.index(severity) + 1]
+            severity = INCIDENT_SEVERITIES[INCIDENT_SEVERITIES.index(severity) + 1]
             steps.append(step(t, "acknowledged", severity=severity))
         else:
             steps.append(step(t, "acknowledged"))

@@ -9,8 +9,8 @@ import time
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from ioc.mqtt_bridge import parse_mqtt_url
 from streams.door import MQTT_TOPIC_PREFIX
+from streams.mqtt_bridge import parse_mqtt_url
 
 log = logging.getLogger(__name__)
 

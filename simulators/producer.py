@@ -19,8 +19,8 @@ from ioc.produce import stop_within
 from ioc.registry import Registry
 from ioc.settings import TOPIC_SENSOR as SENSOR_TOPIC
 from ioc.settings import Settings
+from simulators.baseline import Scenario
 from simulators.envelope import VN_TZ
-from simulators.scenarios import Scenario
 from simulators.stream import SimRecord, generate, resolve_scenario, sensor_history
 
 logger = logging.getLogger(__name__)

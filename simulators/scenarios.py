@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import random
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from ioc.errors import ConfigurationError
 from ioc.registry import Station
+from simulators import faults
+from simulators.baseline import Scenario
 from simulators.dossiers import DossierConditions
-from simulators.envelope import Event
 from simulators.incidents import IncidentConditions, InformationSystem
 from simulators.sensors import SensorConditions
 
@@ -54,57 +53,6 @@ DDOS_TARGETS = 24
 def _smoothstep(x: float) -> float:
     x = min(1.0, max(0.0, x))
     return x * x * (3 - 2 * x)
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """Normal operation; subclasses bend the conditions between ``begins`` and ``begins + span``."""
-
-    name: str = "normal"
-    begins: dt.datetime | None = None
-    span: dt.timedelta = dt.timedelta(minutes=20)
-    #: Upper bounds of the rate factors this scenario ever applies (for Poisson thinning).
-    peak_dossier_factor: float = 1.0
-    peak_incident_factor: float = 1.0
-    peak_ddos_rate_per_s: float = 0.0
-
-    @property
-    def ends(self) -> dt.datetime | None:
-        """When the span is over (effects such as a receding river may linger)."""
-        return self.begins + self.span if self.begins is not None else None
-
-    def phase(self, t: dt.datetime) -> float | None:
-        """Progress: 0 at the scenario's start, 1 at the end of its span; None before it."""
-        if self.begins is None or t < self.begins:
-            return None
-        return (t - self.begins) / self.span
-
-    def dossiers(self, t: dt.datetime) -> DossierConditions:
-        return DossierConditions()
-
-    def incidents(self, t: dt.datetime) -> IncidentConditions:
-        return IncidentConditions()
-
-    def sensors(self, t: dt.datetime) -> SensorConditions:
-        return SensorConditions()
-
-    # Hooks of the labelled-anomaly scenarios (simulators/faults.py): events bent or added.
-    #: Hours of warm-start sensor history the scenario needs at least.
-    history_h: float = 0.0
-
-    @property
-    def labels(self) -> list[Any]:
-        """The injected anomalies (`simulators.faults.Label`), for the benchmark."""
-        return []
-
-    def bend_sensors(self, events: Iterator[Event]) -> Iterator[Event]:
-        return events
-
-    def bend_dossiers(self, events: Iterator[Event]) -> Iterator[Event]:
-        return events
-
-    def extra_incidents(self, rng: random.Random) -> Iterator[Event]:
-        return iter(())
 
 
 @dataclass(frozen=True)
@@ -216,8 +164,6 @@ def build_scenario(
     if name == "dossier-surge":
         return DossierSurge(name, begins, span, peak_dossier_factor=4.0)
     if name in ("sensor-faults", "dossier-surge-anomaly", "incident-burst"):
-        from simulators import faults
-
         if name == "sensor-faults":
             plan, bands = faults.fault_plan(stations or {}, begins)
             return faults.SensorFaults(name, begins, span, faults=plan, bands=bands)

@@ -29,6 +29,7 @@ import orjson
 
 from ioc.registry import Registry, Station, load_registry
 from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, TOPIC_SENSOR
+from simulators.baseline import Scenario
 from simulators.dossiers import (
     EVENTS_PER_DOSSIER,
     DossierSimulator,
@@ -42,7 +43,7 @@ from simulators.incidents import (
     IncidentSimulator,
     commune_portals,
 )
-from simulators.scenarios import DEFAULT_LEAD, Scenario, build_scenario
+from simulators.scenarios import DEFAULT_LEAD, build_scenario
 from simulators.sensors import SensorSimulator
 
 logger = logging.getLogger(__name__)

@@ -23,14 +23,14 @@ from psycopg.types.json import Jsonb
 
 from alerts import Alert, AlertEvent
 from alerts.engine import AlertEngine
-from alerts.rules import RuleWatcher, default_rules
+from alerts.rule_files import RuleWatcher, default_rules
 from alerts.webhook import WebhookDispatcher, WebhookFailure
 from ioc import settings as cfg
 from ioc.registry import Registry
 from ioc.settings import Settings
+from ioc.snapshot import Snapshot
 from streams.anomaly import Finding
 from streams.cyber import IncidentState
-from streams.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 _encode = msgspec.json.Encoder().encode

@@ -15,27 +15,24 @@ from typing import Any, Literal
 
 import msgspec
 
+from ioc.contract import INCIDENT_SEVERITIES, SEVERITY_RANK, IncidentSeverity, IncidentStep
 from ioc.errors import InvalidEvent
 from ioc.registry import Registry
 from streams import events
 from streams.kpi import Contribution, KpiSpec, count, entity_scopes, mean
 
 SCHEMA = "ioc.incident.v1"
-TOPIC = "ioc.cyber.incidents"
-SEVERITIES = ("low", "medium", "high", "critical")
-SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}
-Severity = Literal["low", "medium", "high", "critical"]
+Severity = IncidentSeverity
 Category = Literal[
     "malware", "phishing", "ddos", "intrusion", "defacement", "data_leak", "brute_force", "vulnerability", "other"
 ]
-STEPS = ("detected", "acknowledged", "contained", "resolved", "false_positive")
 
 
 class IncidentEvent(msgspec.Struct, frozen=True, gc=False):
     schema: Literal["ioc.incident.v1"]
     event_id: str
     incident_id: str
-    type: Literal["detected", "acknowledged", "contained", "resolved", "false_positive"]
+    type: IncidentStep
     occurred_at: dt.datetime
     severity: Severity | None = None
     category: Category | None = None
@@ -187,14 +184,14 @@ KPIS = (
             count(f"detected.{sev}"),
             f"{sev} incidents detected in the window, false positives excluded",
         )
-        for sev in SEVERITIES
+        for sev in INCIDENT_SEVERITIES
     ),
     KpiSpec(
         "cyber.open", "incidents", ("now",), SCOPES, count("open"), "detected, not resolved and not a false positive"
     ),
     *(
         KpiSpec(f"cyber.open.{sev}", "incidents", ("now",), SCOPES, count(f"open.{sev}"), f"open {sev} incidents")
-        for sev in SEVERITIES
+        for sev in INCIDENT_SEVERITIES
     ),
     KpiSpec(
         "cyber.mtta_minutes",

@@ -15,6 +15,7 @@ import msgspec
 
 from ioc.errors import InvalidEvent
 from ioc.registry import Registry
+from ioc.settings import TOPIC_SENSOR
 from streams import events, sensor
 from streams.engine import KINDS
 
@@ -96,7 +97,7 @@ def sensor_from_mqtt(mqtt_topic: str, payload: bytes, registry: Registry, produc
                 "values": compact.v,
             }
         )
-    checked = check(sensor.TOPIC, value, registry, produced_us)
+    checked = check(TOPIC_SENSOR, value, registry, produced_us)
     if checked.key != station_id:
         raise InvalidEvent(
             f"a reading of station {checked.key[:80]!r} published on the topic of station {station_id!r}",

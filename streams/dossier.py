@@ -20,7 +20,6 @@ from streams import events
 from streams.kpi import Contribution, KpiSpec, Reader, Value, count, entity_scopes, mean, percent, ratio
 
 SCHEMA = "ioc.dossier.v1"
-TOPIC = "ioc.dossier.events"
 EventType = Literal["received", "processing", "supplement_requested", "completed", "returned", "cancelled"]
 TERMINAL = frozenset({"completed", "returned", "cancelled"})
 

@@ -12,16 +12,18 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ioc.contract import US
 from ioc.registry import Registry
+from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, TOPIC_SENSOR
+from ioc.snapshot import Snapshot
 from streams import cyber, dossier, sensor
-from streams.anomaly import AnomalyConfig, Detectors
+from streams.anomaly import Detectors
+from streams.anomaly_config import AnomalyConfig
 from streams.kpi import US_PER_MIN, Contribution, Counters, KpiSpec, Value, published, status_of
-from streams.snapshot import Snapshot
 from streams.windows import TZ
 
 log = logging.getLogger(__name__)
 
-US = 1_000_000
 #: Terminal dossiers and incidents whose last event is older than this are dropped from memory:
 #: every window they could count in has closed (month-to-date is the longest).
 ENTITY_HORIZON_US = 40 * 86400 * US
@@ -53,9 +55,9 @@ class Kind:
     kpis: tuple[KpiSpec, ...]
 
 
-DOSSIER = Kind("dossier", dossier.TOPIC, dossier.parse, dossier.DossierState, dossier.KPIS)
-CYBER = Kind("cyber", cyber.TOPIC, cyber.parse, cyber.IncidentState, cyber.KPIS)
-SENSOR = Kind("sensor", sensor.TOPIC, sensor.parse, None, ())
+DOSSIER = Kind("dossier", TOPIC_DOSSIER, dossier.parse, dossier.DossierState, dossier.KPIS)
+CYBER = Kind("cyber", TOPIC_CYBER, cyber.parse, cyber.IncidentState, cyber.KPIS)
+SENSOR = Kind("sensor", TOPIC_SENSOR, sensor.parse, None, ())
 KINDS = {k.topic: k for k in (DOSSIER, CYBER, SENSOR)}
 
 

@@ -7,6 +7,7 @@ from typing import TypeVar
 
 import msgspec
 
+from ioc.contract import US
 from ioc.errors import InvalidEvent
 
 T = TypeVar("T")
@@ -19,7 +20,6 @@ MAX_FUTURE_SKEW = dt.timedelta(days=1)
 #: Largest record the worker decodes; anything bigger is dead-lettered unread.
 MAX_RECORD_BYTES = 64 * 1024
 
-US = 1_000_000
 
 
 def decoder(kind: type[T]) -> msgspec.json.Decoder[T]:

@@ -22,16 +22,16 @@ import msgspec
 
 from alerts import AlertEvent
 from alerts.engine import AlertEngine
-from alerts.rules import default_rules
+from alerts.rule_files import default_rules
+from ioc.contract import US
 from ioc.errors import InvalidEvent
 from ioc.registry import Registry
-from streams.anomaly import AnomalyConfig
+from ioc.snapshot import Snapshot
+from streams.anomaly_config import AnomalyConfig
 from streams.cyber import IncidentState
 from streams.engine import KINDS, Engine
-from streams.snapshot import Snapshot
 from streams.windows import TZ
 
-US = 1_000_000
 _encoder = msgspec.json.Encoder(order="sorted")
 
 

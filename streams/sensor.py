@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from ioc.contract import US
 from ioc.errors import InvalidEvent
 from ioc.registry import Registry, Station
 from streams import aqi, events
@@ -22,8 +23,6 @@ from streams.kpi import Counters, Value
 from streams.windows import UTC_OFFSET_S
 
 SCHEMA = "ioc.sensor.v1"
-TOPIC = "ioc.sensor.readings"
-US = 1_000_000
 US_PER_HOUR = 3600 * US
 #: Readings kept in memory: NowCast needs 12 hours, the daily AQI the local day, the 24h rain sum a day.
 KEEP_US = 36 * US_PER_HOUR

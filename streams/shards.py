@@ -31,7 +31,6 @@ from streams.windows import Series, local_day_of, local_month_of
 
 log = logging.getLogger(__name__)
 
-TOPIC_PARTIALS = "ioc.kpi.partials"
 #: The protocol name every member of the worker group must announce.
 ASSIGNOR_NAME = "ioc-shards"
 

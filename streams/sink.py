@@ -16,13 +16,14 @@ from typing import Any, Generic, TypeVar
 import msgspec
 import psycopg
 
+from ioc.contract import US
+from ioc.settings import TOPIC_DOSSIER
+from ioc.snapshot import Snapshot
 from streams import cyber, dossier
 from streams.engine import ENTITY_HORIZON_US, Engine
 from streams.sensor import KEEP_US, Parsed, Reading, SensorEvent
-from streams.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
-US = 1_000_000
 #: Rows loaded between two turns of the event loop while state is rebuilt.
 YIELD_EVERY = 2000
 
@@ -112,7 +113,7 @@ CREATE TEMP TABLE IF NOT EXISTS stage_kpi (kpi text, scope text, win text, value
     ON COMMIT DELETE ROWS;
 """
 #: Snapshots: one COPY into staging, then one set-based upsert into each table (the newest seq wins);
-#: `hist` marks the rows the history takes (`streams.snapshot.HistorySampler`).
+#: `hist` marks the rows the history takes (`ioc.snapshot.HistorySampler`).
 MERGE_LATEST = """
 INSERT INTO kpi_latest (kpi, scope, win, value, unit, numerator, denominator, target, status, as_of, seq, extra, updated_at,
     quality)
@@ -255,7 +256,7 @@ async def load_entities(
     (or into ``agg``, a worker's shard of the topic)."""
     table, column, decoder = (
         ("dossier_state", "dossier_id", _dossier_decoder)
-        if topic == dossier.TOPIC
+        if topic == TOPIC_DOSSIER
         else ("incident_state", "incident_id", _incident_decoder)
     )
     if agg is None:

@@ -15,11 +15,10 @@ its local calendar month. `past` is the sum of every bucket strictly before the 
 from __future__ import annotations
 
 import datetime as dt
-from zoneinfo import ZoneInfo
 
-TZ = ZoneInfo("Asia/Ho_Chi_Minh")
-#: Asia/Ho_Chi_Minh has had no daylight saving since 1975: local time is UTC+7 for all data we take.
-UTC_OFFSET_S = 7 * 3600
+from ioc.contract import TZ, UTC_OFFSET_S
+
+__all__ = ["TZ", "UTC_OFFSET_S"]  # re-exported: callers of the window functions take it from here too
 MINUTES_1H = 60
 MINUTES_24H = 1440
 #: Minute buckets are kept this long behind the clock (the 24-hour window plus lateness slack).

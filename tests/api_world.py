@@ -19,7 +19,7 @@ from alerts.model import Alert, AlertEvent, AlertState, Audience, Severity, fing
 from api.alert_store import MemoryAlertStore
 from api.live import LiveState
 from ioc.registry import Registry, load_registry
-from streams.snapshot import Snapshot
+from ioc.snapshot import Snapshot
 
 VN = dt.timezone(dt.timedelta(hours=7))
 AGENCIES = ("000.00.01.H40", "000.00.16.H40", "000.01.70.H40")

@@ -22,7 +22,7 @@ def kafka_bootstrap() -> Iterator[str]:
     if external:
         yield external
         return
-    from ioc.embedded.broker import embedded_broker
+    from entrypoints.embedded.broker import embedded_broker
 
     # IOC_EMBEDDED_BROKER picks it (auto: Apache Kafka where it can run, else tansu with a warning).
     kind = Settings(_env_file=None).embedded_broker  # type: ignore[call-arg]
@@ -37,7 +37,7 @@ def postgres_admin_url() -> Iterator[str]:
     if external:
         yield external
         return
-    from ioc.embedded.postgres import EmbeddedPostgres
+    from entrypoints.embedded.postgres import EmbeddedPostgres
 
     with EmbeddedPostgres() as pg:
         yield pg.url
@@ -47,8 +47,8 @@ def postgres_admin_url() -> Iterator[str]:
 def storage_flavour(postgres_admin_url: str) -> str:
     """The storage flavour this server's migrations take (``timescaledb`` or ``postgresql``), found
     by migrating a scratch database."""
+    from entrypoints.embedded.postgres import create_database, drop_database
     from ioc.db.migrate import migrate
-    from ioc.embedded.postgres import create_database, drop_database
 
     name = f"ioc_flavour_{uuid.uuid4().hex[:12]}"
     url = create_database(postgres_admin_url, name)
@@ -74,8 +74,8 @@ def _only_on_its_storage_flavour(request: pytest.FixtureRequest) -> None:
 @pytest.fixture
 def database_url(postgres_admin_url: str) -> Iterator[str]:
     """A fresh, migrated database for this test, dropped afterwards."""
+    from entrypoints.embedded.postgres import create_database, drop_database
     from ioc.db.migrate import migrate
-    from ioc.embedded.postgres import create_database, drop_database
 
     name = f"ioc_test_{uuid.uuid4().hex[:12]}"
     url = create_database(postgres_admin_url, name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from streams.snapshot import Snapshot
+from ioc.snapshot import Snapshot
 
 AS_OF = dt.datetime(2026, 11, 22, 8, 15, tzinfo=dt.timezone(dt.timedelta(hours=7)))
 

@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 import uvicorn
 from fastapi import FastAPI
 
-from api.app import ApiContext, server_options
-from api.ws import WsLimits
+from api.app import server_options
+from api.context import ApiContext
+from api.ws.frames import WsLimits
 from ioc.settings import Settings
 from tests.conftest import TEST_SIGNING_KEY
 

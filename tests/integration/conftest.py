@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from ioc.bench.live import child_env
-from ioc.embedded.broker import ensure_topics
+from bench.live import child_env
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import Settings
 
 
@@ -32,7 +32,7 @@ def env_for(settings: Settings) -> dict[str, str]:
 
 def start_components(env: dict[str, str], names: tuple[str, ...], api_port: int) -> list[subprocess.Popen[bytes]]:
     """`ioc <name>` processes, returned once the API answers /readyz (as `ioc dev` runs them)."""
-    procs = [subprocess.Popen([sys.executable, "-m", "ioc.cli", n], env=env, stdin=subprocess.DEVNULL) for n in names]
+    procs = [subprocess.Popen([sys.executable, "-m", "entrypoints.cli", n], env=env, stdin=subprocess.DEVNULL) for n in names]
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -63,7 +63,7 @@ async def consume(ingest: Any, records: int) -> None:
     """Drive an in-process worker as `ioc worker` does until it has read ``records`` and gone idle."""
     idle = 0
     while ingest.stats["records"] < records or idle < 2:
-        batch = await ingest._gather(500)
+        batch = await ingest.gather(500)
         if batch:
             await ingest.process(batch)
             idle = 0

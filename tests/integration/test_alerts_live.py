@@ -25,7 +25,7 @@ from aiokafka import AIOKafkaProducer
 
 from alerts.webhook import SIGNATURE_HEADER, TIMESTAMP_HEADER, verify
 from api.auth import create_token
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import TOPIC_CYBER, Settings
 from tests.integration.conftest import env_for, free_port
 
@@ -130,7 +130,16 @@ async def _scenario(settings: Settings, procs: list[subprocess.Popen[bytes]], ho
                 headers={"Authorization": f"Bearer {security}"},
             )
         assert r.status_code == 200, r.text
-        await asyncio.sleep(ESCALATE_AFTER_S + 10)  # past the escalation time of both
+        # until the other one escalated, and the acknowledged one's escalation time (plus a margin) passed
+        acked_due = dt.datetime.fromisoformat(first["at"]) + dt.timedelta(seconds=ESCALATE_AFTER_S + 2)
+        deadline = time.monotonic() + ESCALATE_AFTER_S + 30
+        while not (
+            any(a["state"] == "escalated" and "SOC-LIVE-2" in a["triggered_by"] for a in seen_security)
+            and dt.datetime.now(VN) >= acked_due
+        ):
+            assert all(p.poll() is None for p in procs)
+            assert time.monotonic() < deadline, f"no escalation: {seen_security}"
+            await asyncio.sleep(0.2)
         stop.set()
         await asyncio.gather(*tasks)
     return {"security": seen_security, "commune": seen_commune, "acked": first["alert_id"]}
@@ -152,7 +161,7 @@ def test_alerts_reach_security_once_each_escalate_on_time_and_stop_when_acknowle
         ),
     }
     procs = [
-        subprocess.Popen([sys.executable, "-m", "ioc.cli", n], env=env, stdin=subprocess.DEVNULL)
+        subprocess.Popen([sys.executable, "-m", "entrypoints.cli", n], env=env, stdin=subprocess.DEVNULL)
         for n in ("worker", "api")
     ]
     try:

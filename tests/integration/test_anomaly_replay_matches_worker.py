@@ -14,7 +14,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.registry import load_registry
 from ioc.settings import TOPIC_ALERTS, Settings
 from simulators.scenarios import build_scenario
@@ -45,7 +45,7 @@ def test_worker_and_replay_find_the_same_sensor_faults(make_settings: Callable[.
 
     as_of, worker = checks.database_latest(settings.database_url)
     out = subprocess.run(
-        [sys.executable, "-m", "ioc.cli", "replay", str(path), "--until", as_of.isoformat(), "--no-progress"],
+        [sys.executable, "-m", "entrypoints.cli", "replay", str(path), "--until", as_of.isoformat(), "--no-progress"],
         capture_output=True,
         check=True,
         timeout=600,

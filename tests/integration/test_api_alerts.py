@@ -15,9 +15,10 @@ from fastapi.testclient import TestClient
 
 from alerts.engine import alert_id_for
 from alerts.model import Alert, AlertEvent, AlertState, Audience, Severity, fingerprint
-from api.app import ApiContext, create_app
+from api.app import create_app
 from api.auth import create_token
-from ioc.embedded.broker import ensure_topics
+from api.context import ApiContext
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import TOPIC_ALERTS, Settings
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,7 @@ from api.alert_store import MemoryAlertStore
 from api.app import create_app
 from api.auth import create_token
 from api.broadcaster import Broadcaster
-from api.ws import WsLimits
+from api.ws.frames import WsLimits
 from ioc.settings import Settings
 from tests.api_world import World, apply_to_memory, build_world, snapshot
 from tests.live_server import LiveServer, offline_settings

@@ -12,11 +12,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from fastapi.testclient import TestClient
 
-from api.app import ApiContext, create_app
+from api.app import create_app
 from api.auth import create_token
-from ioc.embedded.broker import ensure_topics
+from api.context import ApiContext
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import TOPIC_KPI, Settings
-from streams.snapshot import Snapshot, encode
+from ioc.snapshot import Snapshot, encode
 
 pytestmark = pytest.mark.integration
 

@@ -26,10 +26,10 @@ from schemathesis.specs.openapi.checks import (
 
 from api.app import create_app
 from api.auth import create_token
-from api.ws import WsLimits
+from api.ws.frames import WsLimits
+from entrypoints.embedded.broker import ensure_topics
+from entrypoints.embedded.postgres import create_database, drop_database
 from ioc.db.migrate import migrate
-from ioc.embedded.broker import ensure_topics
-from ioc.embedded.postgres import create_database, drop_database
 from ioc.settings import Settings
 from tests.api_world import World, build_world, write_to_database
 from tests.conftest import TEST_SIGNING_KEY

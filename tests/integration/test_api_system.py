@@ -17,9 +17,9 @@ from aiokafka import AIOKafkaProducer
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from api.auth import create_token
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import TOPIC_KPI, Settings
-from streams.snapshot import Snapshot, encode
+from ioc.snapshot import Snapshot, encode
 from tests.integration.conftest import env_for, free_port, start_components, stop_components
 
 pytestmark = pytest.mark.integration

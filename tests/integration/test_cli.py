@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 def ioc(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ioc.cli", *args], env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "entrypoints.cli", *args], env=env, capture_output=True, text=True, timeout=120
     )
 
 
@@ -75,7 +75,7 @@ def test_worker_writes_no_terminal_codes_to_a_piped_stdout(make_settings: Callab
 
     import httpx
 
-    from ioc.embedded.broker import ensure_topics
+    from entrypoints.embedded.broker import ensure_topics
     from simulators.stream import generate
     from tests.integration import checks
     from tests.integration.conftest import free_port
@@ -87,7 +87,7 @@ def test_worker_writes_no_terminal_codes_to_a_piped_stdout(make_settings: Callab
     port = free_port()
     # At WARNING (as `ioc bench` runs it) Faust keeps its spinner; below WARNING it drops it itself.
     env = {**env_for(settings), "IOC_WORKER_METRICS_PORT": str(port), "IOC_LOG_LEVEL": "WARNING"}
-    worker = subprocess.Popen([sys.executable, "-m", "ioc.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
+    worker = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
         deadline = time.monotonic() + 60
@@ -128,14 +128,14 @@ def test_simulate_stops_on_sigterm_after_flushing_even_when_sigint_is_ignored(
     import signal
     import time
 
-    from ioc.embedded.broker import ensure_topics
+    from entrypoints.embedded.broker import ensure_topics
     from tests.integration import checks
 
     settings = make_settings()
     ensure_topics(settings)
     env = env_for(settings)
-    wrapper = "import signal, runpy; signal.signal(signal.SIGINT, signal.SIG_IGN); runpy.run_module('ioc.cli', run_name='__main__')"
-    command = ["-c", wrapper] if ignored_sigint else ["-m", "ioc.cli"]
+    wrapper = "import signal, runpy; signal.signal(signal.SIGINT, signal.SIG_IGN); runpy.run_module('entrypoints.cli', run_name='__main__')"
+    command = ["-c", wrapper] if ignored_sigint else ["-m", "entrypoints.cli"]
     sim = subprocess.Popen(
         [sys.executable, *command, "simulate", "--rate", "200", "--no-progress", "--seed", "5"],
         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

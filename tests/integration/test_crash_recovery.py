@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from api.auth import create_token
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import Settings
 from simulators.stream import _write_lines, generate
 from tests.integration import checks
@@ -32,7 +32,7 @@ KILLS = 5
 
 
 def _worker(env: dict[str, str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "ioc.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
 
 
@@ -70,8 +70,8 @@ def test_worker_killed_five_times_under_load_ends_equal_to_replay(
             assert worker.poll() is None, "the worker died on its own"
             assert time.monotonic() < deadline, "no catch-up in 240 s"
             time.sleep(1)
-        time.sleep(3)  # one more emit after the last batch
-        api = subprocess.Popen([sys.executable, "-m", "ioc.cli", "api"], env=env, stdin=subprocess.DEVNULL)
+        checks.agreed(loop, settings, settings.database_url, path)  # until the emit after the last batch is out
+        api = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "api"], env=env, stdin=subprocess.DEVNULL)
         try:
             token = create_token(settings, "operator", subject="crash-test")
             for _ in range(60):

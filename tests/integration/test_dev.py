@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from ioc.embedded.kafka import unavailable_reason as kafka_unavailable
+from entrypoints.embedded.kafka import unavailable_reason as kafka_unavailable
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +27,7 @@ class Dev:
     def __init__(self, *args: str) -> None:
         env = {k: v for k, v in os.environ.items() if not k.startswith("IOC_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ioc.cli", "dev", *args],
+            [sys.executable, "-m", "entrypoints.cli", "dev", *args],
             env=env,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,

@@ -17,10 +17,17 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
 
+from entrypoints.embedded.broker import (
+    EmbeddedBroker,
+    create_topics,
+    embedded_broker,
+    ensure_topics,
+    topic_configs,
+)
+from entrypoints.embedded.kafka import EmbeddedKafka, unavailable_reason
+from entrypoints.embedded.postgres import EmbeddedPostgres, create_database, drop_database
+from entrypoints.embedded.probe import run_sync
 from ioc.db.migrate import Storage, drop_expired, ensure_partitions, migrate, storage_of
-from ioc.embedded.broker import EmbeddedBroker, create_topics, embedded_broker, ensure_topics, run_sync, topic_configs
-from ioc.embedded.kafka import EmbeddedKafka, unavailable_reason
-from ioc.embedded.postgres import EmbeddedPostgres, create_database, drop_database
 from ioc.errors import EmbeddedServiceError
 from ioc.settings import ALL_TOPICS, TOPIC_ALERTS, TOPIC_DEADLETTER, TOPIC_KPI, Settings
 
@@ -216,7 +223,7 @@ def _runs_kafka(pid: int) -> bool:
 #: A process that starts an embedded Kafka, prints the JVM's pid and waits to be killed.
 PARENT_OF_KAFKA = """
 import sys, time
-from ioc.embedded.kafka import EmbeddedKafka
+from entrypoints.embedded.kafka import EmbeddedKafka
 kafka = EmbeddedKafka().start()
 print(kafka.pid, flush=True)
 time.sleep(600)

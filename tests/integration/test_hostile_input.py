@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.registry import load_registry
 from ioc.settings import TOPIC_DEADLETTER, Settings
 from simulators.stream import generate
@@ -76,7 +76,7 @@ async def _run(settings: Settings) -> dict[str, Any]:
         assert ingest.consumer is not None
         idle = 0
         while ingest.stats["records"] < produced:
-            batch = await ingest._gather(1000)
+            batch = await ingest.gather(1000)
             if batch:
                 await ingest.process(batch)
                 idle = 0

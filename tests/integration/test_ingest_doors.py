@@ -24,8 +24,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from api.auth import create_token
-from ioc.embedded.broker import ensure_topics
-from ioc.embedded.mosquitto import BRIDGE_USER, DEV_USER, EmbeddedMosquitto
+from entrypoints.embedded.broker import ensure_topics
+from entrypoints.embedded.mosquitto import BRIDGE_USER, DEV_USER, EmbeddedMosquitto
 from ioc.settings import Settings
 from tests.integration.conftest import env_for, free_port, start_components, stop_components
 
@@ -343,7 +343,7 @@ def test_simulator_sends_sensor_readings_over_mqtt(
         _wait_subscribed(mosquitto, "sim-watch")
         env = {**env_for(settings), "IOC_MQTT_URL": mosquitto.url()}
         done = subprocess.run(
-            [sys.executable, "-m", "ioc.cli", "simulate", "--sensors-via", "mqtt", "--rate", "20", "--duration", "2",
+            [sys.executable, "-m", "entrypoints.cli", "simulate", "--sensors-via", "mqtt", "--rate", "20", "--duration", "2",
              "--history", "0.5", "--no-progress", "--seed", "7"],
             env=env, capture_output=True, timeout=120,
         )  # fmt: skip

@@ -27,9 +27,9 @@ from api.alert_store import CollectingPublisher, MemoryAlertStore
 from api.app import create_app
 from api.auth import create_token
 from api.broadcaster import Broadcaster
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import Settings
-from streams.snapshot import WINDOWS
+from ioc.snapshot import WINDOWS
 from tests.api_world import AGENCIES, Viewer, World, apply_to_memory, build_world, snapshot, viewer, write_to_database
 from tests.live_server import LiveServer, offline_settings
 

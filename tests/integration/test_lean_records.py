@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 
+from entrypoints.embedded.broker import create_topics
 from ioc import consume
-from ioc.embedded.broker import create_topics
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.registry import load_registry
 from ioc.settings import Settings
 from simulators.stream import _write_lines, generate
@@ -59,7 +59,7 @@ def test_worker_snapshots_equal_replay_of_the_same_input(
 
     as_of, worker = checks.database_latest(settings.database_url)
     out = subprocess.run(
-        [sys.executable, "-m", "ioc.cli", "replay", str(path), "--until", as_of.isoformat(), "--no-progress"],
+        [sys.executable, "-m", "entrypoints.cli", "replay", str(path), "--until", as_of.isoformat(), "--no-progress"],
         capture_output=True,
         check=True,
         timeout=300,

@@ -239,7 +239,7 @@ def test_report_endpoints_keep_a_commune_to_its_own(api: tuple[TestClient, Setti
 
 def _ioc(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "ioc.cli", "report", *args],
+        [sys.executable, "-m", "entrypoints.cli", "report", *args],
         capture_output=True,
         text=True,
         timeout=300,

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.registry import load_registry
 from ioc.settings import TOPIC_DOSSIER, TOPIC_KPI, Settings
 from simulators.stream import _write_lines, generate
@@ -102,7 +102,7 @@ def test_a_crash_between_publishing_and_writing_snapshots_never_reuses_a_seq(
 ) -> None:
     """The worker publishes an emission before writing it: killed in between, subscribers hold a seq
     the database lacks. Its successor must publish every series again with a newer seq."""
-    from ioc.bench.workload import DossierIntake
+    from bench.workload import DossierIntake
     from streams import sink
 
     settings = make_settings()
@@ -128,7 +128,7 @@ def test_a_crash_between_publishing_and_writing_snapshots_never_reuses_a_seq(
                 await consume(first, first.stats["records"] + len(batch))
             await checks.produce(settings, intake_batch(50))
             while first.stats["records"] < len(records) + 100:  # folded, not yet published
-                batch = await first._gather(500)
+                batch = await first.gather(500)
                 if batch:
                     await first.process(batch)
             await first.drain()
@@ -144,7 +144,7 @@ def test_a_crash_between_publishing_and_writing_snapshots_never_reuses_a_seq(
         await second.start()
         try:
             while not second.merger:  # the group's assignment makes it the merger (docs/scaling.md)
-                fetched = await second._gather(500)
+                fetched = await second.gather(500)
                 if fetched:
                     await second.process(fetched)
             await second.emit()

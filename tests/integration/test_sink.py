@@ -14,11 +14,11 @@ import psycopg
 import pytest
 
 from ioc.registry import load_registry
+from ioc.snapshot import Snapshot
 from streams import sink
 from streams.cyber import IncidentState
 from streams.dossier import DossierState
 from streams.engine import Engine
-from streams.snapshot import Snapshot
 
 pytestmark = pytest.mark.integration
 AWKWARD = 'a\\b\tc\nd\re "q" \\n Nghệ An \u0001 end\\'
@@ -195,8 +195,8 @@ def test_a_restart_loads_open_entities_and_recently_finished_ones_through_the_pa
 def test_migrating_an_earlier_database_replaces_its_full_last_event_index(postgres_admin_url: str) -> None:
     """Databases made by earlier builds have a full index on ``last_event_at`` besides the open one:
     every row written paid for both. Migrating drops it for the finished-only one."""
+    from entrypoints.embedded.postgres import create_database, drop_database
     from ioc.db.migrate import migrate
-    from ioc.embedded.postgres import create_database, drop_database
 
     name = f"sink_migrate_index_{os.getpid()}"
     url = create_database(postgres_admin_url, name)

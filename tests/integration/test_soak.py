@@ -10,8 +10,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ioc.bench.soak import growth, slope_per_hour
-from ioc.cli import _parser
+from bench.soak import growth, slope_per_hour
+from entrypoints.cli import _parser
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,7 +54,7 @@ def test_short_soak_samples_both_processes_and_counts_every_event(
     env.update(IOC_KAFKA_BOOTSTRAP=kafka_bootstrap, IOC_DATABASE_URL=database_url)
     args = ["--duration", "20s", "--sample-every", "5s", "--rate", "100", "--clients", "5", "--json", str(out)]
     done = subprocess.run(
-        [sys.executable, "-m", "ioc.cli", "soak", *args],
+        [sys.executable, "-m", "entrypoints.cli", "soak", *args],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.registry import load_registry
 from ioc.settings import Settings
 from simulators.stream import _write_lines, generate

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from api.auth import create_token
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.settings import Settings
 from simulators.producer import run as simulate
 from tests.integration.conftest import env_for, free_port
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.browser]
 
 
 def _start_api(env: dict[str, str], port: int) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "ioc.cli", "api"], env=env, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "api"], env=env, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -42,7 +42,7 @@ async def test_wall_reconnects_after_the_api_is_killed_and_restarted(make_settin
     settings = make_settings(api_port=free_port())
     ensure_topics(settings)
     env = env_for(settings)
-    worker = subprocess.Popen([sys.executable, "-m", "ioc.cli", "worker"], env=env, stdin=subprocess.DEVNULL)
+    worker = subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "worker"], env=env, stdin=subprocess.DEVNULL)
     api = _start_api(env, settings.api_port)
     sim = asyncio.create_task(simulate(settings, rate=100, duration=40, seed=21, progress=False))
     token = create_token(settings, "operator", subject="reconnect-test")

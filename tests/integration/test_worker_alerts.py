@@ -15,7 +15,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from alerts import AlertEvent, AlertState
 from alerts.engine import operator_event
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.registry import load_registry
 from ioc.settings import TOPIC_ALERTS, TOPIC_CYBER, Settings
 from streams.worker import Ingest
@@ -45,7 +45,7 @@ async def _scenario(settings: Settings) -> tuple[list[AlertEvent], AlertState | 
         await producer.send_and_wait(settings.topic(TOPIC_CYBER), json.dumps(incident).encode(), key=b"SOC-TEST-1")
         assert ingest.consumer is not None
         while ingest.stats["records"] < 1:
-            batch = await ingest._gather(500)
+            batch = await ingest.gather(500)
             if batch:
                 await ingest.process(batch)
         await ingest.drain()
@@ -107,7 +107,7 @@ async def _second_lifetime(settings: Settings) -> tuple[int, list[str]]:
     try:
         assert ingest.consumer is not None
         while ingest.stats["records"] < 1:
-            batch = await ingest._gather(500)
+            batch = await ingest.gather(500)
             if batch:
                 await ingest.process(batch)
         await ingest.drain()

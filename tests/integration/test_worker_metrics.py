@@ -9,7 +9,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.registry import load_registry
 from ioc.settings import Settings
 from simulators.stream import generate
@@ -35,7 +35,7 @@ async def _run(settings: Settings, n: int) -> str:
     try:
         assert ingest.consumer is not None and ingest.metrics_port
         while ingest.stats["records"] < n:
-            batch = await ingest._gather(500)
+            batch = await ingest.gather(500)
             if batch:
                 await ingest.process(batch)
         await ingest.drain()

@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
-from ioc.embedded.broker import ensure_topics
+from entrypoints.embedded.broker import ensure_topics
 from ioc.registry import load_registry
 from ioc.settings import TOPIC_DOSSIER, TOPIC_SENSOR, Settings
 from simulators.stream import _write_lines, generate
@@ -39,7 +39,7 @@ PARTITIONS = 6
 
 def _worker(env: dict[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
     out = log.open("ab") if log is not None else subprocess.DEVNULL
-    return subprocess.Popen([sys.executable, "-m", "ioc.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
+    return subprocess.Popen([sys.executable, "-m", "entrypoints.cli", "worker"], env=env, stdin=subprocess.DEVNULL,
                             stdout=out, stderr=out)  # fmt: skip
 
 
@@ -224,7 +224,7 @@ def test_readyz_and_metrics_show_each_workers_partitions_lag_and_the_merger(
     env = env_for(settings)
     workers = [
         subprocess.Popen(
-            [sys.executable, "-m", "ioc.cli", "worker"],
+            [sys.executable, "-m", "entrypoints.cli", "worker"],
             env={**env, "IOC_WORKER_METRICS_PORT": str(p)},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

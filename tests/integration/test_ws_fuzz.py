@@ -26,7 +26,7 @@ from api.app import create_app
 from api.auth import create_token
 from api.broadcaster import Broadcaster
 from api.live import LiveState
-from api.ws import WsLimits
+from api.ws.frames import WsLimits
 from ioc.settings import Settings
 from tests.api_world import Viewer, World, apply_to_memory, build_world, snapshot, viewer
 from tests.live_server import LiveServer, offline_settings

@@ -12,9 +12,10 @@ import pytest
 
 from alerts.engine import AlertEngine, SilenceError, UnknownAlert, alert_id_for, operator_event
 from alerts.model import AlertEvent, AlertState, Audience, Severity, fingerprint
-from alerts.rules import RuleSet, default_rules, load_rules
+from alerts.rule_files import default_rules, load_rules
+from alerts.rules import RuleSet
+from ioc.snapshot import Snapshot
 from streams.cyber import IncidentState
-from streams.snapshot import Snapshot
 
 TZ = dt.timezone(dt.timedelta(hours=7))
 T0 = dt.datetime(2026, 11, 22, 8, 0, tzinfo=TZ)

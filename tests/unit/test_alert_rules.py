@@ -9,16 +9,9 @@ from pathlib import Path
 import pytest
 
 from alerts.model import Audience, Severity
-from alerts.rules import (
-    EventRule,
-    RuleError,
-    RuleWatcher,
-    ThresholdRule,
-    UnacknowledgedRule,
-    default_rules,
-    load_rules,
-    parse_duration,
-)
+from alerts.rule_files import RuleWatcher, default_rules, load_rules
+from alerts.rules import EventRule, RuleError, ThresholdRule, UnacknowledgedRule
+from ioc.durations import parse_duration
 
 GOOD = """
 version: 1

@@ -14,19 +14,12 @@ import yaml
 
 from alerts.engine import AlertEngine
 from alerts.model import AlertState
-from alerts.rules import RuleError, default_rules, load_rules
+from alerts.rule_files import default_rules, load_rules
+from alerts.rules import RuleError
 from ioc.errors import ConfigurationError
 from ioc.registry import load_registry
-from streams.anomaly import (
-    AnomalyConfig,
-    Detectors,
-    Finding,
-    StuckConfig,
-    flat_run_needed,
-    load_config,
-    open_findings,
-    poisson_sf,
-)
+from streams.anomaly import Detectors, Finding, flat_run_needed, open_findings, poisson_sf
+from streams.anomaly_config import AnomalyConfig, StuckConfig, load_config
 from streams.engine import Engine
 
 ICT = dt.timezone(dt.timedelta(hours=7))

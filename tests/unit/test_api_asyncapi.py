@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 import yaml
 
-from api import broadcaster, ws
+from api import broadcaster
+from api.ws import frames as ws
 from ioc.settings import ALL_TOPICS
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEC = yaml.safe_load((ROOT / "docs" / "asyncapi.yaml").read_text(encoding="utf-8"))
-SERVER_SOURCES = [ROOT / "api" / name for name in ("ws.py", "broadcaster.py", "live.py")]
+SERVER_SOURCES = [ROOT / "api" / name for name in ("ws/frames.py", "ws/handshake.py", "ws/connection.py", "ws/commands.py", "broadcaster.py", "live.py")]
 
 
 def resolve(node: Any) -> Any:
@@ -122,5 +123,5 @@ def test_client_messages_cover_what_the_server_handles() -> None:
     described = {
         resolve(m["payload"])["properties"]["type"]["const"] for m in messages(SPEC["channels"]["/ws"]["publish"])
     }
-    handled = set(re.findall(r'kind == "([a-z_]+)"', (ROOT / "api" / "ws.py").read_text(encoding="utf-8")))
+    handled = set(re.findall(r'kind == "([a-z_]+)"', (ROOT / "api" / "ws" / "commands.py").read_text(encoding="utf-8")))
     assert handled == described

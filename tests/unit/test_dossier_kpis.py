@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from ioc.registry import load_registry
+from ioc.snapshot import Snapshot
 from streams.engine import Engine
-from streams.snapshot import Snapshot
 
 ICT = dt.timezone(dt.timedelta(hours=7))
 NOW = dt.datetime(2026, 11, 22, 10, 30, tzinfo=ICT)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from ioc.embedded import broker as broker_mod
-from ioc.embedded import kafka
-from ioc.embedded.broker import TANSU_LIMITS, EmbeddedTansu, embedded_broker
-from ioc.embedded.kafka import EmbeddedKafka
+from entrypoints.embedded import broker as broker_mod
+from entrypoints.embedded import kafka
+from entrypoints.embedded.broker import TANSU_LIMITS, EmbeddedTansu, embedded_broker
+from entrypoints.embedded.kafka import EmbeddedKafka
 from ioc.errors import EmbeddedServiceError
 from ioc.settings import Settings
 

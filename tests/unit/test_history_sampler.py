@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from streams.snapshot import HistorySampler, Snapshot
+from ioc.snapshot import HistorySampler, Snapshot
 
 T0 = dt.datetime(2026, 11, 22, 8, 0, tzinfo=dt.UTC)
 

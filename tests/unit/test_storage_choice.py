@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from entrypoints.embedded.postgres import timescaledb_library
 from ioc.db.migrate import Storage, TimescaleFacts, choose_storage, preloaded
-from ioc.embedded.postgres import timescaledb_library
 
 
 class Probe:
