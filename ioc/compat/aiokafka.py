@@ -39,7 +39,8 @@ def problems() -> list[str]:
     except ImportError:
         return ["aiokafka.consumer.fetcher is gone: PartitionRecords cannot be replaced"]
     found: list[str] = []
-    base = getattr(fetcher, "PartitionRecords", None)
+    # After install() the module holds our subclass: the assumptions are about aiokafka's own class.
+    base = _original or getattr(fetcher, "PartitionRecords", None)
     if base is None:
         return ["aiokafka.consumer.fetcher.PartitionRecords is gone: lean records need another way in"]
     init_names = base.__init__.__code__.co_names
@@ -57,6 +58,8 @@ def problems() -> list[str]:
 
 
 _installed: bool | None = None
+#: aiokafka's own PartitionRecords, kept once install() has replaced it.
+_original: Any = None
 
 
 def install() -> bool:
@@ -104,6 +107,8 @@ def _patch() -> bool:
                     yield record
                 self.next_fetch_offset = batch.next_offset
 
+    global _original
+    _original = base
     fetcher.PartitionRecords = PartitionRecords
     return True
 

@@ -73,3 +73,11 @@ def test_only_the_declared_routes_skip_the_middleware_and_each_middleware_says_w
         f"middleware {unexplained} is skipped on {DIRECT_ROUTES} under ioc.compat.uvicorn: "
         "say in api.app.DIRECT_ROUTE_SKIPS why /ws needs none of it, or do not serve /ws directly"
     )
+
+
+def test_aiokafka_problems_judge_aiokafkas_own_class_even_after_install() -> None:
+    """install() replaces PartitionRecords with a subclass; the check must still read aiokafka's."""
+    from ioc.compat import aiokafka as compat
+
+    assert compat.install()
+    assert compat.problems() == []
