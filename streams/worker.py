@@ -72,6 +72,9 @@ CONSUMER_SESSION_TIMEOUT_MS = 6000
 CONSUMER_HEARTBEAT_MS = 1500
 #: A changed shard's partial counters are published at most this often (also the merger's view lag).
 PARTIAL_INTERVAL_S = 0.1
+#: The largest partial (one partition's counters) the worker publishes and the partials topic takes:
+#: a busy partition's counters pass Kafka's default 1 MB limit (1.4 MB after a 30-day back-fill).
+PARTIAL_MAX_BYTES = 64 << 20
 
 
 #: A dead-lettered record, its reason, and the broker's acknowledgement to wait for.
@@ -168,6 +171,7 @@ class Ingest:
             acks="all",
             linger_ms=5,
             max_batch_size=1 << 20,
+            max_request_size=PARTIAL_MAX_BYTES,
             enable_idempotence=False,
             partitioner=partitioner,
         )
@@ -223,6 +227,7 @@ class Ingest:
                     "segment.ms": "60000",
                     "min.cleanable.dirty.ratio": "0.1",
                     "delete.retention.ms": "60000",
+                    "max.message.bytes": str(PARTIAL_MAX_BYTES),
                 },
             )
             with contextlib.suppress(TopicAlreadyExistsError):
@@ -723,7 +728,10 @@ class Ingest:
             return 0
         async with self.emit_lock:
             started = time.monotonic()
-            await self._publish_partials()
+            try:
+                await self._publish_partials()
+            except KafkaError as exc:  # retried with the next emission; the snapshots still go out
+                log.warning("publishing partials failed (%s); will retry", exc)
             self._observe_lag()
             if not self.merger:
                 return 0
