@@ -20,6 +20,10 @@ from ioc.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: Scenarios that send their own labelled warm-start history (simulators/faults.py): `ioc dev` gives
+#: them no back-fill unless asked, so the labelled faults are the only ones in the sensors' series.
+OWN_WARM_START_SCENARIOS = frozenset({"sensor-faults"})
+
 
 def _duration(text: str) -> dt.timedelta:
     try:
@@ -59,9 +63,10 @@ def _parser() -> argparse.ArgumentParser:
     dev.add_argument(
         "--backfill",
         type=float,
-        default=30.0,
+        default=None,
         metavar="DAYS",
-        help="days of past history sent first (default 30; 0: none)",
+        help="days of past history sent first (default 30, or 0 with a scenario that brings its own "
+        "warm start: its labelled faults would mix with the back-fill's series; 0: none)",
     )
     dev.add_argument(
         "--kafka-data",
@@ -272,13 +277,16 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 
         if args.kafka_data is not None:
             settings = settings.model_copy(update={"kafka_data_dir": args.kafka_data})
+        backfill = args.backfill
+        if backfill is None:
+            backfill = 0.0 if args.scenario in OWN_WARM_START_SCENARIOS else 30.0
         return run_dev(
             settings,
             simulators=not args.no_simulators,
-            rate=args.rate if args.rate is not None else (0.5 if args.backfill > 0 else 50.0),
+            rate=args.rate if args.rate is not None else (0.5 if backfill > 0 else 50.0),
             scenario=args.scenario,
             api_port=args.api_port,
-            backfill_days=args.backfill,
+            backfill_days=backfill,
             workers=args.workers,
         )
     if args.command == "worker":
