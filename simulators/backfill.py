@@ -44,11 +44,12 @@ from ioc.contract import INCIDENT_SEVERITIES, US
 from ioc.registry import Registry, load_registry
 from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, TOPIC_SENSOR, Settings
 from ioc.snapshot import Snapshot
-from simulators.dossiers import DossierSimulator, load_catalogue
+from simulators.dossiers import DossierSimulator, load_catalogue, mean_events_within
 from simulators.envelope import VN_TZ, Event, to_millisecond
 from simulators.incidents import PROVINCIAL_SYSTEMS, IncidentSimulator, commune_portals
 from simulators.scenarios import build_scenario
 from simulators.sensors import SensorConditions, SensorSimulator
+from simulators.stream import INCIDENT_SHARE
 from streams import cyber, dossier
 from streams.engine import Engine
 from streams.kpi import Value, ratio, status_of
@@ -264,6 +265,20 @@ class KpiHistory:
 
 HOUR_US = 3600 * US
 _OFFSET_US = 7 * HOUR_US  # Asia/Ho_Chi_Minh, no daylight saving
+
+
+def live_rate(plan: BackfillPlan, registry: Registry | None = None, dup_rate: float = 0.0) -> float:
+    """Records per second at which `ioc simulate` goes on where the back-fill stops.
+
+    The sensors at their cadence and the dossiers at ``plan.dossiers_per_day`` (shaped by office
+    hours, `ioc simulate` does that after a back-fill), so the live intake is what the anomaly
+    detectors learnt from the back-fill: twice as many dossiers would be a surge in every commune.
+    """
+    registry = registry or load_registry()
+    catalogue = load_catalogue(registry.units)
+    per_dossier = mean_events_within(catalogue, registry.units, dt.timedelta(days=400), dt.datetime.now(VN_TZ))
+    dossier_records = plan.dossiers_per_day / 86400 * per_dossier
+    return (SensorSimulator.readings_per_s(registry.stations) + dossier_records / (1 - INCIDENT_SHARE)) * (1 + dup_rate)
 
 
 def _local_hour(ts_us: int) -> int:

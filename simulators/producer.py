@@ -108,6 +108,7 @@ async def run(
     clock: Callable[[], float] = time.monotonic,
     history_s: float = 0.0,
     sensors_via_mqtt: str | None = None,
+    after_backfill: bool = False,
 ) -> Stats:
     """Produce realistic events to the three input topics for ``duration`` s or until cancelled.
 
@@ -131,6 +132,8 @@ async def run(
     ``history_s`` > 0 first sends, as fast as the broker takes them, the sensor readings of that
     many past seconds (a warm start: the hourly VN_AQI needs two of the last three hourly means,
     rain sums a day), then goes live.
+
+    ``after_backfill``: the run continues a back-fill (see `simulators.stream.generate`).
 
     ``sensors_via_mqtt`` (``mqtt://USER:PASSWORD@HOST:PORT``): sensor readings go to that MQTT broker
     (QoS 1, ``ioc/sensors/<station_id>``, for the bridge) instead of straight to Kafka.
@@ -157,6 +160,7 @@ async def run(
         registry=registry,
         until=until,
         diurnal=diurnal,
+        after_backfill=after_backfill,
     )
     logger.info(
         "simulating at %.1f records/s (seed %s, scenario %s, speedup %g) to %s",

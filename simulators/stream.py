@@ -119,6 +119,7 @@ def generate(
     until: dt.datetime | None = None,
     diurnal: bool = False,
     scenario_span: dt.timedelta | None = None,
+    after_backfill: bool = False,
 ) -> Iterator[SimRecord]:
     """Records of all three topics in arrival order, the same for a seed; endless unless ``until``.
 
@@ -127,6 +128,9 @@ def generate(
     ``event_id``, delayed past later events (keeping its event time), or joined by a malformed
     record.
     ``diurnal`` shapes dossier intake by office hours (the mean rate stays ``rate_per_s``).
+    ``after_backfill``: the run goes on from a back-fill (`simulators.backfill`), so intake is shaped
+    by office hours as the back-fill's was and no extra intake makes up for missing follow-ups:
+    either would be read as a dossier surge in every commune by detectors that learnt the back-fill.
     """
     if start.tzinfo is None:
         raise ValueError("start must be timezone-aware")
@@ -146,8 +150,8 @@ def generate(
         dossiers_per_s=split.dossiers_per_s,
         conditions=scenario.dossiers,
         peak_rate_factor=scenario.peak_dossier_factor,
-        diurnal=diurnal,
-        backfill=True,
+        diurnal=diurnal or after_backfill,
+        backfill=not after_backfill,
     )
     incidents = IncidentSimulator(
         random.Random(f"{seed}/incidents"),
