@@ -322,8 +322,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.run(until_terminated(bridge(settings)))
         return 0
     if args.command == "simulate":
+        from simulators.envelope import Event
         from simulators.producer import run as simulate
 
+        continuation: list[Event] = []
         if args.backfill > 0:
             from simulators.backfill import run_backfill
 
@@ -334,6 +336,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             )
             if filled is None:
                 return 128 + signal.SIGTERM
+            continuation = filled.continuation
             if args.duration == 0:
                 return 0
 
@@ -354,6 +357,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                     history_s=args.history * 3600,
                     sensors_via_mqtt=_mqtt_url(settings) if args.sensors_via == "mqtt" else None,
                     after_backfill=args.backfill > 0,
+                    continuation=continuation,
                 )
             )
         )

@@ -74,9 +74,19 @@ class BackfillPlan:
 
 
 def backfill_events(
-    seed: int | str, now: dt.datetime, plan: BackfillPlan, registry: Registry | None = None
+    seed: int | str,
+    now: dt.datetime,
+    plan: BackfillPlan,
+    registry: Registry | None = None,
+    future: list[Event] | None = None,
 ) -> Iterator[Event]:
-    """The past ``plan.days`` before ``now``, every kind merged in event-time order (pure, seeded)."""
+    """The past ``plan.days`` before ``now``, every kind merged in event-time order (pure, seeded).
+
+    Dossiers and incidents still open at ``now`` have steps to come: with ``future``, those are
+    appended to it (in event-time order, once the past is exhausted) for the live simulator to send
+    when their time comes (`simulators.stream.generate`'s ``continuation``). Without them, a
+    back-filled dossier would never be completed, and the wall's overdue counts would climb all day.
+    """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     registry = registry or load_registry()
@@ -103,14 +113,18 @@ def backfill_events(
         return dataclasses.replace(flood.sensors(t), fast_kinds=frozenset())
 
     streams: list[Iterator[Event]] = [
-        dossiers.events(start, until),
-        incidents.events(start, until),
+        dossiers.events(start, until, follow_up=future is not None),
+        incidents.events(start, until, follow_up=future is not None),
         SensorSimulator(
             random.Random(f"{seed}/backfill/sensors"), registry.stations, registry.units, conditions=sensor_conditions
         ).events(start, until),
     ]
     for event in heapq.merge(*streams, key=lambda e: e.at):
-        yield dataclasses.replace(event, at=to_millisecond(event.at))
+        event = dataclasses.replace(event, at=to_millisecond(event.at))
+        if event.at <= until:
+            yield event
+        elif future is not None:  # only followed-up lifecycles reach past ``until``
+            future.append(event)
 
 
 class KpiHistory:
@@ -298,6 +312,8 @@ def _local(ts_us: int) -> dt.datetime:
 @dataclass
 class BackfillStats:
     events: int = 0
+    #: The open lifecycles' steps still to come (after ``now``), for the live simulator.
+    continuation: list[Event] = dataclasses.field(default_factory=list)
     by_topic: dict[str, int] = dataclasses.field(default_factory=dict)
     history_rows: int = 0
     elapsed_s: float = 0.0
@@ -372,7 +388,7 @@ async def run_backfill(
     try:
         sender = _BatchSender(producer, topics)
         at = start
-        for event in backfill_events(seed, now, plan, registry):
+        for event in backfill_events(seed, now, plan, registry, future=stats.continuation):
             raw = orjson.dumps(event.value)
             if recorder is not None:
                 recorder.add(event, raw)

@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -20,7 +20,7 @@ from ioc.registry import Registry
 from ioc.settings import TOPIC_SENSOR as SENSOR_TOPIC
 from ioc.settings import Settings
 from simulators.baseline import Scenario
-from simulators.envelope import VN_TZ
+from simulators.envelope import VN_TZ, Event
 from simulators.stream import SimRecord, generate, resolve_scenario, sensor_history
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,7 @@ async def run(
     history_s: float = 0.0,
     sensors_via_mqtt: str | None = None,
     after_backfill: bool = False,
+    continuation: Sequence[Event] = (),
 ) -> Stats:
     """Produce realistic events to the three input topics for ``duration`` s or until cancelled.
 
@@ -133,7 +134,7 @@ async def run(
     many past seconds (a warm start: the hourly VN_AQI needs two of the last three hourly means,
     rain sums a day), then goes live.
 
-    ``after_backfill``: the run continues a back-fill (see `simulators.stream.generate`).
+    ``after_backfill``, ``continuation``: the run continues a back-fill (see `simulators.stream.generate`).
 
     ``sensors_via_mqtt`` (``mqtt://USER:PASSWORD@HOST:PORT``): sensor readings go to that MQTT broker
     (QoS 1, ``ioc/sensors/<station_id>``, for the bridge) instead of straight to Kafka.
@@ -161,6 +162,7 @@ async def run(
         until=until,
         diurnal=diurnal,
         after_backfill=after_backfill,
+        continuation=continuation,
     )
     logger.info(
         "simulating at %.1f records/s (seed %s, scenario %s, speedup %g) to %s",

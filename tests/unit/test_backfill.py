@@ -13,6 +13,7 @@ from ioc.registry import Registry, load_registry
 from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, TOPIC_SENSOR
 from simulators.backfill import BackfillPlan, KpiHistory, backfill_events
 from simulators.envelope import VN_TZ, Event
+from simulators.stream import generate
 from streams.engine import Engine
 
 NOW = dt.datetime(2026, 11, 25, 15, 20, tzinfo=VN_TZ)  # a Wednesday afternoon
@@ -125,3 +126,22 @@ def test_kpi_history_has_the_chart_series_hourly_and_the_gauges_every_step(
     days = {r.as_of.astimezone(VN_TZ).date() for r in commune}
     assert days == {NOW.date(), NOW.date() - dt.timedelta(days=7)}
     assert all(r.seq == 0 for r in rows)
+
+
+def test_open_lifecycles_go_on_after_now_in_the_continuation(registry: Registry, events: list[Event]) -> None:
+    future: list[Event] = []
+    past = list(backfill_events(7, NOW, PLAN, registry, future=future))
+    assert [e.value for e in past] == [e.value for e in events]  # the past does not change
+    assert future and all(e.at > NOW - dt.timedelta(milliseconds=1) for e in future)
+    assert [e.at for e in future] == sorted(e.at for e in future)
+    final = {"completed", "returned", "cancelled", "resolved", "false_positive"}
+    ended = {e.key for e in past if e.value.get("type") in final}
+    open_at_now = {e.key for e in past if e.topic in (TOPIC_DOSSIER, TOPIC_CYBER)} - ended
+    finished_later = {e.key for e in future if e.value["type"] in final}
+    # Every lifecycle open at now is finished by its continuation, and nothing else is in it.
+    assert open_at_now == finished_later == {e.key for e in future}
+    day = NOW + dt.timedelta(days=1)
+    live = generate(7, NOW, 0.5, registry=registry, until=day, continuation=future)
+    sent = {r.event.get("event_id") for r in live if r.event}
+    due = {e.value["event_id"] for e in future if e.at <= day}
+    assert due and due <= sent
