@@ -74,7 +74,7 @@ class UnresponsiveConfig:
     max_km: float = 40.0
     window_h: float = 2.0
     #: The river answers rain this much later: the rain window ends this long before the evaluation.
-    lag_h: float = 3.0
+    lag_h: float = 1.0
     min_rain_mm: float = 20.0
     min_response_m: float = 0.05
     every_minutes: int = 10
