@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Attempts at starting on a fresh port when the chosen one was taken in between.
-_START_ATTEMPTS = 3
 
 
 class EmbeddedTansu(EmbeddedProcess):
@@ -83,23 +82,15 @@ class EmbeddedTansu(EmbeddedProcess):
         if self.running:
             return self
         binary = _broker_binary()
-        for attempt in range(1, _START_ATTEMPTS + 1):
+
+        def launch() -> int:
             port = self.fixed_port or free_port(self.host)
             self._spawn(binary, port)
-            try:
-                self._wait_ready(port)
-            except EmbeddedServiceError:
-                exited = self._proc is not None and self._proc.poll() is not None
-                self._end_process(self.stop_timeout)
-                # The port may have been taken between choosing and binding it: try another.
-                if exited and attempt < _START_ATTEMPTS and self.fixed_port is None:
-                    log.warning("embedded broker exited on port %d; retrying on another port", port)
-                    continue
-                raise
-            self._port = port
-            log.info("embedded broker (tansu) ready on %s; log %s", self.bootstrap, self.log_path)
-            return self
-        raise AssertionError("unreachable")  # pragma: no cover
+            return port
+
+        self._port = self._start_on_a_free_port(launch, self._wait_ready, self.fixed_port is not None)
+        log.info("embedded broker (tansu) ready on %s; log %s", self.bootstrap, self.log_path)
+        return self
 
     def _spawn(self, binary: str, port: int) -> None:
         url = f"tcp://{self.host}:{port}"

@@ -49,8 +49,6 @@ STORAGE_TOOL = "kafka.tools.StorageTool"
 #: A file the fetch writes last: a cache dir without it is incomplete.
 COMPLETE_MARKER = ".complete"
 
-_START_ATTEMPTS = 3
-
 
 def kafka_version() -> str:
     """The pinned Apache Kafka version (``kafka.version`` of ``kafka-pom.xml``)."""
@@ -232,31 +230,24 @@ class EmbeddedKafka(EmbeddedProcess):
         if java is None or libs is None:
             raise EmbeddedServiceError(f"the embedded Kafka cannot run: {unavailable_reason()}")
         classpath = f"{libs}/*"
-        for attempt in range(1, _START_ATTEMPTS + 1):
+        began = time.monotonic()
+
+        def launch() -> int:
+            nonlocal began
             port = self.fixed_port or free_port(self.host)
-            controller_port = free_port(self.host)
-            config = self._write_config(port, controller_port)
+            config = self._write_config(port, free_port(self.host))
             self._format(java, classpath, config)
             began = time.monotonic()
             self._spawn(java, classpath, config)
-            try:
-                self._wait_ready(port)
-            except EmbeddedServiceError:
-                exited = self._proc is not None and self._proc.poll() is not None
-                self._end_process(self.stop_timeout)
-                # A port may have been taken between choosing and binding it: try others.
-                if exited and attempt < _START_ATTEMPTS and self.fixed_port is None:
-                    log.warning("embedded Kafka exited on port %d; retrying on other ports", port)
-                    continue
-                raise
-            self._port = port
-            self.start_seconds = time.monotonic() - began
-            log.info(
-                "embedded Kafka %s ready on %s in %.1f s (data %s; log %s)",
-                kafka_version(), self.bootstrap, self.start_seconds, self.log_dir, self.log_path,
-            )  # fmt: skip
-            return self
-        raise AssertionError("unreachable")  # pragma: no cover
+            return port
+
+        self._port = self._start_on_a_free_port(launch, self._wait_ready, self.fixed_port is not None)
+        self.start_seconds = time.monotonic() - began
+        log.info(
+            "embedded Kafka %s ready on %s in %.1f s (data %s; log %s)",
+            kafka_version(), self.bootstrap, self.start_seconds, self.log_dir, self.log_path,
+        )  # fmt: skip
+        return self
 
     # --- internals ---------------------------------------------------------------------------
 

@@ -137,26 +137,34 @@ class EmbeddedMosquitto(EmbeddedProcess):
             raise EmbeddedServiceError("mosquitto not found: install the Debian package mosquitto (scripts/setup)")
         self._write_passwords()
         (self.directory / "acl").write_text(ACL)
-        port = free_port(self.host)
-        conf = self.directory / "mosquitto.conf"
-        conf.write_text(broker_config(port, self.host, self.directory))
-        self._log_file = (self.directory / "mosquitto.out").open("ab")
-        self._proc = subprocess.Popen(
-            [binary, "-c", str(conf)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=die_with_parent(signal.SIGKILL),
-        )
-        deadline = time.monotonic() + self.start_timeout
-        while not port_open(self.host, port):
-            if self._proc.poll() is not None:
-                raise self._error(f"mosquitto exited with status {self._proc.returncode}")
-            if time.monotonic() > deadline:
-                self._end_process(self.stop_timeout)
-                raise self._error(f"mosquitto did not listen on {self.host}:{port} within {self.start_timeout:.0f}s")
-            time.sleep(0.05)
-        self._port = port
-        log.info("embedded MQTT broker (mosquitto) ready on %s:%d", self.host, port)
+
+        def launch() -> int:
+            port = free_port(self.host)
+            conf = self.directory / "mosquitto.conf"
+            conf.write_text(broker_config(port, self.host, self.directory))
+            self._log_file = (self.directory / "mosquitto.out").open("ab")
+            self._proc = subprocess.Popen(
+                [binary, "-c", str(conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent(signal.SIGKILL),
+            )
+            return port
+
+        def wait_ready(port: int) -> None:
+            deadline = time.monotonic() + self.start_timeout
+            while not port_open(self.host, port):
+                assert self._proc is not None
+                if self._proc.poll() is not None:
+                    raise self._error(f"mosquitto exited with status {self._proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise self._error(
+                        f"mosquitto did not listen on {self.host}:{port} within {self.start_timeout:.0f}s"
+                    )
+                time.sleep(0.05)
+
+        self._port = self._start_on_a_free_port(launch, wait_ready, fixed=False)
+        log.info("embedded MQTT broker (mosquitto) ready on %s:%d", self.host, self._port)
         return self

@@ -32,8 +32,6 @@ DATABASE = "ioc"
 #: The unprivileged account that runs the server when we are root (initdb and postgres refuse root).
 SYSTEM_USER = "postgres"
 
-_START_ATTEMPTS = 3
-
 
 def find_bindir() -> Path:
     """The directory of the PostgreSQL server binaries (``initdb``, ``postgres``)."""
@@ -151,21 +149,13 @@ class EmbeddedPostgres(EmbeddedProcess):
         if self.running:
             return self
         self._initdb()
-        for attempt in range(1, _START_ATTEMPTS + 1):
+
+        def launch() -> int:
             port = free_port(self.host)
             self._spawn(port)
-            try:
-                self._wait_ready(port)
-            except EmbeddedServiceError:
-                exited = self._proc is not None and self._proc.poll() is not None
-                self._end_process(self.stop_timeout)
-                # The port may have been taken between choosing and binding it: try another.
-                if exited and attempt < _START_ATTEMPTS:
-                    log.warning("embedded PostgreSQL exited on port %d; retrying on another port", port)
-                    continue
-                raise
-            self._port = port
-            break
+            return port
+
+        self._port = self._start_on_a_free_port(launch, self._wait_ready, fixed=False)
         admin = f"postgresql://{ROLE}@{self.host}:{self._port}/postgres"
         with psycopg.connect(admin, autocommit=True) as conn:
             if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE,)).fetchone() is None:

@@ -6,6 +6,7 @@ import logging
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
@@ -82,6 +83,26 @@ class EmbeddedProcess:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
+
+    def _start_on_a_free_port(
+        self, launch: Callable[[], int], wait_ready: Callable[[int], None], fixed: bool, attempts: int = 3
+    ) -> int:
+        """``launch()`` the process on a port it picks and returns, then ``wait_ready(port)``; if it
+        exited meanwhile (the port may have been taken between choosing and binding it), try again on
+        another, up to ``attempts`` times (once with a ``fixed`` port). The port it serves on."""
+        for attempt in range(1, attempts + 1):
+            port = launch()
+            try:
+                wait_ready(port)
+            except EmbeddedServiceError:
+                exited = self._proc is not None and self._proc.poll() is not None
+                self._end_process(self.stop_timeout)
+                if exited and attempt < attempts and not fixed:
+                    log.warning("%s exited on port %d; retrying on another port", self.name, port)
+                    continue
+                raise
+            return port
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def _error(self, message: str) -> EmbeddedServiceError:
         tail = log_tail(self.log_path)
