@@ -18,9 +18,7 @@ come from").
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from ioc.registry import Registry
 from reports.period import Period
 from streams import cyber, dossier
 from streams.engine import KINDS, Engine
+from streams.replay import records
 from streams.sensor import Parsed as SensorParsed
 from streams.sensor import SensorEvent
 from streams.sink import StateDecoder
@@ -44,28 +43,12 @@ log = logging.getLogger(__name__)
 READINGS_LEAD_US = 24 * 3600 * US
 
 
-def _lines(path: Path) -> Iterator[tuple[str, bytes]]:
-    with path.open("rb") as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-                topic = doc["topic"]
-                raw = (
-                    doc["raw"].encode("utf-8", "surrogateescape") if "raw" in doc else json.dumps(doc["value"]).encode()
-                )
-            except (ValueError, KeyError, TypeError, AttributeError):
-                continue  # `ioc replay` counts these as invalid; a report has nothing to take from them
-            yield topic, raw
-
-
 def engine_from_events(path: Path, registry: Registry, as_of_us: int) -> tuple[Engine, dict[str, int]]:
     """Every valid event of ``path`` with event time up to ``as_of_us``, applied (as `ioc replay` does)."""
     engine = Engine(registry, 0)
     counts = {"lines": 0, "applied": 0, "invalid": 0, "after": 0}
     parsed: list[tuple[str, str, Any]] = []
-    for topic, raw in _lines(path):
+    for _, topic, raw in records(path):  # the file format of `ioc replay`
         counts["lines"] += 1
         logical = topic[topic.index("ioc.") :] if "ioc." in topic else topic
         if logical not in KINDS:

@@ -36,7 +36,8 @@ from streams.windows import TZ
 _encoder = msgspec.json.Encoder(order="sorted")
 
 
-def _records(path: Path) -> Iterator[tuple[int, str, bytes]]:
+def records(path: Path) -> Iterator[tuple[int, str, bytes]]:
+    """(line number, topic, raw value) of each non-blank line; a line that is not a record: topic ``""``."""
     opener = sys.stdin.buffer if str(path) == "-" else path.open("rb")
     with opener as fh:
         for n, line in enumerate(fh, 1):
@@ -79,7 +80,7 @@ def replay(
     parsed: list[tuple[str, str, Any]] = []
     stats = {"lines": 0, "valid": 0, "invalid": 0, "duplicates": 0, "after_until": 0}
     started = last_report = time.monotonic()
-    for n, topic, raw in _records(path):
+    for n, topic, raw in records(path):
         stats["lines"] += 1
         if progress is not None and time.monotonic() - last_report > 1.0:
             last_report = time.monotonic()
