@@ -417,7 +417,16 @@ def run(
                 results["workers"] = scale.workers(workers_settings, results["workers_backlog"]["events"])
                 progress(f"workers: {orjson.dumps(results['workers']).decode()}")
             if "failover" in only:
-                s = settings_for("fo", fresh_database(admin_url, "bench_failover", own_db), api_port=live.free_port())
+                session: dict[str, Any] = {}
+                if str(results["broker_process"].get("kind", "")).startswith("kafka") and (
+                    "worker_session_timeout_ms" not in base.model_fields_set
+                ):
+                    from entrypoints.embedded.kafka import WORKER_SESSION_TIMEOUT_MS
+
+                    session["worker_session_timeout_ms"] = WORKER_SESSION_TIMEOUT_MS  # as `ioc dev` runs them
+                s = settings_for(
+                    "fo", fresh_database(admin_url, "bench_failover", own_db), api_port=live.free_port(), **session
+                )
                 ensure_topics(s)
                 results["failover"] = scale.failover(s)
                 progress(f"failover: {orjson.dumps(results['failover']).decode()}")

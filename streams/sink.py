@@ -353,3 +353,14 @@ __all__ = [
     "write_changes",
     "write_snapshots",
 ]
+
+
+async def load_published_values(conn: psycopg.AsyncConnection[Any]) -> dict[str, tuple[Any, ...]]:
+    """Each series' stored value as the engine fingerprints it (value, numerator, denominator, status,
+    extra, quality), by ``kpi|scope|window``: what a new merger compares its first emission with."""
+    async with conn.cursor(binary=False) as cur:
+        await cur.execute(
+            "SELECT kpi || '|' || scope || '|' || win, value, numerator, denominator, status, extra, quality"
+            " FROM kpi_latest"
+        )
+        return {key: (v, num, den, status, extra, quality) async for key, v, num, den, status, extra, quality in cur}
