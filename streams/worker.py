@@ -33,7 +33,7 @@ import mode
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import ConsumerStoppedError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import ConsumerStoppedError, InvalidSessionTimeoutError, KafkaError, TopicAlreadyExistsError
 from prometheus_client import start_http_server
 
 from ioc import settings as cfg
@@ -534,6 +534,14 @@ class Ingest:
                 batch = await self.gather(timeout_ms)
             except ConsumerStoppedError:
                 return  # stopping
+            except InvalidSessionTimeoutError:
+                log.error(
+                    "the broker refuses a %d ms session (IOC_WORKER_SESSION_TIMEOUT_MS): its "
+                    "group.min.session.timeout.ms is higher (Kafka's default: 6000); lower that, or raise this "
+                    '(docs/scaling.md, "Session timeout")',
+                    self.settings.worker_session_timeout_ms,
+                )
+                raise
             if batch:
                 await self.process(batch)
             if time.monotonic() - self._last_maintenance > MAINTENANCE_INTERVAL_S:
