@@ -127,6 +127,8 @@ class Ingest:
         self.shards: dict[int, EntityAggregator] = {}
         #: Each shard's current stamp (epoch of its assignment, sequence of its last partial).
         self.stamps: dict[int, shards.Stamp] = {}
+        #: The dossier topic's partition count (stored with each dossier row beside its partition).
+        self._dossier_partitions = 0
         #: Shards to publish (changed, or newly assigned) with the next partial.
         self.unpublished_shards: set[int] = set()
         self._last_partials = 0.0
@@ -289,9 +291,10 @@ class Ingest:
                 self.stamps.pop(p, None)
                 self.unpublished_shards.discard(p)
             new = {p: EntityAggregator(DOSSIER, now_us()) for p in mine - set(self.shards)}
+            partitions = len(self.consumer.partitions_for_topic(self.sharded_topic) or ()) or max(mine, default=0) + 1
+            self._dossier_partitions = partitions
             if new:
                 rebuild_started = time.monotonic()
-                partitions = len(self.consumer.partitions_for_topic(self.sharded_topic) or ()) or max(mine) + 1
                 loaded = await self._durably(
                     "state",
                     "rebuilding dossier partitions",
@@ -677,9 +680,11 @@ class Ingest:
             self.alerting.on_incidents(incidents, _as_datetime(engine.now_us))
         self.alerting.on_batch(len(dead), n, time.monotonic())
         changes = sink.take_changes(engine)
-        for shard in self.shards.values():
+        changes.partition_count = self._dossier_partitions
+        for p, shard in self.shards.items():
             if shard.changed:
                 changes.dossiers.update(shard.changed)
+                changes.partitions.update(dict.fromkeys(shard.changed, p))  # stored with the rows
                 shard.changed = {}
         await self.drain()
         write_started, writes = time.monotonic(), self._start_writes(changes)
