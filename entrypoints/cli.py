@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
         "--rate",
         type=float,
         default=None,
-        help="simulated events per second (default 50; 0.5 with a back-fill, a province's real dossier intake)",
+        help="simulated events per second (default 50; with a back-fill, the back-fill's own intake: "
+        "about 0.24, a province's 3,000 dossiers a day, shaped by office hours)",
     )
     dev.add_argument(
         "--scenario",
@@ -86,7 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("mqtt-bridge", help="sensor readings from MQTT (IOC_MQTT_URL) to ioc.sensor.readings")
 
     sim = sub.add_parser("simulate", help="produce realistic events to the input topics")
-    sim.add_argument("--rate", type=float, default=50.0, help="events per second across all topics")
+    sim.add_argument(
+        "--rate",
+        type=float,
+        default=None,
+        help="events per second across all topics (default 50; after --backfill, the back-fill's intake)",
+    )
     sim.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
     sim.add_argument(
         "--scenario",
@@ -254,7 +260,9 @@ def _checkout_harness() -> None:
         return
     root = Path(__file__).resolve().parents[1]
     if not (root / "bench" / "__init__.py").is_file():
-        raise IocError("ioc bench and ioc soak run from a checkout of the project (make setup): bench/ is not installed")
+        raise IocError(
+            "ioc bench and ioc soak run from a checkout of the project (make setup): bench/ is not installed"
+        )
     sys.path.insert(0, str(root))
 
 
@@ -271,6 +279,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _live_rate_after_backfill() -> float:
+    from simulators.backfill import BackfillPlan, live_rate
+
+    return round(live_rate(BackfillPlan(), dup_rate=0.01), 3)  # `ioc simulate`'s default --dup-rate
+
+
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "dev":
         from entrypoints.dev import run_dev
@@ -280,10 +294,13 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         backfill = args.backfill
         if backfill is None:
             backfill = 0.0 if args.scenario in OWN_WARM_START_SCENARIOS else 30.0
+        rate = args.rate
+        if rate is None:
+            rate = _live_rate_after_backfill() if backfill > 0 else 50.0
         return run_dev(
             settings,
             simulators=not args.no_simulators,
-            rate=args.rate if args.rate is not None else (0.5 if backfill > 0 else 50.0),
+            rate=rate,
             scenario=args.scenario,
             api_port=args.api_port,
             backfill_days=backfill,
@@ -305,8 +322,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         asyncio.run(until_terminated(bridge(settings)))
         return 0
     if args.command == "simulate":
+        from simulators.envelope import Event
         from simulators.producer import run as simulate
 
+        continuation: list[Event] = []
         if args.backfill > 0:
             from simulators.backfill import run_backfill
 
@@ -317,6 +336,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             )
             if filled is None:
                 return 128 + signal.SIGTERM
+            continuation = filled.continuation
             if args.duration == 0:
                 return 0
 
@@ -324,7 +344,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
             until_terminated(
                 simulate(
                     settings,
-                    rate=args.rate,
+                    rate=args.rate
+                    if args.rate is not None
+                    else (_live_rate_after_backfill() if args.backfill else 50.0),
                     duration=args.duration,
                     scenario=args.scenario,
                     seed=args.seed,
@@ -334,6 +356,8 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                     progress=not args.no_progress,
                     history_s=args.history * 3600,
                     sensors_via_mqtt=_mqtt_url(settings) if args.sensors_via == "mqtt" else None,
+                    after_backfill=args.backfill > 0,
+                    continuation=continuation,
                 )
             )
         )

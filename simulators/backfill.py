@@ -6,10 +6,14 @@ What it sends, for ``days`` before ``now`` (``ioc simulate --backfill DAYS``; ``
   hours) with their whole lifecycles: most complete on time, some late, some are returned or
   cancelled; steps that would fall after ``now`` are not sent (those dossiers are still open);
 * SOC incidents, detected, acknowledged and resolved (or closed as false positives);
-* every station's readings with their diurnal cycles, at the registry cadence over the last
-  ``fine_hours`` and ``coarse_factor`` times slower before (volume: a day at full cadence is
-  11,500 readings), and one flood episode ``flood_ago`` before ``now``, which the gauges' 72-hour
+* every station's readings with their diurnal cycles, at the registry cadence (a day is 11,664
+  readings), and one flood episode ``flood_ago`` before ``now``, which the gauges' 72-hour
   hydrographs show rising past the alarm levels and receding.
+
+Intake and cadence are the same over the whole span, with no step anywhere: the anomaly detectors
+(`streams.anomaly`) learn each commune's and station's normal from this past, and an earlier
+back-fill that thinned its older weeks (a third of the intake, sensors six times slower) made them
+read its steps as two dozen dossier surges, drifts and mute gauges on every fresh wall.
 
 The worker folds these events in like any others; its clock is the wall clock, so its KPI history
 starts now. The past of the history (``kpi_history``) is written here instead: the worker's own
@@ -40,12 +44,12 @@ from ioc.contract import INCIDENT_SEVERITIES, US
 from ioc.registry import Registry, load_registry
 from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, TOPIC_SENSOR, Settings
 from ioc.snapshot import Snapshot
-from simulators.dossiers import NORMAL as NORMAL_DOSSIERS
-from simulators.dossiers import DossierConditions, DossierSimulator, load_catalogue
+from simulators.dossiers import DossierSimulator, load_catalogue, mean_events_within
 from simulators.envelope import VN_TZ, Event, to_millisecond
 from simulators.incidents import PROVINCIAL_SYSTEMS, IncidentSimulator, commune_portals
 from simulators.scenarios import build_scenario
 from simulators.sensors import SensorConditions, SensorSimulator
+from simulators.stream import INCIDENT_SHARE
 from streams import cyber, dossier
 from streams.engine import Engine
 from streams.kpi import Value, ratio, status_of
@@ -53,22 +57,14 @@ from streams.kpi import Value, ratio, status_of
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True, slots=True)
 class BackfillPlan:
-    """How much history, and how dense (sized so 30 days take well under a minute on 2 cores)."""
+    """How much history, and how dense (30 days are about 630,000 events: some 20 s to make on 2 cores)."""
 
     days: float = 30.0
     #: Nghệ An's one-stop offices take a few thousand dossiers a working day.
     dossiers_per_day: float = 3000.0
-    #: Beyond ``full_days`` (today and the same weekday last week are within it) intake is thinned
-    #: to this share: month-to-date KPIs are rates, and a month at full intake would take minutes.
-    full_days: float = 8.0
-    thinned_share: float = 1 / 3
     incidents_per_day: float = 120.0
-    #: Sensors report at the registry cadence over the last ``fine_hours``, this many times slower before.
-    fine_hours: float = 72.0
-    coarse_factor: int = 6
     #: The flood episode: when its rain begins (before now) and its span (`simulators.scenarios.Flood`: the
     #: river peaks at half-span and is back to normal at three spans, just before now, where live takes over).
     flood_ago: dt.timedelta = dt.timedelta(hours=64)
@@ -78,9 +74,19 @@ class BackfillPlan:
 
 
 def backfill_events(
-    seed: int | str, now: dt.datetime, plan: BackfillPlan, registry: Registry | None = None
+    seed: int | str,
+    now: dt.datetime,
+    plan: BackfillPlan,
+    registry: Registry | None = None,
+    future: list[Event] | None = None,
 ) -> Iterator[Event]:
-    """The past ``plan.days`` before ``now``, every kind merged in event-time order (pure, seeded)."""
+    """The past ``plan.days`` before ``now``, every kind merged in event-time order (pure, seeded).
+
+    Dossiers and incidents still open at ``now`` have steps to come: with ``future``, those are
+    appended to it (in event-time order, once the past is exhausted) for the live simulator to send
+    when their time comes (`simulators.stream.generate`'s ``continuation``). Without them, a
+    back-filled dossier would never be completed, and the wall's overdue counts would climb all day.
+    """
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware")
     registry = registry or load_registry()
@@ -91,18 +97,11 @@ def backfill_events(
     flood = build_scenario(
         "flood", now - plan.flood_ago, span=plan.flood_span, stations=registry.stations, systems=systems
     )
-    full_from = now - dt.timedelta(days=plan.full_days)
-    thinned = DossierConditions(rate_factor=plan.thinned_share)
-
-    def intake(t: dt.datetime) -> DossierConditions:
-        return NORMAL_DOSSIERS if t >= full_from else thinned
-
     dossiers = DossierSimulator(
         random.Random(f"{seed}/backfill/dossiers"),
         catalogue,
         registry.units,
         dossiers_per_s=plan.dossiers_per_day / 86400,
-        conditions=intake,
         diurnal=True,
     )
     incidents = IncidentSimulator(
@@ -113,25 +112,19 @@ def backfill_events(
         # The gauges keep their cadence: a month of minute readings would cost more than it shows.
         return dataclasses.replace(flood.sensors(t), fast_kinds=frozenset())
 
-    fine_from = max(start, now - dt.timedelta(hours=plan.fine_hours))
-    streams: list[Iterator[Event]] = [dossiers.events(start, until), incidents.events(start, until)]
-    if fine_from > start:
-        coarse = {
-            sid: dataclasses.replace(s, interval_s=s.interval_s * plan.coarse_factor)
-            for sid, s in registry.stations.items()
-        }
-        streams.append(
-            SensorSimulator(
-                random.Random(f"{seed}/backfill/sensors-coarse"), coarse, registry.units, conditions=sensor_conditions
-            ).events(start, fine_from - dt.timedelta(milliseconds=1))
-        )
-    streams.append(
+    streams: list[Iterator[Event]] = [
+        dossiers.events(start, until, follow_up=future is not None),
+        incidents.events(start, until, follow_up=future is not None),
         SensorSimulator(
             random.Random(f"{seed}/backfill/sensors"), registry.stations, registry.units, conditions=sensor_conditions
-        ).events(fine_from, until)
-    )
+        ).events(start, until),
+    ]
     for event in heapq.merge(*streams, key=lambda e: e.at):
-        yield dataclasses.replace(event, at=to_millisecond(event.at))
+        event = dataclasses.replace(event, at=to_millisecond(event.at))
+        if event.at <= until:
+            yield event
+        elif future is not None:  # only followed-up lifecycles reach past ``until``
+            future.append(event)
 
 
 class KpiHistory:
@@ -288,6 +281,20 @@ HOUR_US = 3600 * US
 _OFFSET_US = 7 * HOUR_US  # Asia/Ho_Chi_Minh, no daylight saving
 
 
+def live_rate(plan: BackfillPlan, registry: Registry | None = None, dup_rate: float = 0.0) -> float:
+    """Records per second at which `ioc simulate` goes on where the back-fill stops.
+
+    The sensors at their cadence and the dossiers at ``plan.dossiers_per_day`` (shaped by office
+    hours, `ioc simulate` does that after a back-fill), so the live intake is what the anomaly
+    detectors learnt from the back-fill: twice as many dossiers would be a surge in every commune.
+    """
+    registry = registry or load_registry()
+    catalogue = load_catalogue(registry.units)
+    per_dossier = mean_events_within(catalogue, registry.units, dt.timedelta(days=400), dt.datetime.now(VN_TZ))
+    dossier_records = plan.dossiers_per_day / 86400 * per_dossier
+    return (SensorSimulator.readings_per_s(registry.stations) + dossier_records / (1 - INCIDENT_SHARE)) * (1 + dup_rate)
+
+
 def _local_hour(ts_us: int) -> int:
     """Local hours since 1970-01-01 00:00 (+07:00); a multiple of 24 is a local midnight."""
     return (ts_us + _OFFSET_US) // HOUR_US
@@ -305,6 +312,8 @@ def _local(ts_us: int) -> dt.datetime:
 @dataclass
 class BackfillStats:
     events: int = 0
+    #: The open lifecycles' steps still to come (after ``now``), for the live simulator.
+    continuation: list[Event] = dataclasses.field(default_factory=list)
     by_topic: dict[str, int] = dataclasses.field(default_factory=dict)
     history_rows: int = 0
     elapsed_s: float = 0.0
@@ -379,7 +388,7 @@ async def run_backfill(
     try:
         sender = _BatchSender(producer, topics)
         at = start
-        for event in backfill_events(seed, now, plan, registry):
+        for event in backfill_events(seed, now, plan, registry, future=stats.continuation):
             raw = orjson.dumps(event.value)
             if recorder is not None:
                 recorder.add(event, raw)

@@ -246,8 +246,13 @@ class DossierSimulator:
         }
         self._serials: dict[tuple[str, dt.date], int] = {}
 
-    def events(self, start: dt.datetime, until: dt.datetime | None = None) -> Iterator[Event]:
+    def events(
+        self, start: dt.datetime, until: dt.datetime | None = None, *, follow_up: bool = False
+    ) -> Iterator[Event]:
         """Contract events in event-time order.
+
+        Dossiers are received until ``until``; their later steps are dropped, or with ``follow_up``
+        go on past it (a back-fill's open dossiers, continued live: `simulators.backfill`).
 
         With ``backfill``, extra intake makes up for follow-up events (processing, completion)
         that a run started from nothing lacks: in each window the steps already scheduled into it
@@ -292,7 +297,7 @@ class DossierSimulator:
                 if until is not None and next_arrival > until:
                     next_arrival = None
                     continue
-                life = self._new_dossier(next_arrival, until)
+                life = self._new_dossier(next_arrival, None if follow_up else until)
                 heapq.heappush(pending, (life.steps[0][0], next(tiebreak), life))
                 if self.backfill:
                     for at, _ in life.steps[1:]:

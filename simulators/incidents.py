@@ -182,7 +182,11 @@ class IncidentSimulator:
         self._ddos_queue: list[str] = []
         self._botnet = [random_public_ip(rng) for _ in range(12)]
 
-    def events(self, start: dt.datetime, until: dt.datetime | None = None) -> Iterator[Event]:
+    def events(
+        self, start: dt.datetime, until: dt.datetime | None = None, *, follow_up: bool = False
+    ) -> Iterator[Event]:
+        """Contract events in event-time order: incidents detected until ``until``, their later steps
+        dropped, or with ``follow_up`` going on past it (as `DossierSimulator.events`)."""
         normal = poisson_arrivals(
             self.rng,
             start,
@@ -211,7 +215,7 @@ class IncidentSimulator:
                 at, n, arrivals = heapq.heappop(sources)
                 if until is not None and at > until:
                     continue
-                steps = self._new_incident(at, until, wave=n == 1)
+                steps = self._new_incident(at, None if follow_up else until, wave=n == 1)
                 if steps:
                     heapq.heappush(pending, (steps[0][0], next(tiebreak), steps))
                 following = next(arrivals, None)

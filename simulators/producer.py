@@ -8,7 +8,7 @@ import datetime as dt
 import logging
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -20,7 +20,7 @@ from ioc.registry import Registry
 from ioc.settings import TOPIC_SENSOR as SENSOR_TOPIC
 from ioc.settings import Settings
 from simulators.baseline import Scenario
-from simulators.envelope import VN_TZ
+from simulators.envelope import VN_TZ, Event
 from simulators.stream import SimRecord, generate, resolve_scenario, sensor_history
 
 logger = logging.getLogger(__name__)
@@ -108,6 +108,8 @@ async def run(
     clock: Callable[[], float] = time.monotonic,
     history_s: float = 0.0,
     sensors_via_mqtt: str | None = None,
+    after_backfill: bool = False,
+    continuation: Sequence[Event] = (),
 ) -> Stats:
     """Produce realistic events to the three input topics for ``duration`` s or until cancelled.
 
@@ -131,6 +133,8 @@ async def run(
     ``history_s`` > 0 first sends, as fast as the broker takes them, the sensor readings of that
     many past seconds (a warm start: the hourly VN_AQI needs two of the last three hourly means,
     rain sums a day), then goes live.
+
+    ``after_backfill``, ``continuation``: the run continues a back-fill (see `simulators.stream.generate`).
 
     ``sensors_via_mqtt`` (``mqtt://USER:PASSWORD@HOST:PORT``): sensor readings go to that MQTT broker
     (QoS 1, ``ioc/sensors/<station_id>``, for the bridge) instead of straight to Kafka.
@@ -157,6 +161,8 @@ async def run(
         registry=registry,
         until=until,
         diurnal=diurnal,
+        after_backfill=after_backfill,
+        continuation=continuation,
     )
     logger.info(
         "simulating at %.1f records/s (seed %s, scenario %s, speedup %g) to %s",

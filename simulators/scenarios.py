@@ -57,8 +57,8 @@ def _smoothstep(x: float) -> float:
 
 @dataclass(frozen=True)
 class Flood(Scenario):
-    """A tropical depression's rain band: rain for 60 % of the span; rivers peak past BĐ III at
-    half-span, hold, then recede; gauges and rain stations report every minute meanwhile."""
+    """A tropical depression's rain band: rain for 60 % of the span; rivers pass BĐ III by half-span,
+    crest as the rain ends, then recede; gauges and rain stations report every minute meanwhile."""
 
     peak_rain_mm_per_h: float = 120.0
 
@@ -68,9 +68,9 @@ class Flood(Scenario):
             return SensorConditions()
         rain = self.peak_rain_mm_per_h * (0.5 + 0.5 * _smoothstep(u / 0.3)) if u < 0.6 else 0.0
         if u < 0.5:
-            rise = _smoothstep(u / 0.5)
+            rise = 0.95 * _smoothstep(u / 0.5)
         elif u < 0.7:
-            rise = 1.0
+            rise = 1.0 - 0.05 * ((u - 0.6) / 0.1) ** 2  # a crest, not a plateau: it rises while the rain lasts
         else:
             rise = 1.0 - 0.6 * _smoothstep((u - 0.7) / 0.3) if u < 1.0 else 0.4 * 0.5 ** ((u - 1.0) / 0.5)
         return SensorConditions(

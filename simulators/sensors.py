@@ -232,7 +232,8 @@ class SensorSimulator:
         if station.station_id in TIDAL_GAUGES:
             ordinary += 0.3 * math.sin(2 * math.pi * at.timestamp() / M2_TIDE_S)
         rise = min(1.0, max(0.0, cond.river_rise))
-        level = ordinary + rise * (peak - ordinary) + self.rng.gauss(0.0, 0.005)
+        # A river in spate is rough: waves and surges move a gauge by centimetres between readings.
+        level = ordinary + rise * (peak - ordinary) + self.rng.gauss(0.0, 0.005 + 0.02 * rise)
         return {"water_level_m": round(max(0.05, level), 2)}
 
     def _rain(self, state: _StationState, elapsed_s: float, month: int, cond: SensorConditions) -> dict[str, float]:

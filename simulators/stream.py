@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -119,6 +119,8 @@ def generate(
     until: dt.datetime | None = None,
     diurnal: bool = False,
     scenario_span: dt.timedelta | None = None,
+    after_backfill: bool = False,
+    continuation: Sequence[Event] = (),
 ) -> Iterator[SimRecord]:
     """Records of all three topics in arrival order, the same for a seed; endless unless ``until``.
 
@@ -127,6 +129,11 @@ def generate(
     ``event_id``, delayed past later events (keeping its event time), or joined by a malformed
     record.
     ``diurnal`` shapes dossier intake by office hours (the mean rate stays ``rate_per_s``).
+    ``after_backfill``: the run goes on from a back-fill (`simulators.backfill`), so intake is shaped
+    by office hours as the back-fill's was and no extra intake makes up for missing follow-ups:
+    either would be read as a dossier surge in every commune by detectors that learnt the back-fill.
+    ``continuation``: the back-fill's open lifecycles' later steps (`BackfillStats.continuation`, in
+    event-time order), sent among the new events when their time comes.
     """
     if start.tzinfo is None:
         raise ValueError("start must be timezone-aware")
@@ -146,8 +153,8 @@ def generate(
         dossiers_per_s=split.dossiers_per_s,
         conditions=scenario.dossiers,
         peak_rate_factor=scenario.peak_dossier_factor,
-        diurnal=diurnal,
-        backfill=True,
+        diurnal=diurnal or after_backfill,
+        backfill=not after_backfill,
     )
     incidents = IncidentSimulator(
         random.Random(f"{seed}/incidents"),
@@ -168,6 +175,7 @@ def generate(
     if until is not None:
         extra = (e for e in extra if e.at <= until)
     merged = heapq.merge(
+        (e for e in continuation if until is None or e.at <= until),
         scenario.bend_dossiers(dossiers.events(start, until)),
         heapq.merge(incidents.events(start, until), extra, key=lambda e: e.at),
         scenario.bend_sensors(sensors.events(start, until)),

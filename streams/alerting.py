@@ -26,10 +26,12 @@ from alerts.engine import AlertEngine
 from alerts.rule_files import RuleWatcher, default_rules
 from alerts.webhook import WebhookDispatcher, WebhookFailure
 from ioc import settings as cfg
+from ioc.contract import US
 from ioc.registry import Registry
 from ioc.settings import Settings
 from ioc.snapshot import Snapshot
 from streams.anomaly import Finding
+from streams.catch_up import FindingGate
 from streams.cyber import IncidentState
 
 log = logging.getLogger(__name__)
@@ -56,8 +58,12 @@ WHERE alert_current.updated_at <= EXCLUDED.updated_at
 class Alerting:
     """One worker's alert engine and its inputs and outputs."""
 
-    def __init__(self, settings: Settings, registry: Registry) -> None:
+    def __init__(self, settings: Settings, registry: Registry, history_after_h: float = 3.0) -> None:
         self.settings = settings
+        self.history_after_us = int(history_after_h * 3600 * US)
+        self.gate = FindingGate(self.history_after_us)
+        #: The latest snapshot of each series published while catching up, for the rules afterwards.
+        self.held_snapshots: dict[str, Snapshot] = {}
         self.registry = registry
         self.watcher = RuleWatcher(settings.alert_rules) if settings.alert_rules else None
         rules = self.watcher.rules if self.watcher else default_rules()
@@ -77,6 +83,8 @@ class Alerting:
         self.pending = []
         self.silences_seen = {}
         self._recent.clear()
+        self.gate = FindingGate(self.history_after_us)
+        self.held_snapshots = {}
 
     # --- inputs -------------------------------------------------------------------------------
 
@@ -84,9 +92,10 @@ class Alerting:
         for state in states:
             self.pending.extend(self.engine.on_incident(state, now))
 
-    def on_findings(self, findings: Sequence[Finding], now: dt.datetime) -> None:
-        """Anomaly findings (`streams.anomaly`) to the ``anomaly`` rules."""
-        for finding in findings:
+    def on_findings(self, findings: Sequence[Finding], now: dt.datetime, detectors_us: int | None = None) -> None:
+        """Anomaly findings (`streams.anomaly`) to the ``anomaly`` rules, but not the past's
+        (`streams.catch_up.FindingGate`; ``detectors_us``: how far the detectors have judged)."""
+        for finding in self.gate.admit(findings, detectors_us, int(now.timestamp() * US)):
             self.pending.extend(self.engine.on_finding(finding, now))
 
     def on_batch(self, dead: int, total: int, at: float) -> None:
@@ -94,7 +103,16 @@ class Alerting:
         while self._recent and self._recent[0][0] < at - DEADLETTER_WINDOW_S:
             self._recent.popleft()
 
-    def on_snapshots(self, snapshots: Sequence[Snapshot], now: dt.datetime) -> None:
+    def on_snapshots(self, snapshots: Sequence[Snapshot], now: dt.datetime, catching_up: bool = False) -> None:
+        """Snapshots to the rules; while the worker is catching up they are held (a state still
+        loading is no change to judge), and the latest of each series goes to the rules after."""
+        if catching_up:
+            self.held_snapshots.update((s.key, s) for s in snapshots)
+            return
+        if self.held_snapshots:
+            held, self.held_snapshots = self.held_snapshots, {}
+            held.update((s.key, s) for s in snapshots)
+            snapshots = list(held.values())
         for snapshot in snapshots:
             self.pending.extend(self.engine.on_snapshot(snapshot, now))
 

@@ -118,6 +118,9 @@ class AnomalyConfig:
     watermark_quantile: float = 0.1
     #: ...but never more than this far behind the newest one (a regional outage must not stall it).
     max_lag_s: int = 6 * 3600
+    #: A finding that opened more than this long before the clock, and closed before the worker
+    #: caught up (a back-fill, a backlog after an outage), is history, not an alert (`streams.catch_up`).
+    history_after_h: float = 3.0
     stuck: StuckConfig = field(default_factory=StuckConfig)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     drift: DriftConfig = field(default_factory=DriftConfig)

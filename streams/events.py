@@ -21,7 +21,6 @@ MAX_FUTURE_SKEW = dt.timedelta(days=1)
 MAX_RECORD_BYTES = 64 * 1024
 
 
-
 def decoder(kind: type[T]) -> msgspec.json.Decoder[T]:
     return msgspec.json.Decoder(kind)
 

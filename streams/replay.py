@@ -28,6 +28,7 @@ from ioc.errors import InvalidEvent
 from ioc.registry import Registry
 from ioc.snapshot import Snapshot
 from streams.anomaly_config import AnomalyConfig
+from streams.catch_up import FindingGate, judged_until
 from streams.cyber import IncidentState
 from streams.engine import KINDS, Engine
 from streams.windows import TZ
@@ -105,6 +106,7 @@ def replay(
     engine = Engine(registry, first_step, anomaly)
     alerting = AlertEngine.for_registry(default_rules(), registry) if with_alerts else None
     alert_events: list[AlertEvent] = []
+    gate = FindingGate(int(engine.anomaly.config.history_after_h * 3600 * US))
     i = 0
     steps = range(first_step, until_us + STEP_US, STEP_US) if with_alerts else range(0)
     for n_step, step in enumerate(steps):
@@ -121,7 +123,8 @@ def replay(
         engine.dossiers.changed, engine.incidents.changed, engine.sensors.changed = {}, {}, {}
         for state in incidents:
             alert_events.extend(alerting.on_incident(state, now))
-        for finding in engine.anomaly.take():
+        # The past's findings are history, as for a worker catching up on this file (streams.catch_up).
+        for finding in gate.admit(engine.anomaly.take(), judged_until(engine.anomaly), until_us):
             alert_events.extend(alerting.on_finding(finding, now))
         for snapshot in engine.snapshots():
             alert_events.extend(alerting.on_snapshot(snapshot, now))

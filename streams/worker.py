@@ -53,6 +53,7 @@ from ioc.snapshot import HistorySampler, encode
 from streams import shards, sink
 from streams.alerting import Alerting
 from streams.anomaly_config import load_config
+from streams.catch_up import CatchUp, judged_until
 from streams.cyber import IncidentState
 from streams.engine import DOSSIER, KINDS, Engine, EntityAggregator
 from streams.windows import TZ
@@ -147,7 +148,9 @@ class Ingest:
         #: Bumped by every revocation: a batch fetched before it is not folded after it.
         self._assignment_round = 0
         self.rebalances = 0
-        self.alerting = Alerting(settings, registry)
+        self.alerting = Alerting(settings, registry, load_config(settings.anomaly_config).history_after_h)
+        #: Folding a backlog (a back-fill, input held up by an outage): rules wait (`streams.catch_up`).
+        self.catch_up = CatchUp()
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         #: One connection per role: reads and maintenance (state), the emit timer (snapshots), and the
@@ -672,6 +675,7 @@ class Ingest:
         wall = now_us()
         for logical, t in newest.items():
             m.event_lag.labels(logical).set(max(0, wall - t) / US)
+        self.catch_up.on_batch(max(newest.values(), default=0), wall, time.monotonic())
         # Pipelining: this batch's effects are taken now; the previous flush must finish (it commits
         # earlier offsets) before this one starts, and it overlaps the next batch's processing.
         futures = [(rec, error, await self._dead_letter(rec, error)) for rec, error in dead]
@@ -944,8 +948,9 @@ class Ingest:
     async def _alert(self, snapshots: list[Any], now: dt.datetime) -> None:
         """Alert rules over the new snapshots and the clock; the audit trail first, then `ioc.alerts`."""
         alerting = self.alerting
-        alerting.on_findings(self.engine.anomaly.take(), now)
-        alerting.on_snapshots(snapshots, now)
+        detectors = self.engine.anomaly
+        alerting.on_findings(detectors.take(), now, judged_until(detectors))
+        alerting.on_snapshots(snapshots, now, catching_up=self.catch_up.active(time.monotonic()))
         await self._durably("snapshots", "reading silences", lambda c: alerting.sync_silences(c, now))
         alerting.tick(now)
         events = alerting.take()

@@ -13,6 +13,7 @@ from ioc.registry import Registry, load_registry
 from ioc.settings import TOPIC_CYBER, TOPIC_DOSSIER, TOPIC_SENSOR
 from simulators.backfill import BackfillPlan, KpiHistory, backfill_events
 from simulators.envelope import VN_TZ, Event
+from simulators.stream import generate
 from streams.engine import Engine
 
 NOW = dt.datetime(2026, 11, 25, 15, 20, tzinfo=VN_TZ)  # a Wednesday afternoon
@@ -79,12 +80,18 @@ def test_one_past_flood_takes_nam_dan_above_alarm_level_iii_and_back(registry: R
     assert levels[-1][1] < registry.stations["WL-NAMDAN"].alarm_levels_m[0]  # receded below BĐ I by now
 
 
-def test_sensors_report_at_the_registry_cadence_recently_and_sparser_before(events: list[Event]) -> None:
+def test_intake_and_cadence_have_no_step_anywhere_in_the_past(events: list[Event]) -> None:
+    """The detectors learn the normal from this past: a thinner older part read as surges and drifts."""
+    first_half = NOW - dt.timedelta(days=PLAN.days / 2)
     air = [e.at for e in events if e.key == "AIR-16681"]
-    recent = [t for t in air if t >= NOW - dt.timedelta(hours=PLAN.fine_hours)]
-    older = [t for t in air if t < NOW - dt.timedelta(hours=PLAN.fine_hours)]
-    assert len(recent) == pytest.approx(PLAN.fine_hours * 3600 / 300, rel=0.05)
-    assert len(older) == pytest.approx((PLAN.days * 24 - PLAN.fine_hours) * 3600 / (300 * PLAN.coarse_factor), rel=0.05)
+    older, recent = [t for t in air if t < first_half], [t for t in air if t >= first_half]
+    expected = PLAN.days / 2 * 86400 / 300  # the registry's 5-minute cadence, both halves
+    assert len(older) == pytest.approx(expected, rel=0.05) and len(recent) == pytest.approx(expected, rel=0.05)
+    received = collections.Counter(
+        (e.at - NOW).days for e in events if e.topic == TOPIC_DOSSIER and e.value["type"] == "received"
+    )
+    same_days = [received[-1], received[-8]]  # the 24 hours before now, and the same 24 hours a week before
+    assert min(same_days) > 0.85 * max(same_days)
 
 
 def test_kpi_history_has_the_chart_series_hourly_and_the_gauges_every_step(
@@ -119,3 +126,22 @@ def test_kpi_history_has_the_chart_series_hourly_and_the_gauges_every_step(
     days = {r.as_of.astimezone(VN_TZ).date() for r in commune}
     assert days == {NOW.date(), NOW.date() - dt.timedelta(days=7)}
     assert all(r.seq == 0 for r in rows)
+
+
+def test_open_lifecycles_go_on_after_now_in_the_continuation(registry: Registry, events: list[Event]) -> None:
+    future: list[Event] = []
+    past = list(backfill_events(7, NOW, PLAN, registry, future=future))
+    assert [e.value for e in past] == [e.value for e in events]  # the past does not change
+    assert future and all(e.at > NOW - dt.timedelta(milliseconds=1) for e in future)
+    assert [e.at for e in future] == sorted(e.at for e in future)
+    final = {"completed", "returned", "cancelled", "resolved", "false_positive"}
+    ended = {e.key for e in past if e.value.get("type") in final}
+    open_at_now = {e.key for e in past if e.topic in (TOPIC_DOSSIER, TOPIC_CYBER)} - ended
+    finished_later = {e.key for e in future if e.value["type"] in final}
+    # Every lifecycle open at now is finished by its continuation, and nothing else is in it.
+    assert open_at_now == finished_later == {e.key for e in future}
+    day = NOW + dt.timedelta(days=1)
+    live = generate(7, NOW, 0.5, registry=registry, until=day, continuation=future)
+    sent = {r.event.get("event_id") for r in live if r.event}
+    due = {e.value["event_id"] for e in future if e.at <= day}
+    assert due and due <= sent

@@ -16,9 +16,10 @@ from typing import Any
 import pytest
 
 from ioc.registry import Registry, load_registry
-from simulators.dossiers import statutory_deadline
+from simulators.backfill import BackfillPlan, backfill_events, live_rate
+from simulators.dossiers import load_catalogue, mean_events_within, statutory_deadline
 from simulators.scenarios import build_scenario
-from simulators.stream import SimRecord, generate, write_jsonl
+from simulators.stream import SimRecord, generate, rate_split, write_jsonl
 
 VN = dt.timezone(dt.timedelta(hours=7))
 START = dt.datetime(2025, 11, 24, 8, 0, tzinfo=VN)  # a Monday morning
@@ -223,6 +224,28 @@ def test_rate_is_roughly_the_requested_total(registry: Registry) -> None:
     per_s = len(recs) / 3600
     # Completions of multi-day procedures are still ahead in the first hour; the rest is on time.
     assert 7.0 < per_s < 11.0
+
+
+def test_after_a_backfill_live_intake_goes_on_at_the_backfills_rate_and_shape(registry: Registry) -> None:
+    """The detectors learn the normal from the back-fill: live receipts that ran higher (a fresh
+    run's catch-up intake, a flat night, another rate) would be read as surges in every commune."""
+    tuesday = dt.datetime(2025, 11, 25, 8, 0, tzinfo=VN)
+    plan = BackfillPlan(days=1)
+    rate = live_rate(plan, registry, dup_rate=0.0)
+    per_dossier = mean_events_within(load_catalogue(registry.units), registry.units, dt.timedelta(days=400), tuesday)
+    split = rate_split(rate, registry.stations, 0.0, 0.0, per_dossier)
+    assert split.dossiers_per_s * 86400 == pytest.approx(plan.dossiers_per_day, rel=0.01)
+
+    def received(rows: Iterator[dict[str, Any]], since: dt.datetime) -> int:
+        until = since + dt.timedelta(hours=6)
+        return sum(r.get("type") == "received" and since <= _time(r["occurred_at"]) < until for r in rows)
+
+    past = received(
+        (e.value for e in backfill_events(3, tuesday, plan, registry) if e.topic == DOSSIER),
+        tuesday - dt.timedelta(days=1),
+    )
+    live = received(events(records(registry, hours=6, rate=rate, start=tuesday, after_backfill=True), DOSSIER), tuesday)
+    assert 0.8 * past < live < 1.25 * past  # Monday and Tuesday office hours alike
 
 
 # --- Dossiers ------------------------------------------------------------------------------
