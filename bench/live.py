@@ -57,6 +57,7 @@ def child_env(settings: Settings, **extra: str) -> dict[str, str]:
         "IOC_SIGNING_KEY": settings.signing_key.get_secret_value(),
         "IOC_API_PORT": str(settings.api_port),
         "IOC_WORKER_METRICS_PORT": "0",
+        "IOC_WORKER_SESSION_TIMEOUT_MS": str(settings.worker_session_timeout_ms),
         "IOC_LOG_LEVEL": "WARNING",
         # the harness's own children (`python -m bench.clients`) import it from the checkout
         "PYTHONPATH": os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH", "")) if p),

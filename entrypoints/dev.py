@@ -205,6 +205,11 @@ def run_dev(
             "IOC_TOPIC_PREFIX": settings.topic_prefix,
             "IOC_MODE": settings.mode.value,
         }
+        if not os.environ.get("IOC_KAFKA_BOOTSTRAP") and "worker_session_timeout_ms" not in settings.model_fields_set:
+            from entrypoints.embedded.kafka import WORKER_SESSION_TIMEOUT_MS
+
+            # The embedded broker takes short sessions: a killed worker's partitions move sooner.
+            env["IOC_WORKER_SESSION_TIMEOUT_MS"] = str(WORKER_SESSION_TIMEOUT_MS)
         exe = [sys.executable, "-m", "entrypoints.cli"]
         # One consumer group: each worker owns a share of the dossier partitions (docs/scaling.md).
         # Free metrics ports, so two `ioc dev` side by side do not collide; each worker logs its own.

@@ -60,17 +60,23 @@ def _ts(us: int) -> dt.datetime:
 class Changes:
     """Entity states and readings changed since the last take: what one flush makes durable."""
 
-    __slots__ = ("dossiers", "incidents", "readings")
+    __slots__ = ("dossiers", "incidents", "partition_count", "partitions", "readings")
 
     def __init__(
         self,
         dossiers: dict[str, Any],
         incidents: dict[str, Any],
         readings: dict[tuple[str, int], tuple[str, Reading]],
+        partitions: dict[str, int] | None = None,
+        partition_count: int = 0,
     ) -> None:
         self.dossiers = dossiers
         self.incidents = incidents
         self.readings = readings
+        #: The input partition each dossier's records come from (its shard), when known, of
+        #: ``partition_count``: stored with the row, so a shard rebuild reads its own rows only.
+        self.partitions: dict[str, int] = partitions if partitions is not None else {}
+        self.partition_count = partition_count
 
     def __len__(self) -> int:
         return len(self.dossiers) + len(self.incidents) + len(self.readings)
@@ -84,7 +90,7 @@ class Changes:
             return [self]
         parts = min(parts, len(self.dossiers) // SPLIT_MIN_ROWS)
         items = list(self.dossiers.items())
-        shares = [Changes(dict(items[i::parts]), {}, {}) for i in range(parts)]
+        shares = [Changes(dict(items[i::parts]), {}, {}, self.partitions, self.partition_count) for i in range(parts)]
         shares[0].incidents, shares[0].readings = self.incidents, self.readings
         return shares
 
@@ -103,7 +109,8 @@ def take_changes(engine: Engine) -> Changes:
 #: Staging tables, one per connection, emptied at each commit: rows are COPYed in, then merged
 #: into the real tables with one set-based upsert (far cheaper than a statement per row).
 STAGING = """
-CREATE TEMP TABLE IF NOT EXISTS stage_dossier (id text, state jsonb, terminal boolean, last_us bigint) ON COMMIT DELETE ROWS;
+CREATE TEMP TABLE IF NOT EXISTS stage_dossier (id text, state jsonb, terminal boolean, last_us bigint, part integer,
+    parts smallint) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_incident (id text, state jsonb, terminal boolean, last_us bigint) ON COMMIT DELETE ROWS;
 CREATE TEMP TABLE IF NOT EXISTS stage_reading (station_id text, observed_us bigint, kind text, event_id text, vals jsonb)
     ON COMMIT DELETE ROWS;
@@ -145,6 +152,19 @@ ON CONFLICT ({key}) DO UPDATE
 SET state = EXCLUDED.state, terminal = EXCLUDED.terminal, last_event_at = EXCLUDED.last_event_at, updated_at = now()
 """
 )
+#: Dossiers also record their partition (of how many): kept when a writer does not know it (a replay).
+MERGE_DOSSIER = (
+    """
+INSERT INTO dossier_state (dossier_id, state, terminal, last_event_at, updated_at, partition, partitions)
+SELECT id, state, terminal, """
+    + EPOCH_US.format("last_us")
+    + """, now(), part, parts FROM stage_dossier
+ON CONFLICT (dossier_id) DO UPDATE
+SET state = EXCLUDED.state, terminal = EXCLUDED.terminal, last_event_at = EXCLUDED.last_event_at, updated_at = now(),
+    partition = COALESCE(EXCLUDED.partition, dossier_state.partition),
+    partitions = COALESCE(EXCLUDED.partitions, dossier_state.partitions)
+"""
+)
 MERGE_READING = (
     """
 INSERT INTO sensor_reading (observed_at, station_id, kind, event_id, "values")
@@ -181,6 +201,18 @@ def _entity_rows(states: dict[str, Any]) -> bytes:
     ).encode()
 
 
+def _dossier_rows(states: dict[str, Any], partitions: dict[str, int], count: int) -> bytes:
+    """`_entity_rows` with each dossier's partition and the partition count (both NULL when the
+    partition is not known: such a row is read by every shard rebuild and dealt by its key)."""
+    encode, get = _encode, partitions.get
+    unknown, of_count = f"{NULL}\t{NULL}", f"\t{count}"
+    return "".join(
+        f"{_text(k)}\t{_json(encode(s))}\t{'t' if s.terminal else 'f'}\t{s.last_event}\t"
+        f"{unknown if (p := get(k)) is None or not count else str(p) + of_count}\n"
+        for k, s in states.items()
+    ).encode()
+
+
 def _reading_rows(readings: dict[tuple[str, int], tuple[str, Reading]]) -> bytes:
     encode = _encode
     return "".join(
@@ -200,14 +232,14 @@ def write_changes(conn: psycopg.Connection[Any], changes: Changes) -> int:
         return 0
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(STAGING)
-        for kind, table, key, states in (
-            ("dossier", "dossier_state", "dossier_id", changes.dossiers),
-            ("incident", "incident_state", "incident_id", changes.incidents),
-        ):
-            if states:
-                with cur.copy(f"COPY stage_{kind} (id, state, terminal, last_us) FROM STDIN") as copy:
-                    copy.write(_entity_rows(states))
-                cur.execute(MERGE_ENTITY.format(table=table, key=key, kind=kind).encode())
+        if changes.dossiers:
+            with cur.copy("COPY stage_dossier (id, state, terminal, last_us, part, parts) FROM STDIN") as copy:
+                copy.write(_dossier_rows(changes.dossiers, changes.partitions, changes.partition_count))
+            cur.execute(MERGE_DOSSIER.encode())
+        if changes.incidents:
+            with cur.copy("COPY stage_incident (id, state, terminal, last_us) FROM STDIN") as copy:
+                copy.write(_entity_rows(changes.incidents))
+            cur.execute(MERGE_ENTITY.format(table="incident_state", key="incident_id", kind="incident").encode())
         if changes.readings:
             with cur.copy("COPY stage_reading FROM STDIN") as copy:
                 copy.write(_reading_rows(changes.readings))
@@ -277,27 +309,41 @@ async def load_entities(
 RESTART_QUERY = "SELECT {key}, state::text FROM {table} WHERE NOT terminal OR (terminal AND last_event_at >= %s)"
 
 
+#: What a shard rebuild reads: the restart rows of its partitions, by the partition stored with each
+#: row when it was written for the same partition count; rows without one (written by `ioc replay`
+#: or an earlier build) or of another count are read too and dealt by their key's hash. No index on
+#: the partition: the restart indexes find the rows, the filter keeps the other partitions' rows from
+#: being sent and decoded (the cost of a rebuild), and every write stays as cheap as before.
+SHARD_QUERY = (
+    "SELECT dossier_id, state::text, partition, partitions FROM dossier_state"
+    " WHERE (NOT terminal OR (terminal AND last_event_at >= %(horizon)s))"
+    " AND (partitions IS DISTINCT FROM %(count)s OR partition = ANY(%(mine)s))"
+)
+
+
 async def load_dossier_shards(
     conn: psycopg.AsyncConnection[Any], shards: dict[int, Any], partitions: int, now_us: int
 ) -> int:
     """Rebuild the dossier partitions ``shards`` (partition → aggregator) from the database: each
-    row goes to the partition its key is produced to (Kafka's default partitioner)."""
+    row goes to the partition stored with it, else to the one its key is produced to (Kafka's
+    default partitioner)."""
     from streams.shards import partition_of
 
     horizon = _ts(now_us - ENTITY_HORIZON_US)
     n = seen = 0
     async with conn.cursor(binary=False) as cur:
-        await cur.execute(RESTART_QUERY.format(table="dossier_state", key="dossier_id"), (horizon,))
-        async for key, state in cur:
+        await cur.execute(SHARD_QUERY, {"horizon": horizon, "count": partitions, "mine": sorted(shards)})
+        async for key, state, part, count in cur:
             seen += 1
             if seen % YIELD_EVERY == 0:
                 # A turn for the event loop: the consumer's heartbeats go on while a worker rebuilds
                 # (a loop blocked past the session timeout gets the member thrown out of the group).
                 await asyncio.sleep(0)
-            agg = shards.get(partition_of(key, partitions))
+            agg = shards.get(part if count == partitions else partition_of(key, partitions))
             if agg is not None:
                 agg.load(key, _dossier_decoder.decode(state))
                 n += 1
+    log.debug("dossier partitions %s: %d of %d rows read kept", sorted(shards), n, seen)
     return n
 
 
@@ -343,11 +389,23 @@ async def load_state(conn: psycopg.AsyncConnection[Any], engine: Engine, *, doss
     return counts
 
 
+async def load_published_values(conn: psycopg.AsyncConnection[Any]) -> dict[str, tuple[Any, ...]]:
+    """Each series' stored value as the engine fingerprints it (value, numerator, denominator, status,
+    extra, quality), by ``kpi|scope|window``: what a new merger compares its first emission with."""
+    async with conn.cursor(binary=False) as cur:
+        await cur.execute(
+            "SELECT kpi || '|' || scope || '|' || win, value, numerator, denominator, status, extra, quality"
+            " FROM kpi_latest"
+        )
+        return {key: (v, num, den, status, extra, quality) async for key, v, num, den, status, extra, quality in cur}
+
+
 __all__ = [
     "Changes",
     "Reading",
     "load_dossier_shards",
     "load_entities",
+    "load_published_values",
     "load_state",
     "take_changes",
     "write_changes",

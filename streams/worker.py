@@ -33,10 +33,11 @@ import mode
 import psycopg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import ConsumerStoppedError, KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import ConsumerStoppedError, InvalidSessionTimeoutError, KafkaError, TopicAlreadyExistsError
 from prometheus_client import start_http_server
 
 from ioc import settings as cfg
+from ioc.compat.aiokafka import heartbeat_while_assigning
 from ioc.consume import RAW, LeanRecord, full_record
 from ioc.consume import install as lean_records
 from ioc.contract import US
@@ -69,8 +70,20 @@ MAINTENANCE_INTERVAL_S = 600.0
 #: Records folded between two turns of the event loop (about 10 ms of work).
 LOOP_TURN_EVERY = 1024
 CONSUMER_SESSION_TIMEOUT_MS = 6000
-#: Heartbeats at most this far apart (a third of the session timeout when that is shorter).
+#: Heartbeats at most this far apart (a fifth of the session timeout when that is shorter: the
+#: survivors hear of a dead member's rebalance on their next heartbeat, on average half of it later).
 CONSUMER_HEARTBEAT_MS = 1500
+#: How long a rebalance waits for a live member to rejoin (its revocation flushes its last batch
+#: first). aiokafka's default is the session timeout, which a short session would make too short for
+#: a flush; a dead member's session still ends it sooner (docs/scaling.md).
+CONSUMER_REBALANCE_TIMEOUT_MS = 10_000
+
+
+def heartbeat_interval_ms(session_timeout_ms: int) -> int:
+    """The heartbeat interval for a session timeout: a fifth of it, at most `CONSUMER_HEARTBEAT_MS`."""
+    return max(100, min(CONSUMER_HEARTBEAT_MS, session_timeout_ms // 5))
+
+
 #: A changed shard's partial counters are published at most this often (also the merger's view lag).
 PARTIAL_INTERVAL_S = 0.1
 #: The largest partial (one partition's counters) the worker publishes and the partials topic takes:
@@ -115,6 +128,8 @@ class Ingest:
         self.shards: dict[int, EntityAggregator] = {}
         #: Each shard's current stamp (epoch of its assignment, sequence of its last partial).
         self.stamps: dict[int, shards.Stamp] = {}
+        #: The dossier topic's partition count (stored with each dossier row beside its partition).
+        self._dossier_partitions = 0
         #: Shards to publish (changed, or newly assigned) with the next partial.
         self.unpublished_shards: set[int] = set()
         self._last_partials = 0.0
@@ -125,6 +140,9 @@ class Ingest:
         self.assignor = shards.assignor_for(self.sharded_topic)
         self.partials_tp = TopicPartition(settings.topic(cfg.TOPIC_PARTIALS), 0)
         self.partials_consumer: AIOKafkaConsumer | None = None
+        #: Off the merger: the latest partial of every dossier partition (stamp, encoded), read as they
+        #: come (headers only), so that becoming the merger decodes these and no longer rereads the topic.
+        self._standby_partials: dict[int, tuple[shards.Stamp, bytes]] = {}
         #: Held while a batch is folded and by the rebalance callbacks: a rebalance waits for it.
         self._batch_lock = asyncio.Lock()
         #: Bumped by every revocation: a batch fetched before it is not folded after it.
@@ -153,6 +171,10 @@ class Ingest:
         self._last_maintenance = 0.0
         #: The task consuming in `run`, stopped first by `stop`.
         self._running: asyncio.Task[None] | None = None
+        #: When the last takeover of the merger's role began (logged with its first emission).
+        self._took_over: float | None = None
+        #: After a takeover, until its first emission: every series' stored value (`_urgent_first`).
+        self._stored: dict[str, tuple[Any, ...]] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -186,8 +208,11 @@ class Ingest:
         self.partials_consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka_bootstrap,
             enable_auto_commit=False,
+            auto_offset_reset="earliest",  # from the start: every partition's latest partial
             fetch_max_bytes=64 << 20,
             max_partition_fetch_bytes=64 << 20,
+            # A new merger reads on to the end: not held up by a fetch waiting for the next partial.
+            fetch_max_wait_ms=cfg.FETCH_MAX_WAIT_MS,
         )
         await self.partials_consumer.start()
         self.partials_consumer.assign([self.partials_tp])
@@ -205,7 +230,8 @@ class Ingest:
             # Also how long a SIGKILLed worker's partitions wait before they move (no static
             # membership: a dead member leaves the group at its session timeout).
             session_timeout_ms=self.settings.worker_session_timeout_ms,
-            heartbeat_interval_ms=min(CONSUMER_HEARTBEAT_MS, self.settings.worker_session_timeout_ms // 3),
+            heartbeat_interval_ms=heartbeat_interval_ms(self.settings.worker_session_timeout_ms),
+            rebalance_timeout_ms=max(CONSUMER_REBALANCE_TIMEOUT_MS, self.settings.worker_session_timeout_ms),
             value_deserializer=RAW,  # aiokafka's C records as they are (ioc.consume)
             partition_assignment_strategy=(self.assignor,),
             # Names the member in the group's description (/readyz): which host and process it is.
@@ -255,6 +281,8 @@ class Ingest:
         """Keep the shards still ours, rebuild new ones from the database, drop the others; take
         or give up the merger's role."""
         assert self.consumer is not None
+        # Rebuilding can outlast a short session: heartbeats go on meanwhile (the loop gets turns).
+        heartbeat_while_assigning(self.consumer)
         self.rebalances += 1
         generation = int(getattr(self.consumer._coordinator, "generation", 0) or 0)
         epoch_ns = time.time_ns()
@@ -266,14 +294,21 @@ class Ingest:
                 self.stamps.pop(p, None)
                 self.unpublished_shards.discard(p)
             new = {p: EntityAggregator(DOSSIER, now_us()) for p in mine - set(self.shards)}
+            partitions = len(self.consumer.partitions_for_topic(self.sharded_topic) or ()) or max(mine, default=0) + 1
+            self._dossier_partitions = partitions
             if new:
-                partitions = len(self.consumer.partitions_for_topic(self.sharded_topic) or ()) or max(mine) + 1
+                rebuild_started = time.monotonic()
                 loaded = await self._durably(
                     "state",
                     "rebuilding dossier partitions",
                     lambda conn: sink.load_dossier_shards(conn, new, partitions, now_us()),
                 )
-                log.info("dossier partitions %s rebuilt from the database: %d dossiers", sorted(new), loaded)
+                log.info(
+                    "dossier partitions %s rebuilt from the database: %d dossiers in %.3f s",
+                    sorted(new),
+                    loaded,
+                    time.monotonic() - rebuild_started,
+                )
                 self.shards.update(new)
             for p in mine:
                 self.stamps[p] = shards.Stamp(generation, epoch_ns, 0)
@@ -284,6 +319,8 @@ class Ingest:
                 log.info("no longer the merger")
                 self.merger = False
                 self.engine = self._merger_engine()
+                self._stored = None
+                await self._restart_standby_partials()
                 # Alerts are the merger's: forgotten here, so operator steps read from ioc.alerts
                 # are not notified twice (the new merger notifies them).
                 self.alerting.reset()
@@ -300,39 +337,66 @@ class Ingest:
     async def _become_merger(self) -> None:
         """Rebuild what only the merger holds: incidents, sensor readings, published seqs, open
         alerts, and the latest partial of every dossier partition."""
+        t0 = time.monotonic()
         engine = self._merger_engine()
-        counts = await self._durably(
+        counts: dict[str, Any] = await self._durably(
             "state", "rebuilding the merger", lambda c: sink.load_state(c, engine, dossiers=False)
         )
+        t1 = time.monotonic()
         self.alerting.reset()
         counts["open_alerts"] = await self.alerting.restore(self.conns["state"], _as_datetime(engine.now_us))
+        t2 = time.monotonic()
         self.engine = engine
         self._unpublished = {}
         self.history = HistorySampler(self.settings.kpi_history_interval_s)
-        counts["partials"] = await self._catch_up_partials()
+        self._stored = await self._durably("state", "reading stored KPI values", sink.load_published_values)
+        counts["partials"] = await self._take_standby_partials(engine)
+        counts["partials"] += await self._catch_up_partials()
+        t3 = time.monotonic()
         self.merger = True
+        self._took_over = t0
+        counts["seconds"] = {"state": round(t1 - t0, 3), "alerts": round(t2 - t1, 3), "partials": round(t3 - t2, 3)}
         log.info("the merger now; state rebuilt from the database: %s", counts)
 
+    async def _take_standby_partials(self, engine: Engine) -> int:
+        """Adopt the partials read while not the merger (decoded now, the newest of each partition only)."""
+        merged = engine.dossiers
+        assert isinstance(merged, shards.MergedAggregator)
+        held, self._standby_partials = self._standby_partials, {}
+        n = 0
+        for _, raw in held.values():
+            n += merged.apply_partial(shards.decode_partial(raw))
+            await asyncio.sleep(0)  # a turn for the heartbeats between two decodings
+        return n
+
+    async def _restart_standby_partials(self) -> None:
+        """Off the merger again: the merged view is gone, so the partials are read again from the start."""
+        self._standby_partials = {}
+        if self.partials_consumer is not None:
+            await self.partials_consumer.seek_to_beginning(self.partials_tp)
+
     async def _catch_up_partials(self) -> int:
-        """Read the partials topic from its beginning to its end (latest per partition wins)."""
+        """Read the partials topic on to its end (latest per partition wins): from where the standby
+        reading left it (from the beginning when it never read)."""
         consumer = self.partials_consumer
         assert consumer is not None
         tp = self.partials_tp
-        await consumer.seek_to_beginning(tp)
         end = (await consumer.end_offsets([tp]))[tp]
         n = 0
         while await consumer.position(tp) < end:
             batch = await consumer.getmany(tp, timeout_ms=1000, max_records=200)
             for records in batch.values():
-                n += self._apply_partials(records)
+                n += self._apply_partials(records, merging=True)
             await asyncio.sleep(0)  # heartbeats go on while partials are decoded
         return n
 
-    def _apply_partials(self, records: list[Any]) -> int:
+    def _apply_partials(self, records: list[Any], *, merging: bool | None = None) -> int:
         """Adopt the newest of these partials for each partition, if newer than what is held. Only
         the headers of the others are decoded (the merger reads its own back: they are skipped)."""
         merged = self.engine.dossiers
         assert isinstance(merged, shards.MergedAggregator)
+        standby = self._standby_partials
+        merging = self.merger if merging is None else merging
         newest: dict[int, tuple[shards.Stamp, bytes]] = {}
         for rec in records:
             if rec.value is None:
@@ -345,9 +409,16 @@ class Ingest:
             # The topic may hold other groups' partials (e.g. a benchmark's runs side by side).
             if group != self.settings.consumer_group or topic != DOSSIER.topic:
                 continue
-            held = merged.held(partition)
+            if merging:
+                held = merged.held(partition)
+            else:
+                kept = standby.get(partition)
+                held = kept[0] if kept is not None else None
             if (held is None or stamp > held) and (partition not in newest or stamp > newest[partition][0]):
                 newest[partition] = (stamp, rec.value)
+        if not merging:
+            standby.update(newest)  # decoded only if this worker becomes the merger
+            return 0
         applied = 0
         for _, raw in newest.values():
             if merged.apply_partial(shards.decode_partial(raw)):
@@ -469,6 +540,14 @@ class Ingest:
                 batch = await self.gather(timeout_ms)
             except ConsumerStoppedError:
                 return  # stopping
+            except InvalidSessionTimeoutError:
+                log.error(
+                    "the broker refuses a %d ms session (IOC_WORKER_SESSION_TIMEOUT_MS): its "
+                    "group.min.session.timeout.ms is higher (Kafka's default: 6000); lower that, or raise this "
+                    '(docs/scaling.md, "Session timeout")',
+                    self.settings.worker_session_timeout_ms,
+                )
+                raise
             if batch:
                 await self.process(batch)
             if time.monotonic() - self._last_maintenance > MAINTENANCE_INTERVAL_S:
@@ -605,9 +684,11 @@ class Ingest:
             self.alerting.on_incidents(incidents, _as_datetime(engine.now_us))
         self.alerting.on_batch(len(dead), n, time.monotonic())
         changes = sink.take_changes(engine)
-        for shard in self.shards.values():
+        changes.partition_count = self._dossier_partitions
+        for p, shard in self.shards.items():
             if shard.changed:
                 changes.dossiers.update(shard.changed)
+                changes.partitions.update(dict.fromkeys(shard.changed, p))  # stored with the rows
                 shard.changed = {}
         await self.drain()
         write_started, writes = time.monotonic(), self._start_writes(changes)
@@ -737,9 +818,9 @@ class Ingest:
             except KafkaError as exc:  # retried with the next emission; the snapshots still go out
                 log.warning("publishing partials failed (%s); will retry", exc)
             self._observe_lag()
+            await self._poll_partials()  # off the merger too: the standby's copy of the partials
             if not self.merger:
                 return 0
-            await self._poll_partials()
             merged = self.engine.dossiers
             assert isinstance(merged, shards.MergedAggregator)
             for shard in self.shards.values():
@@ -752,6 +833,8 @@ class Ingest:
                 pending, self._unpublished = self._unpublished, {}
                 pending.update({s.key: s for s in snapshots})
                 snapshots = list(pending.values())
+            if self._stored is not None:
+                snapshots = self._urgent_first(snapshots)
             history = self.history.take(snapshots, now)
             assert self.producer is not None
             if snapshots:
@@ -759,10 +842,14 @@ class Ingest:
                 # the database, before the next emission publishes anything: subscribers are at most
                 # one seq ahead of the database, which a restart allows for (Engine.restore_published).
                 # A series' first snapshot (seq 1) is written first: a restart could not tell it was
-                # published (after startup and for new scopes only: rare).
-                first = any(s.seq == 1 for s in snapshots)
+                # published (after startup and for new scopes only: rare). Only those: the others
+                # (after a takeover, every series) are not held back by their write.
+                fresh = [s for s in snapshots if s.seq == 1]
+                first = len(fresh) == len(snapshots)
                 if first:
                     await self._write_snapshots(snapshots, history)
+                elif fresh:
+                    await self._write_snapshots(fresh, [])
                 topic = self.settings.topic(cfg.TOPIC_KPI)
                 refused: KafkaError | None = None
                 try:
@@ -780,7 +867,34 @@ class Ingest:
             elif history:  # values left pending by earlier emissions, due now
                 await self._write_snapshots([], history)
             await self._alert(snapshots, now)
+            if self._took_over is not None:
+                log.info(
+                    "first emission as the merger: %d snapshots, %.3f s (%.3f s after the takeover began)",
+                    len(snapshots),
+                    time.monotonic() - started,
+                    time.monotonic() - self._took_over,
+                )
+                self._took_over = None
             return len(snapshots)
+
+    def _urgent_first(self, snapshots: list[Any]) -> list[Any]:
+        """A new merger's first emission republishes every series (`Engine.restore_published`):
+        thousands. Those whose value differs from the stored one (a change the last merger had not
+        published, or an event since) go out now; the others with the next emission, a moment later,
+        so that the changes are not held back by the republishing of what subscribers already have."""
+        stored, self._stored = self._stored, None
+        assert stored is not None
+        urgent, later = [], []
+        for s in snapshots:
+            key = s.key
+            held = stored.get(key)
+            if held is not None and held == (s.value, s.numerator, s.denominator, s.status, s.extra, s.quality):
+                later.append(s)
+            else:
+                urgent.append(s)
+        self._unpublished.update({s.key: s for s in later})
+        log.info("first emission as the merger: %d changed series now, %d unchanged next", len(urgent), len(later))
+        return urgent
 
     async def _publish_partials(self) -> None:
         """Every changed shard's absolute counters to the partials topic (and, on the merger, straight

@@ -49,6 +49,12 @@ STORAGE_TOOL = "kafka.tools.StorageTool"
 #: A file the fetch writes last: a cache dir without it is incomplete.
 COMPLETE_MARKER = ".complete"
 
+#: The shortest consumer-group session the embedded broker accepts (Kafka's default floor: 6,000 ms).
+MIN_SESSION_TIMEOUT_MS = 1000
+#: The workers' session on the embedded broker (`ioc dev`, `ioc bench`) unless IOC_WORKER_SESSION_TIMEOUT_MS
+#: says otherwise: a SIGKILLed worker's partitions move within it (docs/scaling.md, "Session timeout").
+WORKER_SESSION_TIMEOUT_MS = 1500
+
 
 def kafka_version() -> str:
     """The pinned Apache Kafka version (``kafka.version`` of ``kafka-pom.xml``)."""
@@ -288,6 +294,9 @@ class EmbeddedKafka(EmbeddedProcess):
             "share.coordinator.state.topic.min.isr": "1",
             # A group forms as soon as its first member joins (the default waits 3 s for more).
             "group.initial.rebalance.delay.ms": "0",
+            # Workers may ask for sessions down to 1 s (Kafka's floor is 6 s): a SIGKILLed worker's
+            # partitions move that much sooner (docs/scaling.md, "Session timeout").
+            "group.min.session.timeout.ms": str(MIN_SESSION_TIMEOUT_MS),
             # As in production (deploy/): the system creates its topics, a misspelt name is an error.
             "auto.create.topics.enable": "false",
         }

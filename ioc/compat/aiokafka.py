@@ -117,3 +117,20 @@ def version() -> str:
     import aiokafka
 
     return str(getattr(aiokafka, "__version__", "?"))
+
+
+def heartbeat_while_assigning(consumer: Any) -> bool:
+    """Resume a group consumer's heartbeats now, from its ``on_partitions_assigned`` callback.
+
+    aiokafka stops the heartbeat task for a rebalance and starts it again only after the assignment
+    callback returned; the broker's session clock runs again from the SyncGroup answer. A callback
+    longer than the session timeout (a worker rebuilding its new partitions, or becoming the merger,
+    with a short session) would get the member thrown out and the group rebalanced again. The task
+    started here is the one aiokafka would start (it starts no second one). False, and nothing
+    done, when aiokafka's internals differ."""
+    coordinator = getattr(consumer, "_coordinator", None)
+    start = getattr(coordinator, "_start_heartbeat_task", None)
+    if start is None or not hasattr(coordinator, "_heartbeat_task"):
+        return False
+    start()
+    return True

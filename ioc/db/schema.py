@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS dossier_state (
 -- What a restart reloads (streams.sink.RESTART_QUERY): open entities, and recently finished ones. Each row is
 -- in one of the two partial indexes, so a write maintains two indexes, not three (earlier builds also had
 -- a full one, *_state_recent).
+-- The input partition a dossier's records come from, and the topic's partition count then (written
+-- by the worker; NULL from `ioc replay` and earlier builds): a shard rebuild reads its own rows.
+ALTER TABLE dossier_state ADD COLUMN IF NOT EXISTS partitions smallint;
 CREATE INDEX IF NOT EXISTS dossier_state_open ON dossier_state (last_event_at) WHERE NOT terminal;
 DROP INDEX IF EXISTS dossier_state_recent;
 CREATE INDEX IF NOT EXISTS dossier_state_closed ON dossier_state (last_event_at) WHERE terminal;

@@ -24,6 +24,7 @@ import httpx
 import pytest
 
 from entrypoints.embedded.broker import ensure_topics
+from entrypoints.embedded.kafka import WORKER_SESSION_TIMEOUT_MS
 from ioc.registry import load_registry
 from ioc.settings import TOPIC_DOSSIER, TOPIC_SENSOR, Settings
 from simulators.stream import _write_lines, generate
@@ -35,6 +36,12 @@ from tests.integration.conftest import env_for, free_port, start_components, sto
 pytestmark = pytest.mark.integration
 VN = dt.timezone(dt.timedelta(hours=7))
 PARTITIONS = 6
+#: The workers' session as `ioc dev` runs them on the embedded broker (short: a killed worker's
+#: partitions move within it; a busy worker must not be evicted by mistake); an external broker's
+#: floor may be Kafka's default 6 s.
+SESSION: dict[str, Any] = (
+    {} if os.environ.get("IOC_KAFKA_BOOTSTRAP") else {"worker_session_timeout_ms": WORKER_SESSION_TIMEOUT_MS}
+)
 
 
 def _worker(env: dict[str, str], log: Path | None = None) -> subprocess.Popen[bytes]:
@@ -82,7 +89,7 @@ def _stop(workers: list[subprocess.Popen[bytes]]) -> None:
 def test_three_workers_sigkilled_in_turn_under_load_end_equal_to_replay(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    settings = make_settings(topic_partitions=PARTITIONS)
+    settings = make_settings(topic_partitions=PARTITIONS, **SESSION)
     ensure_topics(settings)
     records, path = _input(tmp_path, 23, 10, 100.0)
     assert len(records) >= 50_000
@@ -113,7 +120,7 @@ def test_three_workers_sigkilled_in_turn_under_load_end_equal_to_replay(
 def test_workers_added_and_removed_under_load_end_equal_to_replay(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    settings = make_settings(topic_partitions=PARTITIONS)
+    settings = make_settings(topic_partitions=PARTITIONS, **SESSION)
     ensure_topics(settings)
     records, path = _input(tmp_path, 29, 8, 100.0)
     env = env_for(settings)
@@ -194,7 +201,7 @@ async def _emit_forever(ingest: Ingest) -> None:
 def test_a_rebalance_during_a_flush_loses_nothing_and_counts_nothing_twice(
     make_settings: Callable[..., Settings], tmp_path: Path
 ) -> None:
-    settings = make_settings(topic_partitions=PARTITIONS, worker_batch_max=2000)
+    settings = make_settings(topic_partitions=PARTITIONS, worker_batch_max=2000, **SESSION)
     ensure_topics(settings)
     records, path = _input(tmp_path, 31, 5, 60.0)
     asyncio.run(checks.produce(settings, records))

@@ -81,3 +81,20 @@ def test_aiokafka_problems_judge_aiokafkas_own_class_even_after_install() -> Non
 
     assert compat.install()
     assert compat.problems() == []
+
+
+def test_aiokafka_heartbeats_can_resume_inside_the_assignment_callback() -> None:
+    """`heartbeat_while_assigning` starts the coordinator's own heartbeat task; it must still exist."""
+    from types import SimpleNamespace
+
+    from aiokafka.consumer.group_coordinator import GroupCoordinator
+
+    from ioc.compat.aiokafka import heartbeat_while_assigning
+
+    assert callable(getattr(GroupCoordinator, "_start_heartbeat_task", None))
+    assert "_heartbeat_task" in GroupCoordinator.__init__.__code__.co_names
+    started: list[int] = []
+    coordinator = SimpleNamespace(_heartbeat_task=None, _start_heartbeat_task=lambda: started.append(1))
+    assert heartbeat_while_assigning(SimpleNamespace(_coordinator=coordinator))
+    assert started == [1]
+    assert not heartbeat_while_assigning(SimpleNamespace(_coordinator=None))
