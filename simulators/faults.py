@@ -198,14 +198,20 @@ class DossierSurgeAnomaly(Scenario):
         return [Label("dossier_surge", (f"commune:{self.commune}",), a, b) for a, b in self.extra]
 
     def bend_dossiers(self, events: Iterator[Event]) -> Iterator[Event]:
-        """Clone receipts of other communes into the surging one, ``factor − 1`` times over."""
+        """The commune's own receipts, ``factor`` times over: each of its receipts in a surge window owes
+        ``factor − 1`` more, paid out one per following receipt anywhere (seconds later), as copies of
+        that receipt moved to the commune. Proportional to the commune's own intake, so a busy ward and a
+        quiet commune both surge ``factor``-fold, whatever the hour."""
         rng = random.Random(f"surge/{self.commune}")
+        owed = 0.0
         for e in events:
             yield e
             if e.value.get("type") != "received" or not any(a <= e.at < b for a, b in self.extra):
                 continue
-            # About (factor − 1) × the commune's share of the province's intake: clone at that rate.
-            if rng.random() < (self.factor - 1) / 130:
+            if e.value.get("commune_code") == self.commune and not e.key.startswith("SURGE-"):
+                owed += self.factor - 1
+            elif owed >= 1:
+                owed -= 1
                 dossier = f"SURGE-{self.commune}-{event_id(rng)[:12]}"
                 yield Event(e.topic, dossier, e.at, {**e.value, "dossier_id": dossier, "event_id": event_id(rng),
                                                      "commune_code": self.commune})  # fmt: skip

@@ -127,6 +127,10 @@ class EntityAggregator:
         self.dirty.update(new_scopes)
         return True
 
+    def partition_counters(self) -> list[Counters]:
+        """The counters holding this aggregator's series (one: it is one partition, or all of them)."""
+        return [self.counters]
+
     def load(self, key: str, state: EntityState) -> None:
         """Adopt a state rebuilt from the database (not recorded as changed)."""
         self.states[key] = state
@@ -167,6 +171,10 @@ class Engine:
         self.now_us = now_us
         #: The anomaly detectors (`streams.anomaly`), driven by the same event times as the KPIs.
         self.anomaly = Detectors(registry, anomaly)
+        # The surge detector reads receipts from the dossier counters, so on the merger of several
+        # workers it sees every partition's (streams.shards: the partials' minute buckets).
+        self.anomaly.receipts_source = self.receipts_between
+        self._receipt_keys = [(code, ("recv", f"commune:{code}")) for code in sorted(registry.units)]
         self.dossiers = EntityAggregator(DOSSIER, now_us)
         self.incidents = EntityAggregator(CYBER, now_us)
         self.sensor_counters = Counters(now_us)
@@ -201,14 +209,13 @@ class Engine:
         if not self.anomaly.config.enabled or topic == SENSOR.topic:
             return fold
         if topic == DOSSIER.topic:
-            on_dossier = self.anomaly.on_dossier
+            note_receipt = self.anomaly.note_receipt  # counted by the counters (`receipts_between`)
 
             def apply_dossier(key: str, parsed: Any, *, record: bool = True) -> bool:
                 if not fold(key, parsed, record=record):
                     return False
-                e = parsed.event
-                if e.type == "received":
-                    on_dossier(parsed.t, e.commune_code)
+                if parsed.event.type == "received":
+                    note_receipt(parsed.t)
                 return True
 
             return apply_dossier
@@ -223,6 +230,24 @@ class Engine:
             return True
 
         return apply_incident
+
+    def receipts_between(self, m_from: int, m_to: int) -> dict[str, int]:
+        """Dossiers received per commune in minutes [m_from, m_to), as the dossier counters hold them now:
+        this engine's aggregator, or on the merger every partition's latest counters (one local shard's
+        live ones, the others' last partial)."""
+        out: dict[str, int] = {}
+        for counters in self.dossiers.partition_counters():
+            counters.flush()
+            series_of = counters.series
+            for code, key in self._receipt_keys:
+                s = series_of.get(key)
+                if s is None:
+                    continue
+                minutes = s.minutes
+                n = sum(minutes.get(m, 0) for m in range(m_from, m_to))
+                if n:
+                    out[code] = out.get(code, 0) + n
+        return out
 
     def advance(self, now_us: int) -> None:
         """Move the clock forward (sliding windows slide, overdue counts grow, stations go offline)."""

@@ -233,6 +233,10 @@ class MergedAggregator:
             self.scopes.update(agg.dirty)
             agg.dirty.clear()
 
+    def partition_counters(self) -> list[Counters]:
+        """Every partition's latest counters (what `Engine.receipts_between` sums for the detectors)."""
+        return [part.counters for part in self.parts.values()]
+
     def held(self, partition: int) -> Stamp | None:
         part = self.parts.get(partition)
         return part.stamp if part is not None else None
