@@ -290,7 +290,11 @@ class Detectors:
         last = (watermark_us - self.config.grace_s * US) // MIN_US - 1  # the newest closed bucket
         if self.next_minute is None:
             starts = [s.times()[0] // MIN_US for s in readings.values() if s.readings]
-            starts += [*self.receipts, *self.incidents]
+            starts += [
+                *self.receipts,
+                *self.incidents,
+                *([self.receipts_from] if self.receipts_from is not None else []),
+            ]
             if not starts:
                 return  # nothing seen yet: the first data, however old, starts the buckets
             self.next_minute = min(*starts, last + 1)
