@@ -254,6 +254,21 @@ def test_receipts_far_above_the_commune_s_share_of_the_same_hour_of_the_week(
 
 
 @pytest.mark.parametrize(
+    ("per_hour", "min_count", "n", "surge"),
+    [
+        (1, 12, 11, False),  # P(X ≥ 11 | 1) ≈ 1e-8 passes alpha: min_count holds it back
+        (1, 12, 12, True),
+        (50, 8, 99, False),  # P(X ≥ 99 | 50) ≈ 1e-9 passes alpha: ratio 2 holds it back
+        (50, 8, 100, True),
+    ],
+)
+def test_min_count_and_ratio_bound_a_surge(per_hour: int, min_count: int, n: int, surge: bool) -> None:
+    config = AnomalyConfig(surge=dataclasses.replace(AnomalyConfig().surge, min_count=min_count))
+    _, found = _surge_world(2, n, lambda _w: per_hour, config)
+    assert [f.scope for f in opened(found, "dossier_surge")] == (["commune:17935"] if surge else [])
+
+
+@pytest.mark.parametrize(
     ("baseline", "dispersion_at_least", "dispersion_below"),
     [
         (lambda _w: 5, 1.0, 1.0001),  # steady: Poisson (the dispersion's floor)
