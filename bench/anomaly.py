@@ -77,10 +77,11 @@ def detect(events: Iterable[Event], registry: Registry, start: dt.datetime, end:
 
 def detect_counts(events: Iterable[Event], registry: Registry, start: dt.datetime, end: dt.datetime,
                   config: AnomalyConfig | None = None) -> list[Finding]:  # fmt: skip
-    """Dossier and incident events straight into the detectors, as `Engine.applier` hands them over.
+    """Dossier and incident events straight into the detectors (receipts pushed per minute by
+    `Detectors.on_dossier`, the same per-minute counts the engine's dossier counters give them).
 
     The engine's own per-minute slide of every dossier KPI window costs about 100 s per simulated day
-    at the province's rate, so weeks of baseline would take hours; the detectors see the same calls."""
+    at the province's rate, so weeks of baseline would take hours; the detectors see the same counts."""
     detectors = Detectors(registry, config)
     findings: list[Finding] = []
     minute = int(start.timestamp()) // 60
