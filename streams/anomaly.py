@@ -4,7 +4,8 @@ Pure and deterministic, like the rest of `streams`: no clock but the event-time 
 `streams.engine.Engine` passes in (a low quantile of the stations' latest reading times). Every detector works on closed minute buckets: bucket ``m`` is
 evaluated once the watermark (the newest event time seen, never ahead of the engine's clock) is
 ``grace_s`` past its end, from what has arrived by then; a record later than that is left out of
-the detectors (it still counts in the KPIs). So the worker and `ioc replay` find the same anomalies
+the detectors (it still counts in the KPIs; a late dossier receipt still counts in the surge windows
+judged after it arrives). So the worker and `ioc replay` find the same anomalies
 at the same event times. Per event the cost is O(1): readings are consumed once, in time order,
 into incremental statistics; per minute every station is looked at once. Methods and references:
 docs/anomaly.md.

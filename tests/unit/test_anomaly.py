@@ -461,6 +461,24 @@ def test_config_file_overrides_the_defaults(tmp_path: Path) -> None:
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    ("text", "windows"),
+    [("surge: {windows_min: [30, 120]}\n", (30, 120)), ("surge: {windows_min: [60]}\n", (60,)),
+     ("surge: {windows_min: []}\n", None), ("surge: {windows_min: [0]}\n", None),
+     ("surge: {windows_min: 60}\n", None), ("surge: {spread_k: 4}\n", None)],
+)  # fmt: skip
+def test_surge_windows_are_a_list_of_positive_minutes(
+    tmp_path: Path, text: str, windows: tuple[int, ...] | None
+) -> None:
+    path = tmp_path / "anomaly.yaml"
+    path.write_text(text, encoding="utf-8")
+    if windows is None:
+        with pytest.raises(ConfigurationError, match="surge"):
+            load_config(path)
+    else:
+        assert load_config(path).surge.windows_min == windows
+
+
 def test_detectors_can_be_switched_off() -> None:
     warm = noisy(30, 30.0, 2.0)
     _, found = run(series("AIR-16681", "pm25", warm + [warm[-1]] * 12, 5 * M), T0 + 4 * H,
