@@ -201,8 +201,8 @@ class Detectors:
             if st.kind == "water"
         }
         self.deaf: set[str] = set()
-        # Dossier receipts: minute → commune → n, when pushed by `on_dossier` (recent minutes only);
-        # or read from the engine's dossier counters (`receipts_source`, summed over partitions).
+        # Dossier receipts: minute → commune → n, as `on_dossier` tells them (recent minutes only), plus
+        # those of partitions other workers fold, read from their partials (`receipts_source`).
         self.receipts: dict[int, dict[str, int]] = {}
         self.receipts_source: ReceiptSource | None = None
         self.communes: set[str] = set(registry.units)
@@ -245,17 +245,11 @@ class Detectors:
         m = t // MIN_US
         if self.receipts_from is None:
             self.receipts_from = m
-        # A receipt later than the grace still counts in the windows judged after it arrives (as
-        # it does when read from the counters), but not in an hour of the history already closed.
+        # A receipt later than the grace still counts in the windows judged after it arrives (as one
+        # in a late partial does), but not in an hour that has already joined the history.
         bucket = self.receipts.setdefault(m, {})
         bucket[commune] = bucket.get(commune, 0) + 1
         self.communes.add(commune)
-
-    def note_receipt(self, t: int) -> None:
-        """A receipt at ``t`` counted elsewhere (`receipts_source`): it moves the newest event time."""
-        self.max_event_us = max(self.max_event_us, t)
-        if self.receipts_from is None:
-            self.receipts_from = t // MIN_US
 
     def on_incident(self, t: int, category: str | None, system: str | None) -> None:
         """A new ``detected`` incident at ``t`` (µs)."""
@@ -527,9 +521,7 @@ class Detectors:
 
     def _receipt_counts(self, m_from: int, m_to: int) -> dict[str, int]:
         """Receipts per commune in minutes [m_from, m_to), as known now."""
-        if self.receipts_source is not None:
-            return dict(self.receipts_source(m_from, m_to))
-        out: dict[str, int] = {}
+        out: dict[str, int] = dict(self.receipts_source(m_from, m_to)) if self.receipts_source is not None else {}
         for m in range(m_from, m_to):
             for commune, n in self.receipts.get(m, {}).items():
                 out[commune] = out.get(commune, 0) + n
@@ -576,6 +568,8 @@ class Detectors:
         end = end_m * MIN_US
         windows = sorted(cfg.windows_min)
         counts = {w: self._receipt_counts(end_m - w, end_m) for w in windows}
+        if self.receipts_from is None and counts[windows[-1]]:
+            self.receipts_from = end_m  # a merger owning no dossier partition: its history starts now
         for commune in sorted(self.communes | set(counts[windows[-1]])):
             phi = self.dispersion.get(commune, 1.0)
             best: tuple[float, int, int, float] | None = None  # (p, window, n, expected)

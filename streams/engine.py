@@ -127,10 +127,6 @@ class EntityAggregator:
         self.dirty.update(new_scopes)
         return True
 
-    def partition_counters(self) -> list[Counters]:
-        """The counters holding this aggregator's series (one: it is one partition, or all of them)."""
-        return [self.counters]
-
     def load(self, key: str, state: EntityState) -> None:
         """Adopt a state rebuilt from the database (not recorded as changed)."""
         self.states[key] = state
@@ -171,9 +167,9 @@ class Engine:
         self.now_us = now_us
         #: The anomaly detectors (`streams.anomaly`), driven by the same event times as the KPIs.
         self.anomaly = Detectors(registry, anomaly)
-        # The surge detector reads receipts from the dossier counters, so on the merger of several
-        # workers it sees every partition's (streams.shards: the partials' minute buckets).
-        self.anomaly.receipts_source = self.receipts_between
+        # The surge detector counts the receipts this process folds itself; on the merger of several
+        # workers it also reads the other partitions' from their partials (streams.shards).
+        self.anomaly.receipts_source = self.remote_receipts_between
         self._receipt_keys = [(code, ("recv", f"commune:{code}")) for code in sorted(registry.units)]
         self.dossiers = EntityAggregator(DOSSIER, now_us)
         self.incidents = EntityAggregator(CYBER, now_us)
@@ -209,13 +205,14 @@ class Engine:
         if not self.anomaly.config.enabled or topic == SENSOR.topic:
             return fold
         if topic == DOSSIER.topic:
-            note_receipt = self.anomaly.note_receipt  # counted by the counters (`receipts_between`)
+            on_dossier = self.anomaly.on_dossier
 
             def apply_dossier(key: str, parsed: Any, *, record: bool = True) -> bool:
                 if not fold(key, parsed, record=record):
                     return False
-                if parsed.event.type == "received":
-                    note_receipt(parsed.t)
+                e = parsed.event
+                if e.type == "received":
+                    on_dossier(parsed.t, e.commune_code)
                 return True
 
             return apply_dossier
@@ -231,12 +228,14 @@ class Engine:
 
         return apply_incident
 
-    def receipts_between(self, m_from: int, m_to: int) -> dict[str, int]:
-        """Dossiers received per commune in minutes [m_from, m_to), as the dossier counters hold them now:
-        this engine's aggregator, or on the merger every partition's latest counters (one local shard's
-        live ones, the others' last partial)."""
+    def remote_receipts_between(self, m_from: int, m_to: int) -> dict[str, int]:
+        """Dossiers received per commune in minutes [m_from, m_to) in the partitions other workers fold, as
+        their last partials hold them (the merger's `shards.MergedAggregator`); none on a single engine."""
+        remote = getattr(self.dossiers, "remote_counters", None)
+        if remote is None:
+            return {}
         out: dict[str, int] = {}
-        for counters in self.dossiers.partition_counters():
+        for counters in remote():
             counters.flush()
             series_of = counters.series
             for code, key in self._receipt_keys:

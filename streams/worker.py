@@ -521,8 +521,8 @@ class Ingest:
                 entities = self.shards.get(tp.partition)
                 if entities is None:
                     continue  # not ours (any more): its owner reads it from the committed offset
-                # The detectors read receipts from the counters (every partition's, via the partials);
-                # here the receipt only moves their newest event time.
+                # The merger's detectors count its own partitions' receipts here and read the others'
+                # from their partials (docs/anomaly.md).
                 apply = engine.with_detectors(logical, entities.apply)
                 self.unpublished_shards.add(tp.partition)
             else:

@@ -81,8 +81,9 @@ def test_partials_merged_equal_one_engine_at_any_later_clock(registry: Registry)
         assert _dossier_snapshots(engine) == expected
 
 
-def test_the_merger_reads_every_partition_s_receipts_per_commune_and_minute(registry: Registry) -> None:
-    """What the surge detector reads (`Engine.receipts_between`): partials of 4 shards = one engine."""
+def test_the_merger_reads_the_other_partitions_receipts_per_commune_and_minute(registry: Registry) -> None:
+    """What the surge detector counts: on a merger holding 4 partitions as partials, what one engine
+    folding every event tells its detectors."""
     events = _events(registry, 6)
     t0 = int(dt.datetime(2026, 3, 31, 22, 0, tzinfo=VN).timestamp() * US)
     whole = Engine(registry, t0)
@@ -93,11 +94,12 @@ def test_the_merger_reads_every_partition_s_receipts_per_commune_and_minute(regi
     engine, merged = _merger(registry, t0)
     for p, agg in parts.items():
         merged.apply_partial(shards.decode_partial(shards.encode_partial(DOSSIER.topic, p, shards.Stamp(1, 1, 1), agg)))
+    assert whole.remote_receipts_between(0, 1 << 40) == {}  # one engine: every receipt is its own
     m0 = t0 // (60 * US)  # the events span 22:20-23:50
     for m_from, m_to in ((m0, m0 + 120), (m0 + 30, m0 + 31), (m0 + 60, m0 + 120)):
-        expected = whole.receipts_between(m_from, m_to)
-        assert engine.receipts_between(m_from, m_to) == expected
-    assert sum(whole.receipts_between(m0, m0 + 120).values()) > 100
+        expected = whole.anomaly._receipt_counts(m_from, m_to)
+        assert engine.anomaly._receipt_counts(m_from, m_to) == expected
+    assert sum(whole.anomaly._receipt_counts(m0, m0 + 120).values()) > 100
 
 
 def _received(registry: Registry, dossier_id: str, commune: str, t: dt.datetime) -> tuple[str, object]:
