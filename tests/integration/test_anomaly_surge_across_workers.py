@@ -18,7 +18,8 @@ import orjson
 import pytest
 
 from entrypoints.embedded.broker import ensure_topics
-from ioc.settings import TOPIC_ALERTS, TOPIC_DOSSIER, Settings
+from ioc.settings import TOPIC_ALERTS, TOPIC_DOSSIER, TOPIC_PARTIALS, Settings
+from streams import shards
 from streams.shards import partition_of
 from tests.integration import checks
 from tests.integration.conftest import env_for, free_port
@@ -51,24 +52,38 @@ def _owned(port: int, dossier_topic: str) -> tuple[bool, set[int]]:
     return merger, owned
 
 
-def _receipts(partition_of_commune: dict[str, int], surge_at: dt.datetime) -> Iterator[_Record]:
-    """Eight days of 5 receipts an hour in each commune, 30 in Nam Đàn at ``surge_at`` and one more
-    ordinary hour after it; each commune's dossiers keyed into its one partition."""
-    ids = (f"SURGE-TEST-{i}" for i in range(10**9))
+def _receipts(commune: str, partition: int, surge_at: dt.datetime) -> Iterator[_Record]:
+    """Eight days of 5 receipts an hour in ``commune`` (30 at ``surge_at`` in Nam Đàn), and one more
+    ordinary hour after it; its dossiers keyed into ``partition``."""
+    ids = (f"SURGE-TEST-{commune}-{i}" for i in range(10**9))
     hour = surge_at - dt.timedelta(days=8)
     while hour <= surge_at + dt.timedelta(hours=1):
-        for commune, partition in partition_of_commune.items():
-            n = 30 if commune == SURGING and hour == surge_at else 5
-            for k in range(n):
-                dossier = next(i for i in ids if partition_of(i, PARTITIONS) == partition)
-                t = hour + dt.timedelta(seconds=k)
-                yield _Record(dossier, {
-                    "schema": "ioc.dossier.v1", "event_id": f"e-{dossier}", "dossier_id": dossier,
-                    "type": "received", "occurred_at": t.isoformat(), "commune_code": commune,
-                    "agency_code": f"UBND-{commune}", "procedure_code": "P1", "channel": "in_person",
-                    "full_online": False, "due_at": (t + dt.timedelta(days=5)).isoformat(),
-                })  # fmt: skip
+        n = 30 if commune == SURGING and hour == surge_at else 5
+        for k in range(n):
+            dossier = next(i for i in ids if partition_of(i, PARTITIONS) == partition)
+            t = hour + dt.timedelta(seconds=k)
+            yield _Record(dossier, {
+                "schema": "ioc.dossier.v1", "event_id": f"e-{dossier}", "dossier_id": dossier,
+                "type": "received", "occurred_at": t.isoformat(), "commune_code": commune,
+                "agency_code": f"UBND-{commune}", "procedure_code": "P1", "channel": "in_person",
+                "full_online": False, "due_at": (t + dt.timedelta(days=5)).isoformat(),
+            })  # fmt: skip
         hour += dt.timedelta(hours=1)
+
+
+def _published_until(settings: Settings, partition: int) -> int | None:
+    """The newest minute with a Nam Đàn receipt in the latest partial of ``partition`` on the topic."""
+    latest: shards.Partial | None = None
+    for r in asyncio.run(checks.read_topic(settings, TOPIC_PARTIALS, idle_polls=2)):
+        p = shards.decode_partial(r.value)
+        if (
+            p.group == settings.consumer_group
+            and p.partition == partition
+            and (latest is None or p.stamp > latest.stamp)
+        ):
+            latest = p
+    raw = latest.series.get(("recv", f"commune:{SURGING}")) if latest is not None else None
+    return max(raw[2]) if raw and raw[2] else None
 
 
 def test_the_merger_finds_a_surge_in_a_partition_it_does_not_own(
@@ -101,11 +116,19 @@ def test_the_merger_finds_a_surge_in_a_partition_it_does_not_own(
             time.sleep(1)
         merger_owns = next(owned for m, owned in roles if m)
         other_owns = next(owned for m, owned in roles if not m)
-        layout = {STEADY: min(merger_owns), SURGING: min(other_owns)}
         # Within `history_after_h` (3 h) of the clock: an older finding would be history, not an alert.
         surge_at = dt.datetime.now(VN).replace(second=0, microsecond=0) - dt.timedelta(hours=2)
-        records = list(_receipts(layout, surge_at))
-        asyncio.run(checks.produce(settings, records))
+        # Nam Đàn's receipts first, in the other worker's partition, until its partial holds them all;
+        # then the ward's, in the merger's own, which move the merger's watermark (live, partials are
+        # a fraction of a second behind; here eight days arrive at once).
+        remote = min(other_owns)
+        asyncio.run(checks.produce(settings, list(_receipts(SURGING, remote, surge_at))))
+        last_minute = int((surge_at + dt.timedelta(hours=1, seconds=4)).timestamp()) // 60
+        deadline = time.monotonic() + 120
+        while (_published_until(settings, remote) or 0) < last_minute:
+            assert time.monotonic() < deadline, "the other worker published no partial of its receipts in 120 s"
+            time.sleep(1)
+        asyncio.run(checks.produce(settings, list(_receipts(STEADY, min(merger_owns), surge_at))))
 
         deadline = time.monotonic() + 180
         while True:
