@@ -213,8 +213,8 @@ class Detectors:
         self.province_total = 0
         self.dispersion: dict[str, float] = {}
         self.surging: set[str] = set()
-        #: (commune, hour) with a surge open at some judgement in that hour: it enters the history at
-        #: its expected count.
+        #: (commune, hour) of a surge (open at a judgement in that hour, or in the window that found it):
+        #: it enters the history at its expected count.
         self.surged: set[tuple[str, int]] = set()
         # Incidents: minute → key → n; sliding window per key; EW hourly rate per key.
         self.incidents: dict[int, dict[str, int]] = {}
@@ -586,6 +586,8 @@ class Detectors:
             if best is not None and commune not in self.surging:
                 self.surging.add(commune)
                 p, w, n, mu = best
+                # The hours of the window that found it are the surge's too (none has joined the history).
+                self.surged.update((commune, h) for h in range((end_m - w) // 60, (end_m - 1) // 60 + 1))
                 lo, hi = _nb_range(mu, phi)
                 self._open_scope(
                     "dossier_surge", f"commune:{commune}", "dossier", "dossier.received", end, float(n), lo, hi,
