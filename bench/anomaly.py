@@ -6,7 +6,7 @@ into the detectors: see `detect_counts`). Four runs:
 
 - sensor faults spread over three days after a clean first day (`simulators.faults.fault_plan`);
 - three clean days of every station (another seed): false alarms per station-day;
-- three weeks of dossiers with office hours, a surge in three communes in the third week;
+- three weeks of dossiers with office hours, a surge in six communes in the third week;
 - three days of incidents at the `ioc dev` rate, bursts on one system on the second and third.
 
 A finding is a true positive when a label on the same subject covers its time (label start to
@@ -46,6 +46,8 @@ SENSOR_KINDS = ("stuck", "spike", "drift", "unresponsive")
 GOALS = {"recall": 0.9, "precision": 0.8, "false_alarms_per_station_day": 0.05}
 #: Province-wide dossiers per second: about 2 million a year (the province's order of magnitude).
 DOSSIERS_PER_S = 0.07
+#: Communes given a labelled surge: rural communes (Nam Đàn, Yên Thành, Hùng Chân, Vân Tụ), Vinh wards.
+SURGE_COMMUNES = ("17935", "16681", "17506", "16801", "17611", "16690")
 #: Incidents per second at the `ioc dev` rate (50 records/s).
 DEV_RATE = 50.0
 
@@ -75,10 +77,11 @@ def detect(events: Iterable[Event], registry: Registry, start: dt.datetime, end:
 
 def detect_counts(events: Iterable[Event], registry: Registry, start: dt.datetime, end: dt.datetime,
                   config: AnomalyConfig | None = None) -> list[Finding]:  # fmt: skip
-    """Dossier and incident events straight into the detectors, as `Engine.applier` hands them over.
+    """Dossier and incident events straight into the detectors (receipts pushed per minute by
+    `Detectors.on_dossier`, the same per-minute counts the engine's dossier counters give them).
 
     The engine's own per-minute slide of every dossier KPI window costs about 100 s per simulated day
-    at the province's rate, so weeks of baseline would take hours; the detectors see the same calls."""
+    at the province's rate, so weeks of baseline would take hours; the detectors see the same counts."""
     detectors = Detectors(registry, config)
     findings: list[Finding] = []
     minute = int(start.timestamp()) // 60
@@ -175,13 +178,14 @@ def run(*, quick: bool = False, progress: Any = None) -> dict[str, Any]:
     clean = detect(_sensor_events(registry, "bench/clean", start, clean_end, None), registry, start, clean_end)
     results["clean_sensors"] = false_alarms(clean, SENSOR_KINDS, start + DAY, n_stations, clean_days - 1)
 
-    # 3. Dossier surges: two weeks of baseline, then a week with three communes surging.
+    # 3. Dossier surges: two weeks of baseline, then a week with six communes surging fourfold for 3 hours
+    # (rural communes, a town ward, Vinh wards), on weekdays from 8:00 or 14:00 (office hours).
     weeks = 3
     d_end = start + weeks * 7 * DAY
     catalogue = load_catalogue(registry.units)
     surges: list[DossierSurgeAnomaly] = []
-    for i, commune in enumerate(("17935", "16681", "17506")):
-        a = start + 14 * DAY + (1 + 2 * i) * DAY + dt.timedelta(hours=8 + i)
+    for i, commune in enumerate(SURGE_COMMUNES):
+        a = start + 14 * DAY + (1 + i // 2) * DAY + dt.timedelta(hours=(8, 14)[i % 2])
         surges.append(DossierSurgeAnomaly("dossier-surge-anomaly", a, 3 * dt.timedelta(hours=1), commune=commune,
                                           extra=((a, a + dt.timedelta(hours=3)),)))  # fmt: skip
     rate = DOSSIERS_PER_S * (0.3 if quick else 1.0)

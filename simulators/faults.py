@@ -198,14 +198,22 @@ class DossierSurgeAnomaly(Scenario):
         return [Label("dossier_surge", (f"commune:{self.commune}",), a, b) for a, b in self.extra]
 
     def bend_dossiers(self, events: Iterator[Event]) -> Iterator[Event]:
-        """Clone receipts of other communes into the surging one, ``factor − 1`` times over."""
+        """Extra receipts in the commune at ``factor − 1`` times its own rate: during a surge window each
+        receipt anywhere is copied into the commune with probability (factor − 1) × the commune's share
+        of the receipts seen so far (1/130 before any), so the extra receipts are a Poisson stream
+        proportional to the commune's own intake at that hour, a busy ward's and a quiet commune's alike."""
         rng = random.Random(f"surge/{self.commune}")
+        mine = seen = 0
         for e in events:
             yield e
-            if e.value.get("type") != "received" or not any(a <= e.at < b for a, b in self.extra):
+            if e.value.get("type") != "received" or e.key.startswith("SURGE-"):
                 continue
-            # About (factor − 1) × the commune's share of the province's intake: clone at that rate.
-            if rng.random() < (self.factor - 1) / 130:
+            seen += 1
+            mine += e.value.get("commune_code") == self.commune
+            if not any(a <= e.at < b for a, b in self.extra):
+                continue
+            share = (mine + 1) / (seen + 130)  # about the province's communes, until receipts say otherwise
+            if rng.random() < (self.factor - 1) * share:
                 dossier = f"SURGE-{self.commune}-{event_id(rng)[:12]}"
                 yield Event(e.topic, dossier, e.at, {**e.value, "dossier_id": dossier, "event_id": event_id(rng),
                                                      "commune_code": self.commune})  # fmt: skip

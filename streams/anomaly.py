@@ -4,7 +4,8 @@ Pure and deterministic, like the rest of `streams`: no clock but the event-time 
 `streams.engine.Engine` passes in (a low quantile of the stations' latest reading times). Every detector works on closed minute buckets: bucket ``m`` is
 evaluated once the watermark (the newest event time seen, never ahead of the engine's clock) is
 ``grace_s`` past its end, from what has arrived by then; a record later than that is left out of
-the detectors (it still counts in the KPIs). So the worker and `ioc replay` find the same anomalies
+the detectors (it still counts in the KPIs; a late dossier receipt still counts in the surge windows
+judged after it arrives). So the worker and `ioc replay` find the same anomalies
 at the same event times. Per event the cost is O(1): readings are consumed once, in time order,
 into incremental statistics; per minute every station is looked at once. Methods and references:
 docs/anomaly.md.
@@ -19,7 +20,7 @@ import bisect
 import datetime as dt
 import math
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import msgspec
@@ -35,6 +36,8 @@ WEEK_H = 7 * 24
 DETECTORS = ("stuck", "spike", "drift", "unresponsive", "dossier_surge", "incident_burst")
 #: The hour-of-week baseline is in local time (Asia/Ho_Chi_Minh, UTC+07:00).
 UTC_OFFSET_H = UTC_OFFSET_S // 3600
+#: Receipts per commune in minutes [from, to): the engine's reading of its dossier counters.
+ReceiptSource = Callable[[int, int], Mapping[str, int]]
 
 
 # --- findings ---------------------------------------------------------------------------------
@@ -177,6 +180,9 @@ class Detectors:
         self.done: dict[str, int] = {}  # station → last reading time consumed
         #: Next minute bucket (index, µs // 60 s) to evaluate; None until the first evaluation.
         self.next_minute: int | None = None
+        #: The minute of the first receipt taken in (after a start or restart): earlier hours are no
+        #: part of the history (what the counters reloaded for them may be incomplete).
+        self.receipts_from: int | None = None
         self.findings: list[Finding] = []
         #: Station → detectors holding a finding open on it (its KPIs are suspect).
         self.suspect: dict[str, set[str]] = {}
@@ -195,11 +201,21 @@ class Detectors:
             if st.kind == "water"
         }
         self.deaf: set[str] = set()
-        # Dossier receipts: minute → commune → n (open minutes); the hour's running counts; history.
+        # Dossier receipts: minute → commune → n, as `on_dossier` tells them (recent minutes only), plus
+        # those of partitions other workers fold, read from their partials (`receipts_source`).
         self.receipts: dict[int, dict[str, int]] = {}
-        self.hour_receipts: dict[str, int] = {}
+        self.receipts_source: ReceiptSource | None = None
+        self.communes: set[str] = set(registry.units)
+        # Hourly history by hour of the week, aligned week by week: each commune's and the province's.
         self.receipt_history: dict[tuple[str, int], deque[int]] = {}
+        self.province_history: dict[int, deque[int]] = {}
+        self.commune_total: dict[str, int] = {}
+        self.province_total = 0
+        self.dispersion: dict[str, float] = {}
         self.surging: set[str] = set()
+        #: (commune, hour) of a surge (open at a judgement in that hour, or in the window that found it):
+        #: it enters the history at its expected count.
+        self.surged: set[tuple[str, int]] = set()
         # Incidents: minute → key → n; sliding window per key; EW hourly rate per key.
         self.incidents: dict[int, dict[str, int]] = {}
         self.window: dict[str, deque[tuple[int, int]]] = {}
@@ -224,11 +240,16 @@ class Detectors:
     def on_dossier(self, t: int, commune: str | None) -> None:
         """A new ``received`` event at ``t`` (µs) in ``commune``."""
         self.max_event_us = max(self.max_event_us, t)
+        if commune is None:
+            return  # provincial level: no commune's counter
         m = t // MIN_US
-        if commune is None or (self.next_minute is not None and m < self.next_minute):
-            return  # provincial level, or later than the detectors' grace: the KPIs still count it
+        if self.receipts_from is None:
+            self.receipts_from = m
+        # A receipt later than the grace still counts in the windows judged after it arrives (as one
+        # in a late partial does), but not in an hour that has already joined the history.
         bucket = self.receipts.setdefault(m, {})
         bucket[commune] = bucket.get(commune, 0) + 1
+        self.communes.add(commune)
 
     def on_incident(self, t: int, category: str | None, system: str | None) -> None:
         """A new ``detected`` incident at ``t`` (µs)."""
@@ -264,7 +285,11 @@ class Detectors:
         last = (watermark_us - self.config.grace_s * US) // MIN_US - 1  # the newest closed bucket
         if self.next_minute is None:
             starts = [s.times()[0] // MIN_US for s in readings.values() if s.readings]
-            starts += [*self.receipts, *self.incidents]
+            starts += [
+                *self.receipts,
+                *self.incidents,
+                *([self.receipts_from] if self.receipts_from is not None else []),
+            ]
             if not starts:
                 return  # nothing seen yet: the first data, however old, starts the buckets
             self.next_minute = min(*starts, last + 1)
@@ -494,56 +519,141 @@ class Detectors:
 
     # --- dossier receipts ---------------------------------------------------------------------
 
+    def _receipt_counts(self, m_from: int, m_to: int) -> dict[str, int]:
+        """Receipts per commune in minutes [m_from, m_to), as known now."""
+        out: dict[str, int] = dict(self.receipts_source(m_from, m_to)) if self.receipts_source is not None else {}
+        for m in range(m_from, m_to):
+            for commune, n in self.receipts.get(m, {}).items():
+                out[commune] = out.get(commune, 0) + n
+        return out
+
+    def surge_expected(self, commune: str, how: int) -> float | None:
+        """Receipts expected in ``commune`` in one hour of hour-of-week ``how``: its share of the province's
+        receipts over the history times the province's mean for that hour; None during the warm-up."""
+        prov = self.province_history.get(how)
+        if prov is None or len(prov) < self.config.surge.min_weeks:
+            return None
+        return self._share(commune) * sum(prov) / len(prov)
+
+    def _share(self, commune: str) -> float:
+        # At least one receipt's worth: a commune without a single one in weeks still expects a little.
+        return max(self.commune_total.get(commune, 0), 1) / max(self.province_total, 1)
+
+    def _window_expected(self, commune: str, m_from: int, m_to: int) -> float | None:
+        total = 0.0
+        h = m_from // 60
+        while h * 60 < m_to:
+            mu = self.surge_expected(commune, (h + UTC_OFFSET_H) % WEEK_H)
+            if mu is None:
+                return None
+            total += mu * (min(m_to, (h + 1) * 60) - max(m_from, h * 60)) / 60
+            h += 1
+        return total
+
     def _receipts_minute(self, m: int) -> None:
         cfg = self.config.surge
-        for commune, n in self.receipts.pop(m, {}).items():
-            self.hour_receipts[commune] = self.hour_receipts.get(commune, 0) + n
-        if (m + 1) % cfg.every_minutes:
-            return
-        hour = m // 60
-        how = (hour + UTC_OFFSET_H) % WEEK_H
-        frac = ((m % 60) + 1) / 60
-        closing = (m + 1) % 60 == 0
-        end = (m + 1) * MIN_US
-        seen = set(self.hour_receipts) | {c for c, h in self.receipt_history if h == how}
-        for commune in sorted(seen):
-            n = self.hour_receipts.get(commune, 0)
-            hist = self.receipt_history.get((commune, how))
-            surge = False
-            if hist is not None and len(hist) >= cfg.min_weeks:
-                # Receipts are over-dispersed (a queue at the counter): the baseline pools the hours on
-                # either side over the same weeks, and a surge must clear its spread as well as the
-                # Poisson tail.
-                pooled = [*hist]
-                for near in ((how - 1) % WEEK_H, (how + 1) % WEEK_H):
-                    pooled += self.receipt_history.get((commune, near), ())
-                mean = sum(pooled) / len(pooled)
-                spread = math.sqrt(sum((x - mean) ** 2 for x in pooled) / max(1, len(pooled) - 1))
-                base = max(_median(list(hist)), mean, 0.5)
-                lam = base * frac
-                surge = (
-                    n >= cfg.min_count
-                    and n >= cfg.ratio * lam
-                    and n > (base + cfg.spread_k * spread) * frac
-                    and poisson_sf(n, lam) < cfg.alpha
-                )
-                if surge and commune not in self.surging:
-                    self.surging.add(commune)
-                    lo, hi = _poisson_range(lam)
-                    self._open_scope(
-                        "dossier_surge", f"commune:{commune}", "dossier", "dossier.received", end, float(n), lo, hi,
-                        hour * HOUR_US, end, commune,
-                        f"{n} receipts since {(hour * 60) % 60:02d}:00 vs {_r(lam, 1)} expected (median of "
-                        f"{len(hist)} same hours of the week); Poisson P(X ≥ {n}) = {poisson_sf(n, lam):.1e} < {cfg.alpha:g}",
-                    )  # fmt: skip
-            if closing:
-                if not surge and commune in self.surging:
-                    self.surging.discard(commune)
-                    self._close_scope("dossier_surge", f"commune:{commune}", "dossier", "dossier.received", end,
-                                      commune)  # fmt: skip
-                self.receipt_history.setdefault((commune, how), deque(maxlen=cfg.weeks)).append(n)
+        end_m = m + 1
+        closing = end_m % 60 == 0
+        if end_m % cfg.every_minutes == 0 or closing:
+            self._judge_receipts(end_m)
         if closing:
-            self.hour_receipts = {}
+            # An hour joins the baseline once it has left the longest window, so that no window is
+            # judged against a baseline holding its own receipts.
+            self._close_receipt_hour(m // 60 - math.ceil(max(cfg.windows_min) / 60))
+        for old in [k for k in self.receipts if k < end_m - 60 * math.ceil(max(cfg.windows_min) / 60) - 60]:
+            del self.receipts[old]
+
+    def _judge_receipts(self, end_m: int) -> None:
+        cfg = self.config.surge
+        end = end_m * MIN_US
+        windows = sorted(cfg.windows_min)
+        counts = {w: self._receipt_counts(end_m - w, end_m) for w in windows}
+        if self.receipts_from is None and counts[windows[-1]]:
+            self.receipts_from = end_m  # a merger owning no dossier partition: its history starts now
+        for commune in sorted(self.communes | set(counts[windows[-1]])):
+            phi = self.dispersion.get(commune, 1.0)
+            best: tuple[float, int, int, float] | None = None  # (p, window, n, expected)
+            calm = True  # every window back within its ordinary range
+            for w in windows:
+                mu = self._window_expected(commune, end_m - w, end_m)
+                if mu is None:
+                    break
+                n = counts[w].get(commune, 0)
+                p = nbinom_sf(n, mu, phi)
+                calm = calm and p > cfg.clear_alpha
+                if n >= cfg.min_count and n >= cfg.ratio * mu and p < cfg.alpha and (best is None or p < best[0]):
+                    best = (p, w, n, mu)
+            if best is not None and commune not in self.surging:
+                self.surging.add(commune)
+                p, w, n, mu = best
+                # The hours of the window that found it are the surge's too (none has joined the history).
+                self.surged.update((commune, h) for h in range((end_m - w) // 60, (end_m - 1) // 60 + 1))
+                lo, hi = _nb_range(mu, phi)
+                self._open_scope(
+                    "dossier_surge", f"commune:{commune}", "dossier", "dossier.received", end, float(n), lo, hi,
+                    end - w * MIN_US, end, commune,
+                    f"{n} receipts in {w} min vs {_r(mu, 1)} expected (the commune's share of the province's "
+                    f"receipts × the province's same hours of the week); negative binomial, dispersion "
+                    f"{_r(phi, 2)}: P(X ≥ {n}) = {p:.1e} < {cfg.alpha:g}",
+                )  # fmt: skip
+            elif calm and commune in self.surging:
+                self.surging.discard(commune)
+                self._close_scope("dossier_surge", f"commune:{commune}", "dossier", "dossier.received", end, commune)
+            if commune in self.surging:
+                self.surged.add((commune, (end_m - 1) // 60))
+
+    def _close_receipt_hour(self, hour: int) -> None:
+        """The hour's receipts join the history (a surging commune's at their expected count: a surge
+        must not become the baseline); each commune's dispersion is estimated again daily."""
+        cfg = self.config.surge
+        if self.receipts_from is None or hour * 60 < self.receipts_from:
+            return  # before the first receipt taken in: unknown, not empty
+        how = (hour + UTC_OFFSET_H) % WEEK_H
+        counts = self._receipt_counts(hour * 60, hour * 60 + 60)
+        self.communes.update(counts)
+        kept: dict[str, int] = {}
+        for commune in sorted(self.communes):
+            n = counts.get(commune, 0)
+            mu = self.surge_expected(commune, how)
+            if (commune, hour) in self.surged and mu is not None:
+                n = min(n, round(mu))
+            kept[commune] = n
+        self.surged = {(c, h) for c, h in self.surged if h > hour}
+        prov = self.province_history.setdefault(how, deque(maxlen=cfg.weeks))
+        if len(prov) == cfg.weeks:
+            self.province_total -= prov[0]
+        prov.append(sum(kept.values()))
+        self.province_total += prov[-1]
+        for commune, n in kept.items():
+            hist = self.receipt_history.setdefault((commune, how), deque(maxlen=cfg.weeks))
+            if len(hist) == cfg.weeks:
+                self.commune_total[commune] -= hist[0]
+            hist.append(n)
+            self.commune_total[commune] = self.commune_total.get(commune, 0) + n
+        if how % 24 == 0:  # once a day, at local midnight: it changes slowly, and costs weeks × 168 per commune
+            self._estimate_dispersion()
+
+    def _estimate_dispersion(self) -> None:
+        """Pearson's χ² over the commune's history divided by its degrees of freedom (the quasi-Poisson
+        dispersion of Farrington et al. 1996), within [1, max_dispersion]."""
+        cfg = self.config.surge
+        for commune in sorted(self.communes):
+            if not self.commune_total.get(commune):
+                self.dispersion[commune] = 1.0  # nothing in weeks: nothing to measure
+                continue
+            share = self._share(commune)
+            chi2, k = 0.0, 0
+            for how, prov in self.province_history.items():
+                hist = self.receipt_history.get((commune, how))
+                if not hist:
+                    continue
+                # Aligned from the newest week back (a commune first seen later has a shorter history).
+                for x, p in zip(reversed(hist), reversed(prov), strict=False):
+                    mu = share * p
+                    if mu > 0:
+                        chi2 += (x - mu) ** 2 / mu
+                        k += 1
+            self.dispersion[commune] = min(cfg.max_dispersion, max(1.0, chi2 / (k - 1))) if k > 1 else 1.0
 
     # --- incident bursts ----------------------------------------------------------------------
 
@@ -642,6 +752,49 @@ class Detectors:
         self.findings.append(
             Finding(detector=detector, scope=scope, active=False, at=_dt(t), domain=domain, quantity=q, commune=commune)
         )
+
+
+def nbinom_sf(n: int, mean: float, dispersion: float) -> float:
+    """P(X ≥ n) for X negative binomial with ``mean`` and variance ``dispersion`` × mean (Poisson when
+    the dispersion is 1), summed from n upwards or, below the mean, as 1 − P(X < n)."""
+    if dispersion <= 1.0 + 1e-9:
+        return poisson_sf(n, mean)
+    if n <= 0:
+        return 1.0
+    if mean <= 0:
+        return 0.0
+    r = mean / (dispersion - 1)  # size; success probability 1 / dispersion
+    q = 1 - 1 / dispersion
+
+    def pmf(k: int) -> float:
+        return math.exp(math.lgamma(k + r) - math.lgamma(r) - math.lgamma(k + 1) - r * math.log(dispersion)
+                        + k * math.log(q))  # fmt: skip
+
+    if n <= mean:
+        below, term = 0.0, pmf(0)
+        for k in range(n):
+            below += term
+            term *= (k + r) / (k + 1) * q
+        return max(0.0, 1.0 - below)
+    total, term, k = 0.0, pmf(n), n
+    while term > 1e-300 and k < n + 100_000:
+        total += term
+        term *= (k + r) / (k + 1) * q
+        k += 1
+        if term < total * 1e-16:
+            break
+    return min(1.0, total)
+
+
+def _nb_range(mean: float, dispersion: float, p: float = 0.001) -> tuple[float, float]:
+    """The central (1 − 2p) range of the negative binomial: what "expected" means in a surge finding."""
+    lo = 0
+    while lo < mean and nbinom_sf(lo + 1, mean, dispersion) > 1 - p:
+        lo += 1
+    hi = max(0, math.floor(mean))
+    while nbinom_sf(hi + 1, mean, dispersion) > p:
+        hi += 1
+    return float(lo), float(hi)
 
 
 def _poisson_range(lam: float, p: float = 0.001) -> tuple[float, float]:

@@ -82,16 +82,24 @@ class UnresponsiveConfig:
 
 @dataclass(frozen=True)
 class SurgeConfig:
-    """Receipts per commune against the same hour of the week: Poisson upper tail over the robust baseline."""
+    """Receipts per commune in sliding windows against the commune's share of the province's same hour of
+    the week; negative-binomial upper tail with the commune's own dispersion (Farrington et al. 1996;
+    Noufaily et al. 2013)."""
 
+    #: Weeks of hourly history kept (the baseline) and needed before a commune-hour is judged (warm-up).
     weeks: int = 4
     min_weeks: int = 2
-    alpha: float = 1e-5
+    alpha: float = 1e-6
     min_count: int = 8
-    ratio: float = 2.5
-    #: The count must also exceed the pooled baseline by this many of its standard deviations.
-    spread_k: float = 4.0
+    #: The window must hold at least this many times the expected receipts.
+    ratio: float = 2.0
+    #: Sliding windows judged (minutes): a short one finds a sharp surge early, a long one a steady one.
+    windows_min: tuple[int, ...] = (60, 180)
     every_minutes: int = 15
+    #: The dispersion (variance / mean) is estimated from the commune's history, within [1, this].
+    max_dispersion: float = 10.0
+    #: A surge closes when every window's tail probability is back above this.
+    clear_alpha: float = 1e-2
 
 
 @dataclass(frozen=True)
@@ -160,6 +168,10 @@ def _override(obj: Any, raw: Any, where: str) -> Any:
             if not isinstance(value, Mapping):
                 raise ConfigurationError(f"{where}.{key}: must be a mapping")
             changes[key] = {**current, **value}
+        elif isinstance(current, tuple):
+            if not isinstance(value, list) or not value or not all(isinstance(v, int) and v > 0 for v in value):
+                raise ConfigurationError(f"{where}.{key}: must be a list of positive whole numbers, not {value!r}")
+            changes[key] = tuple(value)
         elif isinstance(current, bool):
             if not isinstance(value, bool):
                 raise ConfigurationError(f"{where}.{key}: must be true or false")

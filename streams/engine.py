@@ -167,6 +167,10 @@ class Engine:
         self.now_us = now_us
         #: The anomaly detectors (`streams.anomaly`), driven by the same event times as the KPIs.
         self.anomaly = Detectors(registry, anomaly)
+        # The surge detector counts the receipts this process folds itself; on the merger of several
+        # workers it also reads the other partitions' from their partials (streams.shards).
+        self.anomaly.receipts_source = self.remote_receipts_between
+        self._receipt_keys = [(code, ("recv", f"commune:{code}")) for code in sorted(registry.units)]
         self.dossiers = EntityAggregator(DOSSIER, now_us)
         self.incidents = EntityAggregator(CYBER, now_us)
         self.sensor_counters = Counters(now_us)
@@ -223,6 +227,26 @@ class Engine:
             return True
 
         return apply_incident
+
+    def remote_receipts_between(self, m_from: int, m_to: int) -> dict[str, int]:
+        """Dossiers received per commune in minutes [m_from, m_to) in the partitions other workers fold, as
+        their last partials hold them (the merger's `shards.MergedAggregator`); none on a single engine."""
+        remote = getattr(self.dossiers, "remote_counters", None)
+        if remote is None:
+            return {}
+        out: dict[str, int] = {}
+        for counters in remote():
+            counters.flush()
+            series_of = counters.series
+            for code, key in self._receipt_keys:
+                s = series_of.get(key)
+                if s is None:
+                    continue
+                minutes = s.minutes
+                n = sum(minutes.get(m, 0) for m in range(m_from, m_to))
+                if n:
+                    out[code] = out.get(code, 0) + n
+        return out
 
     def advance(self, now_us: int) -> None:
         """Move the clock forward (sliding windows slide, overdue counts grow, stations go offline)."""

@@ -233,6 +233,11 @@ class MergedAggregator:
             self.scopes.update(agg.dirty)
             agg.dirty.clear()
 
+    def remote_counters(self) -> list[Counters]:
+        """The latest partials' counters of the partitions other workers fold (`Engine.remote_receipts_between`
+        reads their receipts for the detectors; this process's own shards tell them as they fold)."""
+        return [part.counters for part in self.parts.values() if part.stamp.seq != LOCAL_SEQ]
+
     def held(self, partition: int) -> Stamp | None:
         part = self.parts.get(partition)
         return part.stamp if part is not None else None

@@ -600,8 +600,8 @@ class Ingest:
                 entities = self.shards.get(tp.partition)
                 if entities is None:
                     continue  # not ours (any more): its owner reads it from the committed offset
-                # The merger's detectors count its own partitions' receipts (docs/anomaly.md: with
-                # several workers, a dossier surge is judged on the merger's share only).
+                # The merger's detectors count its own partitions' receipts here and read the others'
+                # from their partials (docs/anomaly.md).
                 apply = engine.with_detectors(logical, entities.apply)
                 self.unpublished_shards.add(tp.partition)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -18,7 +19,7 @@ from alerts.rule_files import default_rules, load_rules
 from alerts.rules import RuleError
 from ioc.errors import ConfigurationError
 from ioc.registry import load_registry
-from streams.anomaly import Detectors, Finding, flat_run_needed, open_findings, poisson_sf
+from streams.anomaly import Detectors, Finding, flat_run_needed, nbinom_sf, open_findings, poisson_sf
 from streams.anomaly_config import AnomalyConfig, StuckConfig, load_config
 from streams.engine import Engine
 
@@ -203,39 +204,146 @@ def test_a_gauge_that_does_not_rise_while_it_pours_nearby(
 
 
 def _receipts(detectors: Detectors, hour: dt.datetime, n: int, commune: str = "17935") -> None:
-    for k in range(n):  # in the last ten minutes of the hour: only the full hour's test sees them all
+    for k in range(n):  # in the last ten minutes of the hour
         detectors.on_dossier(us(hour + 50 * M + k * dt.timedelta(seconds=10)), commune)
 
 
-def _surge_world(weeks: int, n: int) -> list[Finding]:
-    detectors = Detectors(REGISTRY)
+def _surge_world(
+    weeks: int, n: int, baseline: Callable[[int], int] = lambda _week: 5, config: AnomalyConfig | None = None
+) -> tuple[Detectors, list[Finding]]:
+    """``baseline(week)`` receipts every hour in Nam Đàn for ``weeks`` weeks, then ``n`` in the hour from
+    09:00 of the next Monday, the clock stopping two hours later; a ward takes 50 every hour throughout."""
+    detectors = Detectors(REGISTRY, config)
     target = T0 + dt.timedelta(days=7 * weeks, hours=9)
     hour = T0
     findings: list[Finding] = []
-    while hour <= target:
-        _receipts(detectors, hour, n if hour == target else 5)
+    while hour <= target + 2 * H:
+        week = int((hour - T0) / dt.timedelta(days=7))
+        _receipts(detectors, hour, n if hour == target else baseline(week) if hour < target else 0)
+        _receipts(detectors, hour, 50, "16681")  # a steady ward: most of the province's receipts
         hour += H
         detectors.advance(us(hour) + 130 * US, {})
         findings += detectors.take()
-    return findings
+    return detectors, findings
 
 
-def _smallest_surge(lam: float = 5.0) -> int:
+def _smallest_surge(lam: float = 5.0, dispersion: float = 1.0) -> int:
+    """The smallest count in the hour that passes the one-hour test (the longer window, holding two quiet
+    hours before, expects three times as many and needs more)."""
     cfg = AnomalyConfig().surge
     n = cfg.min_count
-    while not (n >= cfg.ratio * lam and poisson_sf(n, lam) < cfg.alpha):
+    while not (n >= cfg.ratio * lam and nbinom_sf(n, lam, dispersion) < cfg.alpha):
         n += 1
     return n
 
 
-@pytest.mark.parametrize(("weeks", "extra", "surge"), [(2, -1, False), (2, 0, True), (1, 10, False)])
-def test_receipts_far_above_the_same_hour_of_the_week(weeks: int, extra: int, surge: bool) -> None:
-    """Baseline: 5 receipts every hour for ``weeks`` weeks; two weeks are needed before judging."""
-    found = opened(_surge_world(weeks, _smallest_surge() + extra), "dossier_surge")
-    assert [f.scope for f in found] == (["commune:17935"] if surge else [])
+@pytest.mark.parametrize(("weeks", "extra", "surge"), [(2, -1, False), (2, 0, True), (1, 10, False), (1, 0, False)])
+def test_receipts_far_above_the_commune_s_share_of_the_same_hour_of_the_week(
+    weeks: int, extra: int, surge: bool
+) -> None:
+    """Baseline: 5 receipts every hour; ``min_weeks`` (2) weeks are needed before judging (the warm-up)."""
+    _, found = _surge_world(weeks, _smallest_surge() + extra)
+    opened_ = opened(found, "dossier_surge")
+    assert [f.scope for f in opened_] == (["commune:17935"] if surge else [])
     if surge:
-        assert found[0].expected_low is not None and found[0].expected_high is not None
-        assert found[0].expected_high < (found[0].observed or 0)
+        f = opened_[0]
+        assert f.expected_low is not None and f.expected_high is not None
+        assert f.expected_high < (f.observed or 0)
+        assert "negative binomial" in f.method
+        assert f.window_to is not None and f.window_from == f.window_to - H
+
+
+@pytest.mark.parametrize(
+    ("per_hour", "min_count", "n", "surge"),
+    [
+        (1, 12, 11, False),  # P(X ≥ 11 | 1) ≈ 1e-8 passes alpha: min_count holds it back
+        (1, 12, 12, True),
+        (50, 8, 99, False),  # P(X ≥ 99 | 50) ≈ 1e-9 passes alpha: ratio 2 holds it back
+        (50, 8, 100, True),
+    ],
+)
+def test_min_count_and_ratio_bound_a_surge(per_hour: int, min_count: int, n: int, surge: bool) -> None:
+    config = AnomalyConfig(surge=dataclasses.replace(AnomalyConfig().surge, min_count=min_count))
+    _, found = _surge_world(2, n, lambda _w: per_hour, config)
+    assert [f.scope for f in opened(found, "dossier_surge")] == (["commune:17935"] if surge else [])
+
+
+@pytest.mark.parametrize(
+    ("baseline", "dispersion_at_least", "dispersion_below"),
+    [
+        (lambda _w: 5, 1.0, 1.0001),  # steady: Poisson (the dispersion's floor)
+        (lambda w: (1, 9)[w % 2], 2.5, 10.0),  # the same hour reads 1 one week and 9 the next
+    ],
+)
+def test_dispersion_is_estimated_from_the_commune_s_own_history(
+    baseline: Callable[[int], int], dispersion_at_least: float, dispersion_below: float
+) -> None:
+    detectors, _ = _surge_world(4, 0, baseline)
+    assert dispersion_at_least <= detectors.dispersion["17935"] < dispersion_below
+
+
+@pytest.mark.parametrize(("baseline", "surge"), [(lambda _w: 5, True), (lambda w: (1, 9)[w % 2], False)])
+def test_an_over_dispersed_commune_needs_more_than_the_poisson_tail(
+    baseline: Callable[[int], int], surge: bool
+) -> None:
+    """The same count, a surge against a steady history, ordinary against one that swings week to week."""
+    n = _smallest_surge(5.0) + 2
+    _, found = _surge_world(4, n, baseline)
+    assert bool(opened(found, "dossier_surge")) is surge
+
+
+@pytest.mark.parametrize(("hours", "per_hour", "surge"), [(3, 9, False), (3, 10, True)])
+def test_a_steady_surge_is_found_in_the_three_hour_window(hours: int, per_hour: int, surge: bool) -> None:
+    """Twice the usual for three hours passes no one-hour test; the 180-minute window adds it up
+    (5/h baseline: 15 expected; 27 is P ≈ 3e-3, 30 is P ≈ 2e-4 under a lowered alpha of 1e-3)."""
+    config = AnomalyConfig(surge=dataclasses.replace(AnomalyConfig().surge, alpha=1e-3, ratio=1.9))
+    detectors = Detectors(REGISTRY, config)
+    target = T0 + dt.timedelta(days=14, hours=9)
+    hour, findings = T0, []
+    while hour < target + hours * H:
+        _receipts(detectors, hour, per_hour if hour >= target else 5)
+        hour += H
+        detectors.advance(us(hour) + 130 * US, {})
+        findings += detectors.take()
+    one_hour = nbinom_sf(per_hour, 5.0, 1.0)
+    assert one_hour > 1e-3  # no single hour is a surge
+    f = opened(findings, "dossier_surge")
+    assert [x.scope for x in f] == (["commune:17935"] if surge else [])
+    if surge:
+        assert f[0].window_from == f[0].window_to - 3 * H  # type: ignore[operator]
+
+
+def test_a_surge_closes_once_every_window_is_ordinary_and_does_not_teach_the_baseline() -> None:
+    detectors, found = _surge_world(2, 40)
+    assert [f.active for f in found if f.detector == "dossier_surge"] == [True]  # still open 2 h later
+    hour = T0 + dt.timedelta(days=14, hours=12)
+    while hour < T0 + dt.timedelta(days=14, hours=16):
+        _receipts(detectors, hour, 5)
+        hour += H
+        detectors.advance(us(hour) + 130 * US, {})
+        found += detectors.take()
+    assert [f.active for f in found if f.detector == "dossier_surge"] == [True, False]
+    how = (int(us(T0 + dt.timedelta(days=14, hours=9)) // (3600 * US)) + 7) % 168
+    assert detectors.receipt_history[("17935", how)][-1] <= 6  # the surge hour entered at its expected count
+
+
+@pytest.mark.parametrize(
+    ("n", "mean", "dispersion"),
+    [(0, 3.0, 2.0), (1, 3.0, 1.0), (3, 3.0, 2.0), (12, 3.0, 2.0), (12, 3.0, 1.0), (40, 10.0, 3.5), (2, 0.4, 1.8)],
+)
+def test_negative_binomial_tail_matches_the_summed_probabilities(n: int, mean: float, dispersion: float) -> None:
+    if dispersion == 1.0:
+        pmf = [math.exp(-mean + k * math.log(mean) - math.lgamma(k + 1)) for k in range(400)]
+    else:
+        r, p = mean / (dispersion - 1), 1 / dispersion
+        pmf = [math.exp(math.lgamma(k + r) - math.lgamma(r) - math.lgamma(k + 1) + r * math.log(p)
+                        + k * math.log(1 - p)) for k in range(400)]  # fmt: skip
+    assert nbinom_sf(n, mean, dispersion) == pytest.approx(sum(pmf[n:]), rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("dispersion", [1.5, 3.0])
+def test_negative_binomial_tail_is_heavier_than_poisson(dispersion: float) -> None:
+    assert nbinom_sf(20, 5.0, dispersion) > poisson_sf(20, 5.0) * 100
 
 
 # --- incident burst -----------------------------------------------------------------------------
@@ -351,6 +459,24 @@ def test_config_file_overrides_the_defaults(tmp_path: Path) -> None:
     path.write_text("stuck: {alpah: 1}\n", encoding="utf-8")
     with pytest.raises(ConfigurationError, match="unknown key 'alpah'"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "windows"),
+    [("surge: {windows_min: [30, 120]}\n", (30, 120)), ("surge: {windows_min: [60]}\n", (60,)),
+     ("surge: {windows_min: []}\n", None), ("surge: {windows_min: [0]}\n", None),
+     ("surge: {windows_min: 60}\n", None), ("surge: {spread_k: 4}\n", None)],
+)  # fmt: skip
+def test_surge_windows_are_a_list_of_positive_minutes(
+    tmp_path: Path, text: str, windows: tuple[int, ...] | None
+) -> None:
+    path = tmp_path / "anomaly.yaml"
+    path.write_text(text, encoding="utf-8")
+    if windows is None:
+        with pytest.raises(ConfigurationError, match="surge"):
+            load_config(path)
+    else:
+        assert load_config(path).surge.windows_min == windows
 
 
 def test_detectors_can_be_switched_off() -> None:

@@ -3,6 +3,7 @@ is idempotent (a partial again, or an older one, changes nothing); the assignor 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import random
@@ -13,6 +14,7 @@ from ioc.errors import InvalidEvent
 from ioc.registry import Registry, load_registry
 from simulators.stream import generate
 from streams import shards
+from streams.anomaly_config import AnomalyConfig, SurgeConfig
 from streams.engine import DOSSIER, Engine, EntityAggregator
 
 VN = dt.timezone(dt.timedelta(hours=7))
@@ -77,6 +79,72 @@ def test_partials_merged_equal_one_engine_at_any_later_clock(registry: Registry)
         expected = _dossier_snapshots(whole)
         assert expected
         assert _dossier_snapshots(engine) == expected
+
+
+def test_the_merger_reads_the_other_partitions_receipts_per_commune_and_minute(registry: Registry) -> None:
+    """What the surge detector counts: on a merger holding 4 partitions as partials, what one engine
+    folding every event tells its detectors."""
+    events = _events(registry, 6)
+    t0 = int(dt.datetime(2026, 3, 31, 22, 0, tzinfo=VN).timestamp() * US)
+    whole = Engine(registry, t0)
+    parts = {p: EntityAggregator(DOSSIER, t0) for p in range(PARTITIONS)}
+    for key, parsed in events:
+        whole.apply(DOSSIER.topic, key, parsed)
+        parts[shards.partition_of(key, PARTITIONS)].apply(key, parsed)
+    engine, merged = _merger(registry, t0)
+    for p, agg in parts.items():
+        merged.apply_partial(shards.decode_partial(shards.encode_partial(DOSSIER.topic, p, shards.Stamp(1, 1, 1), agg)))
+    assert whole.remote_receipts_between(0, 1 << 40) == {}  # one engine: every receipt is its own
+    m0 = t0 // (60 * US)  # the events span 22:20-23:50
+    for m_from, m_to in ((m0, m0 + 120), (m0 + 30, m0 + 31), (m0 + 60, m0 + 120)):
+        expected = whole.anomaly._receipt_counts(m_from, m_to)
+        assert engine.anomaly._receipt_counts(m_from, m_to) == expected
+    assert sum(whole.anomaly._receipt_counts(m0, m0 + 120).values()) > 100
+
+
+def _received(registry: Registry, dossier_id: str, commune: str, t: dt.datetime) -> tuple[str, object]:
+    doc = {"schema": "ioc.dossier.v1", "event_id": f"e-{dossier_id}", "dossier_id": dossier_id, "type": "received",
+           "occurred_at": t.isoformat(), "commune_code": commune, "agency_code": f"UBND-{commune}",
+           "procedure_code": "P1", "channel": "in_person", "full_online": False,
+           "due_at": (t + dt.timedelta(days=5)).isoformat()}  # fmt: skip
+    return DOSSIER.parse(json.dumps(doc).encode(), registry, None)
+
+
+@pytest.mark.parametrize(("partials_during_surge", "found"), [(True, True), (False, False)])
+def test_the_merger_finds_a_surge_in_a_partition_another_worker_owns(
+    registry: Registry, partials_during_surge: bool, found: bool
+) -> None:
+    """The merger owns partition 0 (Vinh's ward 16681, steady); partition 1 (Nam Đàn) is another worker's
+    and reaches the merger as partials only. A week of 5 receipts an hour in each, then 30 in Nam Đàn in
+    one hour: found when that hour's partials reach the merger before its minutes are judged."""
+    config = AnomalyConfig(max_lag_s=0, surge=dataclasses.replace(SurgeConfig(), weeks=1, min_weeks=1))
+    h = dt.timedelta(hours=1)
+    t0 = dt.datetime(2026, 10, 5, 0, 0, tzinfo=VN)
+    t0_us = int(t0.timestamp() * US)
+    engine = Engine(registry, t0_us, config)
+    merged = shards.MergedAggregator(DOSSIER, t0_us)
+    engine.dossiers = merged  # type: ignore[assignment]
+    local, remote = EntityAggregator(DOSSIER, t0_us), EntityAggregator(DOSSIER, t0_us)
+    merged.bind_local(0, shards.Stamp(1, 1, shards.LOCAL_SEQ), local)
+    apply_local = engine.with_detectors(DOSSIER.topic, local.apply)
+    ids = (f"D-{i}" for i in range(10**9))
+    surge_at = t0 + 7 * 24 * h + 9 * h
+    hour, seq, findings = t0, 0, []
+    while hour < surge_at + 2 * h:
+        for commune, partition, n in (("16681", 0, 5), ("17935", 1, 30 if hour == surge_at else 5)):
+            for k in range(n):
+                dossier = next(i for i in ids if shards.partition_of(i, 2) == partition)
+                key, parsed = _received(registry, dossier, commune, hour + dt.timedelta(minutes=20, seconds=k))
+                (apply_local if partition == 0 else remote.apply)(key, parsed)
+        if partials_during_surge or not surge_at <= hour < surge_at + 2 * h:
+            seq += 1
+            raw = shards.encode_partial(DOSSIER.topic, 1, shards.Stamp(1, 1, seq), remote)
+            merged.apply_partial(shards.decode_partial(raw))
+        hour += h
+        engine.advance(int((hour + dt.timedelta(minutes=2, seconds=10)).timestamp() * US))
+        findings += engine.anomaly.take()
+    surges = [f.scope for f in findings if f.detector == "dossier_surge" and f.active]
+    assert surges == (["commune:17935"] if found else [])
 
 
 def test_partials_again_or_older_change_nothing(registry: Registry) -> None:

@@ -8,6 +8,7 @@ import ipaddress
 import itertools
 import json
 import math
+import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -17,7 +18,8 @@ import pytest
 
 from ioc.registry import Registry, load_registry
 from simulators.backfill import BackfillPlan, backfill_events, live_rate
-from simulators.dossiers import load_catalogue, mean_events_within, statutory_deadline
+from simulators.dossiers import DossierSimulator, load_catalogue, mean_events_within, statutory_deadline
+from simulators.faults import DossierSurgeAnomaly
 from simulators.scenarios import build_scenario
 from simulators.stream import SimRecord, generate, rate_split, write_jsonl
 
@@ -523,3 +525,22 @@ def test_jsonl_lines_hold_topic_and_value_or_raw(registry: Registry) -> None:
         if "value" in line:
             encoded = json.dumps(line["value"]).encode()
             assert contract_violations(line["topic"], encoded, registry) == []
+
+
+@pytest.mark.parametrize("commune", ["16681", "17506"])  # a busy Vinh ward, a rural commune
+def test_dossier_surge_anomaly_adds_factor_minus_one_times_the_commune_s_own_receipts(
+    registry: Registry, commune: str
+) -> None:
+    """Six hours of ordinary intake teach the commune's share; the surge then adds about three times its
+    own receipts (factor 4), whatever the commune's size, and only within the window."""
+    a, b = START, START + dt.timedelta(hours=3)
+    sim = DossierSimulator(random.Random(3), load_catalogue(registry.units), registry.units, dossiers_per_s=2.0,
+                           diurnal=True)  # fmt: skip
+    surge = DossierSurgeAnomaly("dossier-surge-anomaly", a, b - a, commune=commune, factor=4.0, extra=((a, b),))
+    received = [e for e in surge.bend_dossiers(sim.events(a - dt.timedelta(hours=6), b + dt.timedelta(hours=1)))
+                if e.value["type"] == "received" and e.value["commune_code"] == commune]  # fmt: skip
+    own = sum(1 for e in received if a <= e.at < b and not e.key.startswith("SURGE-"))
+    copies = sum(1 for e in received if e.key.startswith("SURGE-"))
+    assert own >= 150
+    assert 2.4 * own <= copies <= 3.6 * own  # 3 ± about 3 standard deviations of the two counts
+    assert all(a <= e.at < b for e in received if e.key.startswith("SURGE-"))
