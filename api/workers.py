@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment, ConsumerProtocolMemberMetadata
+from aiokafka.coordinator.protocol import ConsumerProtocolMemberAssignment
 
-from ioc.settings import INPUT_TOPICS, Settings
+from ioc.settings import INPUT_TOPICS, TOPIC_CYBER, TOPIC_SENSOR, Settings
 
 log = logging.getLogger(__name__)
 #: A readiness probe every few seconds must not cost a broker round trip each time.
@@ -54,19 +53,14 @@ class WorkerGroup:
         owned: list[tuple[str, str, list[TopicPartition], bool]] = []
         for member in members:
             member_id, client_host = member[0], member[2]
-            meta_raw, assignment_raw = member[3], member[4]
+            assignment_raw = member[4]
             tps: list[TopicPartition] = []
             if assignment_raw:
                 assignment = ConsumerProtocolMemberAssignment.decode(assignment_raw)
                 tps = [TopicPartition(t, p) for t, ps in assignment.assignment for p in ps]
-            merger = False
-            if meta_raw:
-                try:
-                    merger = bool(
-                        json.loads(ConsumerProtocolMemberMetadata.decode(meta_raw).user_data or b"{}").get("merger")
-                    )
-                except ValueError:
-                    merger = False
+            # The merger is the member the assignor gave the low-volume topics (streams.shards): its
+            # join metadata says so only from its next join, and a group formed in one go has none.
+            merger = any(logical.get(tp.topic) in (TOPIC_CYBER, TOPIC_SENSOR) for tp in tps)
             owned.append((member_id, client_host, tps, merger))
         ends = await self._end_offsets([tp for _, _, tps, _ in owned for tp in tps])
         workers = []
