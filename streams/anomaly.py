@@ -204,6 +204,8 @@ class Detectors:
         # Dossier receipts: minute → commune → n, as `on_dossier` tells them (recent minutes only), plus
         # those of partitions other workers fold, read from their partials (`receipts_source`).
         self.receipts: dict[int, dict[str, int]] = {}
+        #: Every minute bucket before this one is dropped (None: none yet).
+        self.receipts_pruned: int | None = None
         self.receipts_source: ReceiptSource | None = None
         self.communes: set[str] = set(registry.units)
         # Hourly history by hour of the week, aligned week by week: each commune's and the province's.
@@ -247,6 +249,8 @@ class Detectors:
             self.receipts_from = m
         # A receipt later than the grace still counts in the windows judged after it arrives (as one
         # in a late partial does), but not in an hour that has already joined the history.
+        if self.receipts_pruned is not None and m < self.receipts_pruned:
+            return  # out of every window already
         bucket = self.receipts.setdefault(m, {})
         bucket[commune] = bucket.get(commune, 0) + 1
         self.communes.add(commune)
@@ -560,8 +564,14 @@ class Detectors:
             # An hour joins the baseline once it has left the longest window, so that no window is
             # judged against a baseline holding its own receipts.
             self._close_receipt_hour(m // 60 - math.ceil(max(cfg.windows_min) / 60))
-        for old in [k for k in self.receipts if k < end_m - 60 * math.ceil(max(cfg.windows_min) / 60) - 60]:
-            del self.receipts[old]
+        # Minutes are judged in order, so the ones gone out of every window are dropped in order: a
+        # scan of every bucket held each minute cost a month's replay minutes (60,000² comparisons).
+        keep_from = end_m - 60 * math.ceil(max(cfg.windows_min) / 60) - 60
+        if self.receipts_pruned is None:
+            self.receipts_pruned = min(self.receipts, default=keep_from)
+        while self.receipts_pruned < keep_from:
+            self.receipts.pop(self.receipts_pruned, None)
+            self.receipts_pruned += 1
 
     def _judge_receipts(self, end_m: int) -> None:
         cfg = self.config.surge
@@ -570,7 +580,10 @@ class Detectors:
         counts = {w: self._receipt_counts(end_m - w, end_m) for w in windows}
         if self.receipts_from is None and counts[windows[-1]]:
             self.receipts_from = end_m  # a merger owning no dossier partition: its history starts now
-        for commune in sorted(self.communes | set(counts[windows[-1]])):
+        widest = counts[windows[-1]]
+        for commune in sorted(self.communes | set(widest)):
+            if widest.get(commune, 0) < cfg.min_count and commune not in self.surging:
+                continue  # too few in the widest window, so in every window: no surge to open or close
             phi = self.dispersion.get(commune, 1.0)
             best: tuple[float, int, int, float] | None = None  # (p, window, n, expected)
             calm = True  # every window back within its ordinary range
@@ -579,9 +592,12 @@ class Detectors:
                 if mu is None:
                     break
                 n = counts[w].get(commune, 0)
+                candidate = n >= cfg.min_count and n >= cfg.ratio * mu
+                if not candidate and commune not in self.surging:
+                    continue  # the tail is wanted only for a candidate, or to see a surge calm down
                 p = nbinom_sf(n, mu, phi)
                 calm = calm and p > cfg.clear_alpha
-                if n >= cfg.min_count and n >= cfg.ratio * mu and p < cfg.alpha and (best is None or p < best[0]):
+                if candidate and p < cfg.alpha and (best is None or p < best[0]):
                     best = (p, w, n, mu)
             if best is not None and commune not in self.surging:
                 self.surging.add(commune)
