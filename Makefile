@@ -15,8 +15,10 @@ setup: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/ioc dev
 
+# Two pytest processes, a test file each at a time: most integration tests wait on real services,
+# so two share the 2 cores well (14 min serially, about half that so; docs/performance.md).
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
