@@ -85,11 +85,15 @@ async def _publish_and_merge(settings: Settings) -> tuple[int, int]:
         # Its buckets are within the last 20 hours: moving the clock on (as publishing does) keeps them.
         expected = _buckets(large.counters.series)
         deadline = time.monotonic() + 60
-        while p not in merged.parts:
-            assert time.monotonic() < deadline, f"partition {p}'s partial of {size:,} bytes was not merged in 60 s"
+        # The partition's earlier, small partial (published by the first emission) may be read back
+        # first: wait for the large one, which carries every bucket.
+        while p not in merged.parts or _buckets(merged.parts[p].counters.series) != expected:
+            held = len(merged.parts[p].counters.series) if p in merged.parts else None
+            assert time.monotonic() < deadline, (
+                f"partition {p}'s partial of {size:,} bytes was not merged in 60 s (merged series: {held})"
+            )
             await ingest.emit()
             await asyncio.sleep(0.2)
-        assert _buckets(merged.parts[p].counters.series) == expected
         return size, len(merged.parts)
     finally:
         await ingest.stop()
