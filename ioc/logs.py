@@ -77,5 +77,5 @@ def configure_logging(settings: Settings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level.upper())
     # Third-party chatter stays at WARNING unless asked for.
-    for noisy in ("aiokafka", "faust", "mode", "kafka", "uvicorn.access"):
+    for noisy in ("aiokafka", "faust", "mode", "kafka", "uvicorn.access", "httpx", "httpcore"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
