@@ -165,6 +165,11 @@ class Engine:
     def __init__(self, registry: Registry, now_us: int, anomaly: AnomalyConfig | None = None) -> None:
         self.registry = registry
         self.now_us = now_us
+        #: The worker's input watermark: the event time every input partition still behind its log's
+        #: end has reached (None: no such partition). The detectors judge no minute past it: while a
+        #: backlog is read, partitions are a day or two apart in event time (a fetch is up to 1 MB of
+        #: one partition), and a minute judged before its receipts arrive enters the baseline short.
+        self.input_low_us: int | None = None
         #: The anomaly detectors (`streams.anomaly`), driven by the same event times as the KPIs.
         self.anomaly = Detectors(registry, anomaly)
         # The surge detector counts the receipts this process folds itself; on the merger of several
@@ -273,6 +278,8 @@ class Engine:
         low = seen[int(cfg.watermark_quantile * (len(seen) - 1))] if seen else 0
         newest = max(seen[-1] if seen else 0, self.anomaly.max_event_us)
         watermark = min(max(low, newest - cfg.max_lag_s * 1_000_000), self.now_us)
+        if self.input_low_us is not None:
+            watermark = min(watermark, self.input_low_us)
         self.anomaly.advance(watermark, self.sensors.stations)
         changed = self.anomaly.take_changed_stations()
         if changed:

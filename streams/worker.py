@@ -151,6 +151,8 @@ class Ingest:
         self.alerting = Alerting(settings, registry, load_config(settings.anomaly_config).history_after_h)
         #: Folding a backlog (a back-fill, input held up by an outage): rules wait (`streams.catch_up`).
         self.catch_up = CatchUp()
+        #: Per input partition: the newest event time read and the next offset (`_input_low_us`).
+        self.input_read: dict[TopicPartition, tuple[int, int]] = {}
         self.consumer: AIOKafkaConsumer | None = None
         self.producer: AIOKafkaProducer | None = None
         #: One connection per role: reads and maintenance (state), the emit timer (snapshots), and the
@@ -610,6 +612,7 @@ class Ingest:
                 entities = engine.entities.get(logical)
                 apply = engine.applier(logical)
             newest_t = newest.get(logical, 0)
+            tp_newest = 0
             late = duplicates = 0
             for i, rec in enumerate(records):
                 if i % LOOP_TURN_EVERY == 0:
@@ -635,6 +638,8 @@ class Ingest:
                 t = parsed.t
                 if t > newest_t:
                     newest_t = t
+                if t > tp_newest:
+                    tp_newest = t
                 if t < late_before:
                     late += 1
                     if entities is not None and (
@@ -653,6 +658,7 @@ class Ingest:
                     self._failed(full_record(tp, rec), parsed, exc, dead)
             n += len(records)
             offsets[tp] = records[-1].offset + 1
+            self.input_read[tp] = (max(self.input_read.get(tp, (0, 0))[0], tp_newest), records[-1].offset + 1)
             if newest_t:
                 newest[logical] = newest_t
             m.records_in.labels(logical).inc(len(records))
@@ -825,6 +831,7 @@ class Ingest:
             assert isinstance(merged, shards.MergedAggregator)
             for shard in self.shards.values():
                 merged.take_local(shard)
+            self.engine.input_low_us = self._input_low_us()
             self.engine.advance(now_us())
             now = _as_datetime(self.engine.now_us)
             snapshots = self.engine.snapshots()
@@ -966,6 +973,22 @@ class Ingest:
                 self._unpublished_alerts = events
                 raise
             self.stats["alert_events"] += len(events)
+
+    def _input_low_us(self) -> int | None:
+        """The event time every assigned input partition still behind its log's end has reached;
+        None when none is. Only partitions read from count (their next offset is known without asking
+        the client, which could wait on a rebalance): one read to its end holds nothing back, so an
+        idle partition does not stall the detectors (`Engine.input_low_us`)."""
+        consumer = self.consumer
+        if consumer is None:
+            return None
+        behind = []
+        for tp in consumer.assignment():
+            read = self.input_read.get(tp)
+            high = consumer.highwater(tp)
+            if read is not None and high is not None and read[1] < high:
+                behind.append(read[0])
+        return min(behind) if behind else None
 
     def _observe_lag(self) -> None:
         m, consumer = self.metrics, self.consumer

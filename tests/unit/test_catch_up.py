@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
 
+import orjson
 import pytest
 
 from ioc.contract import US
 from ioc.registry import load_registry
 from ioc.settings import Settings
 from ioc.snapshot import Snapshot
+from simulators.sensors import SensorSimulator
 from streams.alerting import Alerting
 from streams.anomaly import Finding
-from streams.catch_up import CatchUp, FindingGate
+from streams.catch_up import CatchUp, FindingGate, judged_until
+from streams.engine import Engine
 
 H = 3600 * US
 NOW = dt.datetime(2026, 12, 5, 20, 0, tzinfo=dt.timezone(dt.timedelta(hours=7)))
@@ -103,3 +107,26 @@ def test_a_count_climbing_while_its_state_loads_is_no_rise(catching_up: bool) ->
     assert rising(alerting) == ([] if catching_up else ["dossier.overdue_rising"])
     alerting.on_snapshots([overdue(22, 30, 5)], T0 + dt.timedelta(minutes=30))  # a real rise, live
     assert rising(alerting) == (["dossier.overdue_rising"] if catching_up else [])
+
+
+# --- the worker's input watermark holds the detectors back ------------------------------------
+
+
+@pytest.mark.parametrize("input_low_h", [None, 5.0])
+def test_the_detectors_judge_no_minute_past_the_input_watermark(input_low_h: float | None) -> None:
+    """While a backlog is read, a partition behind the others holds the detectors at its event time."""
+    registry = load_registry()
+    start = NOW - dt.timedelta(hours=12)
+    engine = Engine(registry, int(start.timestamp() * US))
+    for e in SensorSimulator(random.Random(3), registry.stations, registry.units).events(start, NOW):
+        key, parsed = engine.parse(e.topic, orjson.dumps(e.value))
+        engine.apply(e.topic, key, parsed, record=False)
+    cap = None if input_low_h is None else int((start + dt.timedelta(hours=input_low_h)).timestamp() * US)
+    engine.input_low_us = cap
+    engine.advance(NOW_US)
+    judged = judged_until(engine.anomaly)
+    assert judged is not None
+    if cap is None:
+        assert judged > NOW_US - H  # the stations' watermark: minutes before now
+    else:
+        assert cap - 2 * 60 * US <= judged <= cap  # held at the slow partition
