@@ -64,6 +64,8 @@ class Alerting:
         self.gate = FindingGate(self.history_after_us)
         #: The latest snapshot of each series published while catching up, for the rules afterwards.
         self.held_snapshots: dict[str, Snapshot] = {}
+        #: The latest state of each incident changed while catching up, for the rules afterwards.
+        self.held_incidents: dict[str, IncidentState] = {}
         self.registry = registry
         self.watcher = RuleWatcher(settings.alert_rules) if settings.alert_rules else None
         rules = self.watcher.rules if self.watcher else default_rules()
@@ -85,11 +87,24 @@ class Alerting:
         self._recent.clear()
         self.gate = FindingGate(self.history_after_us)
         self.held_snapshots = {}
+        self.held_incidents = {}
 
     # --- inputs -------------------------------------------------------------------------------
 
-    def on_incidents(self, states: Sequence[IncidentState], now: dt.datetime) -> None:
+    def on_incidents(self, states: Sequence[IncidentState], now: dt.datetime, catching_up: bool = False) -> None:
+        """Incidents to the rules; while the worker is catching up their states are held (an incident
+        detected hours ago whose resolution is a batch away is no incident to page anyone about), and
+        the latest of each goes to the rules after."""
+        if catching_up:
+            self.held_incidents.update((s.incident_id, s) for s in states)
+            return
+        self._release_incidents(now)
         for state in states:
+            self.pending.extend(self.engine.on_incident(state, now))
+
+    def _release_incidents(self, now: dt.datetime) -> None:
+        held, self.held_incidents = self.held_incidents, {}
+        for state in held.values():
             self.pending.extend(self.engine.on_incident(state, now))
 
     def on_findings(self, findings: Sequence[Finding], now: dt.datetime, detectors_us: int | None = None) -> None:
@@ -109,6 +124,7 @@ class Alerting:
         if catching_up:
             self.held_snapshots.update((s.key, s) for s in snapshots)
             return
+        self._release_incidents(now)
         if self.held_snapshots:
             held, self.held_snapshots = self.held_snapshots, {}
             held.update((s.key, s) for s in snapshots)

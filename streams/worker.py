@@ -687,7 +687,9 @@ class Ingest:
         futures = [(rec, error, await self._dead_letter(rec, error)) for rec, error in dead]
         if engine.incidents.changed:
             incidents = [s for s in engine.incidents.changed.values() if isinstance(s, IncidentState)]
-            self.alerting.on_incidents(incidents, _as_datetime(engine.now_us))
+            self.alerting.on_incidents(
+                incidents, _as_datetime(engine.now_us), catching_up=self.catch_up.active(time.monotonic())
+            )
         self.alerting.on_batch(len(dead), n, time.monotonic())
         changes = sink.take_changes(engine)
         changes.partition_count = self._dossier_partitions

@@ -16,6 +16,7 @@ from simulators.sensors import SensorSimulator
 from streams.alerting import Alerting
 from streams.anomaly import Finding
 from streams.catch_up import CatchUp, FindingGate, judged_until
+from streams.cyber import IncidentState
 from streams.engine import Engine
 
 H = 3600 * US
@@ -130,3 +131,22 @@ def test_the_detectors_judge_no_minute_past_the_input_watermark(input_low_h: flo
         assert judged > NOW_US - H  # the stations' watermark: minutes before now
     else:
         assert cap - 2 * 60 * US <= judged <= cap  # held at the slow partition
+
+
+def test_an_incident_resolved_within_the_backlog_pages_nobody_and_one_still_open_does() -> None:
+    def incident(iid: str, resolved: bool) -> IncidentState:
+        state = IncidentState(iid, severity="critical", category="ddos", system="portal", title="t")
+        state.detected = (int((NOW - dt.timedelta(hours=30)).timestamp() * US), "e1")
+        if resolved:
+            state.resolved = (int((NOW - dt.timedelta(hours=29)).timestamp() * US), "e2")
+        return state
+
+    alerting = Alerting(Settings(), load_registry())
+    past, still_open = incident("SOC-1", resolved=False), incident("SOC-2", resolved=False)
+    alerting.on_incidents([past, still_open], NOW, catching_up=True)
+    past.resolved = (int((NOW - dt.timedelta(hours=29)).timestamp() * US), "e2")  # a later batch resolves it
+    alerting.on_incidents([past], NOW, catching_up=True)
+    assert alerting.take() == []
+    alerting.on_snapshots([], NOW + dt.timedelta(seconds=5))  # caught up
+    fired = {e.scope for e in alerting.take() if e.state == "firing"}
+    assert len(fired) == 1  # SOC-2 only
